@@ -1,0 +1,235 @@
+"""The `shitate` command. Each verb imports its stage inside the function, so --help stays instant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Tailor an open LLM to your own data, privately, on your own machines.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+data_app = typer.Typer(help="Import, check and split training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+MODEL_HELP = "gemma-3-270m (the default), a model folder, a .gguf file, a run folder, or a hub id"
+
+
+@data_app.command("import")
+def data_import(
+    source: Path = typer.Argument(..., help="CSV/TSV, or JSONL in chat, alpaca, dolly, sharegpt or prompt/completion form"),
+    out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),
+    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv"),
+    system: Optional[str] = typer.Option(None, help="system prompt to put before every conversation"),
+    question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
+    answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
+    skip_bad: bool = typer.Option(False, help="write the good records and list the bad ones instead of stopping"),
+    force: bool = typer.Option(False, help="overwrite OUT if it exists"),
+) -> None:
+    """Convert a data file to shitate's chat JSONL."""
+    from shitate.data.formats import FORMATS, import_records, write_jsonl
+    from shitate.errors import ShitateError
+    from shitate.progress import say
+
+    if format not in FORMATS:
+        raise ShitateError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    _refuse_overwrite(out, force)
+    records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad)
+    for problem in skipped:
+        say(f"[yellow]skipped[/] {problem}")
+    count = write_jsonl(out, records)
+    say(f"Wrote {count} conversations to {out}" + (f" ({len(skipped)} skipped)" if skipped else "") + ".")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="chat JSONL to validate"),
+    model: str = typer.Option("gemma-3-270m", help=f"tokenizer for token counts and length checks: {MODEL_HELP}"),
+    template: str = typer.Option("auto", help="chat template: auto, gemma, chatml, llama3, plain"),
+    max_length: int = typer.Option(512, help="warn about examples longer than this many tokens"),
+    system: Optional[str] = typer.Option(None, help="system prompt that training will add"),
+    tokens: bool = typer.Option(True, help="count tokens (loads the model's tokenizer)"),
+) -> None:
+    """List every problem of a data file (file:line: field: what — fix) and its statistics."""
+    from shitate.data.validate import check_file, histogram
+    from shitate.progress import console
+
+    tokenizer = chat_template = None
+    if tokens:
+        from shitate.data.templates import get_template
+        from shitate.models.load import load_tokenizer, resolve
+
+        source = resolve(model)
+        tokenizer = load_tokenizer(source)
+        chat_template = get_template(template, tokenizer, _model_type(source.folder))
+    report = check_file(file, tokenizer, chat_template, max_length, system)
+    for problem in report.errors:
+        console.print(f"[red]error[/] {problem}", highlight=False)
+    for problem in report.warnings:
+        console.print(f"[yellow]warning[/] {problem}", highlight=False)
+    console.print(f"\n[bold]{file}[/]: {report.records} valid conversations, {len(report.errors)} errors, "
+                  f"{len(report.warnings)} warnings, {report.duplicates} repeated.")
+    if report.turns:
+        console.print("turns by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.turns.items())))
+    if report.tokens:
+        console.print("tokens by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.tokens.items())))
+        lengths = report.lengths
+        console.print(f"tokens per example (with template): min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, "
+                      f"max {max(lengths)}, total {sum(lengths)}")
+        peak = max(count for _, _, count in histogram(lengths))
+        for low, high, count in histogram(lengths):
+            console.print(f"  {low:>6}–{high:<6} {'█' * max(1 if count else 0, round(30 * count / peak))} {count}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@data_app.command("split")
+def data_split(
+    file: Path = typer.Argument(..., help="chat JSONL to split"),
+    sizes: str = typer.Option("0.8/0.1/0.1", help="train/validation/test as counts (70/30/30) or fractions"),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="folder for train.jsonl, validation.jsonl, test.jsonl"),
+    seed: int = typer.Option(42, help="shuffle seed: the same seed gives the same split"),
+    force: bool = typer.Option(False, help="overwrite existing split files"),
+) -> None:
+    """Seeded train/validation/test split; a repeated question never lands in two splits."""
+    from shitate.data.formats import read_chat, write_jsonl
+    from shitate.data.split import SPLITS, parse_sizes, split_records
+    from shitate.progress import say
+
+    for name in SPLITS:
+        _refuse_overwrite(out_dir / f"{name}.jsonl", force)
+    records = read_chat(file)
+    parts = split_records(records, parse_sizes(sizes), seed)
+    for name in SPLITS:
+        write_jsonl(out_dir / f"{name}.jsonl", parts[name])
+    used = sum(len(p) for p in parts.values())
+    say(f"{file}: {len(records)} records → " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS)
+        + (f" ({len(records) - used} not used)" if used < len(records) else "") + f" in {out_dir}/")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="recipe YAML (see examples/*/recipe.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set train.epochs=2 (repeatable)"),
+    resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
+    out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
+    force: bool = typer.Option(False, help="replace an existing run folder"),
+) -> None:
+    """Fine-tune a model as the recipe says; writes a run folder."""
+    from shitate.config import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    from shitate.train import sft
+
+    sft.run(loaded, out=out, resume=resume, force=force)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Argument(..., help="text to continue"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+) -> None:
+    """Continue a text as the model sees it, with no chat template (how a base model answers)."""
+    from shitate.config import GenerateSpec
+    from shitate.serve.generate import continue_text, load_for_inference
+
+    loaded = load_for_inference(model)
+    text = continue_text(loaded, prompt, GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature))
+    typer.echo(prompt + text)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    template: str = typer.Option("auto", help="chat template (a run folder brings its own)"),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+) -> None:
+    """Talk to a model in the terminal; answers stream as they are written. Empty line or Ctrl-D to quit."""
+    from shitate.config import GenerateSpec
+    from shitate.progress import console
+    from shitate.serve.generate import load_for_inference, stream_answer
+
+    loaded = load_for_inference(model, template)
+    spec = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature)
+    messages = [{"role": "system", "content": system}] if system else []
+    console.print(f"[dim]{model} ({loaded.template.name} template). Empty line to quit.[/]")
+    while True:
+        try:
+            question = console.input("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not question:
+            break
+        messages.append({"role": "user", "content": question})
+        console.print("[bold blue]model>[/] ", end="")
+        pieces = []
+        for piece in stream_answer(loaded, messages, spec):
+            pieces.append(piece)
+            console.print(piece, end="", highlight=False, markup=False)
+        console.print()
+        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+@app.command()
+def compare(
+    base: str = typer.Argument(..., help=MODEL_HELP),
+    tuned: str = typer.Argument(..., help=MODEL_HELP),
+    prompts: Path = typer.Argument(..., help="chat JSONL (last answer = reference) or {\"prompt\": …} lines"),
+    out: Path = typer.Option(Path("compare.jsonl"), help="where to save the answers"),
+    recipe: Optional[Path] = typer.Option(None, help="take the rubric, system prompt and generation settings from here "
+                                                     "(default: TUNED's recipe when it is a run folder)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="override the recipe's generate.max_new_tokens"),
+) -> None:
+    """Ask two models the same questions and show the answers side by side, with rubric totals."""
+    from shitate.config import GenerateSpec, load_recipe
+    from shitate.serve.compare import compare as run_compare
+    from shitate.serve.compare import print_comparison
+
+    recipe_path = recipe or (Path(tuned) / "recipe.yaml" if (Path(tuned) / "recipe.yaml").is_file() else None)
+    loaded_recipe = load_recipe(recipe_path, check_files=False) if recipe_path else None
+    spec = loaded_recipe.generate if loaded_recipe else GenerateSpec()
+    if max_new_tokens:
+        spec = spec.model_copy(update={"max_new_tokens": max_new_tokens})
+    rubric = loaded_recipe.eval.rubric if loaded_recipe else []
+    system = loaded_recipe.data.system if loaded_recipe else None
+    template = loaded_recipe.template if loaded_recipe else "auto"
+    rows = run_compare(base, tuned, prompts, out, spec, rubric, system, template)
+    print_comparison(rows, rubric, base, tuned)
+    typer.echo(f"Saved {len(rows)} rows to {out}", err=True)
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    from shitate.errors import ShitateError
+
+    if path.exists() and not force:
+        raise ShitateError(f"{path} already exists; pass --force to overwrite it or choose another path.")
+
+
+def _model_type(folder: str) -> str | None:
+    import json
+
+    config = Path(folder) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
+    from shitate.errors import ShitateError
+
+    try:
+        app()
+    except ShitateError as err:
+        from shitate.progress import console
+
+        console.print("[bold red]error:[/] ", end="")
+        console.print(str(err), highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

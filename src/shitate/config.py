@@ -1,0 +1,193 @@
+"""The typed recipe: one source of truth for YAML files, `--set` overrides and defaults."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shitate.errors import ConfigError
+
+DEFAULT_MODEL = "gemma-3-270m"
+TEMPLATES = ("auto", "gemma", "chatml", "llama3", "plain")
+
+
+class Spec(BaseModel):
+    # A typo such as `lerning_rate` must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(Spec):
+    train: Path = Field(description="canonical chat JSONL used for training")
+    validation: Path | None = Field(None, description="chat JSONL for the validation loss each epoch")
+    test: Path | None = Field(None, description="chat JSONL of held-out questions for `compare`/`eval`")
+    system: str | None = Field(None, description="system prompt added to every conversation that has none")
+
+
+class AdapterSpec(Spec):
+    method: Literal["lora", "full"] = "lora"
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="modules that get adapters; all-linear excludes the output layer"
+    )
+
+
+class TrainSpec(Spec):
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step (per device)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2.0e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8, description="tokens; longer examples are cut on the right")
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU or GPU supports it, fp32 otherwise"
+    )
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class GenerateSpec(Spec):
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+
+
+class RubricCheck(Spec):
+    name: str
+    check: Literal["ends_with", "max_sentences", "contains", "not_contains", "max_chars", "regex"]
+    values: list[str] | None = None
+    value: int | str | None = None
+
+
+class EvalSpec(Spec):
+    rubric: list[RubricCheck] = Field(default_factory=list)
+
+
+class Recipe(Spec):
+    name: str = Field(pattern=r"^[\w.\-]+$", description="run name; the run folder is runs/<name>")
+    model: str = Field(DEFAULT_MODEL, description="gemma-3-270m, a local folder, a .gguf file, a run folder, or a hub id")
+    template: Literal["auto", "gemma", "chatml", "llama3", "plain"] = "auto"
+    stage: Literal["sft"] = "sft"
+    data: DataSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at `loc`'s parent, for 'did you mean' hints."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(current.model_fields) if current else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_fields(Recipe, loc), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else "; remove it"
+        return f"{field}: unknown setting{hint}"
+    if error["type"] == "missing":
+        return f"{field}: required but missing"
+    if error["type"] == "literal_error" and loc == ("stage",):
+        return f"stage: {error['input']!r} is not available yet; this version trains stage `sft`"
+    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating levels as needed."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`train.epochs=2` → ("train.epochs", 2); values are read as YAML scalars."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example --set train.epochs=2")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative data paths are read relative to the recipe, so a copied recipe folder keeps working."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in ("train", "validation", "test"):
+        value = data.get(split)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[split] = str((base / value).resolve())
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe; raise one ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe not found. Copy one from examples/ (e.g. examples/kids_qa/recipe.yaml).")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). Check indentation and colons.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping (name:, model:, data: …), not {type(raw).__name__}.")
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(raw, key, value)
+    _resolve_data_paths(raw, path.parent)
+    return validate_recipe(raw, source=str(path), check_files=check_files)
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
+    """Validate a recipe mapping, collecting schema and file problems together."""
+    problems: list[str] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_describe(e) for e in err.errors())
+    if recipe is not None and check_files:
+        for split in ("train", "validation", "test"):
+            file = getattr(recipe.data, split)
+            if file is not None and not Path(file).is_file():
+                problems.append(f"data.{split}: file {file} does not exist")
+        if recipe.train.batch_size % recipe.train.grad_accum:
+            problems.append("train.batch_size must be a multiple of train.grad_accum")
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problem(s) in the recipe:\n{listing}")
+    assert recipe is not None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, as saved in a run folder."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data stage: read, validate, split and render conversations."""

@@ -1,0 +1,55 @@
+"""Seeded train/validation/test split that keeps repeated questions in one split."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from shitate.errors import ShitateError
+
+SPLITS = ("train", "validation", "test")
+
+
+def parse_sizes(spec: str) -> list[float]:
+    """`70/30/30` (counts) or `0.8/0.1/0.1` (fractions) → three numbers."""
+    try:
+        sizes = [float(part) for part in spec.replace(",", "/").split("/")]
+    except ValueError:
+        raise ShitateError(f"--sizes {spec!r}: expected three numbers such as 70/30/30 or 0.8/0.1/0.1") from None
+    if len(sizes) != 3 or any(s < 0 for s in sizes):
+        raise ShitateError(f"--sizes {spec!r}: expected three non-negative numbers: train/validation/test")
+    return sizes
+
+
+def _question_key(record: dict[str, Any]) -> str:
+    # Grouping by the user side means a question asked twice (even with different answers)
+    # cannot be trained on and then "held out".
+    prompts = [" ".join(m["content"].split()) for m in record["messages"] if m["role"] == "user"]
+    return hashlib.sha256("\x1e".join(prompts).encode()).hexdigest()
+
+
+def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int = 42) -> dict[str, list[dict[str, Any]]]:
+    """Shuffle groups of identical questions with `seed` and deal them into three splits."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(_question_key(record), []).append(record)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    total = len(records)
+    if all(s <= 1 for s in sizes) and abs(sum(sizes) - 1) < 1e-6:
+        targets = [round(s * total) for s in sizes[:2]]
+        targets.append(total - sum(targets))
+    elif all(s == int(s) for s in sizes):
+        targets = [int(s) for s in sizes]
+        if sum(targets) > total:
+            raise ShitateError(f"--sizes asks for {sum(targets)} records but the file has {total}; lower the counts")
+    else:
+        raise ShitateError("--sizes: give whole counts (70/30/30) or fractions that sum to 1 (0.8/0.1/0.1)")
+    result: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for group in order:
+        for name, target in zip(SPLITS, targets):
+            if len(result[name]) + len(group) <= target:
+                result[name].extend(group)
+                break
+    return result

@@ -1,0 +1,179 @@
+"""Chat templates and the assistant-only loss mask.
+
+The mask is derived from the rendering itself: for each assistant turn we render the
+conversation up to the generation prompt and up to the end of that turn; the characters
+in between are what the model must learn to write, and tokenizer offsets map them to
+tokens. No template carries hand-written token ids, so a new template (or the
+tokenizer's own Jinja template) gets a correct mask for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from shitate.errors import ConfigError
+
+Message = dict[str, str]
+IGNORE_INDEX = -100
+
+# Strings that mean "turn boundary" to some model family; inside content they corrupt training.
+SPECIAL_MARKERS = (
+    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A way to turn messages into text, and the marker that ends an assistant turn."""
+
+    name: str
+    render: Callable[[list[Message], bool], str]
+    end_of_turn: str
+
+    def __call__(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        return self.render(messages, add_generation_prompt)
+
+
+def _split_system(messages: list[Message]) -> tuple[str | None, list[Message]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def _gemma(messages: list[Message], add_generation_prompt: bool) -> str:
+    # Gemma has no system role; its official template prepends the system text to the first user turn.
+    system, turns = _split_system(messages)
+    parts = ["<bos>"]
+    for i, message in enumerate(turns):
+        role = "model" if message["role"] == "assistant" else "user"
+        content = message["content"]
+        if i == 0 and system is not None:
+            content = f"{system}\n\n{content}"
+        parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+    if add_generation_prompt:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
+def _chatml(messages: list[Message], add_generation_prompt: bool) -> str:
+    parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def _llama3(messages: list[Message], add_generation_prompt: bool) -> str:
+    parts = ["<|begin_of_text|>"]
+    parts += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(parts)
+
+
+def _plain(bos: str, eos: str) -> Callable[[list[Message], bool], str]:
+    # For base models with no turn tokens: readable headings, and the tokenizer's EOS ends an answer.
+    def render(messages: list[Message], add_generation_prompt: bool) -> str:
+        system, turns = _split_system(messages)
+        parts = [bos]
+        if system is not None:
+            parts.append(f"{system}\n\n")
+        for message in turns:
+            if message["role"] == "assistant":
+                parts.append(f"### Assistant:\n{message['content']}{eos}\n\n")
+            else:
+                parts.append(f"### User:\n{message['content']}\n\n")
+        if add_generation_prompt:
+            parts.append("### Assistant:\n")
+        return "".join(parts)
+
+    return render
+
+
+def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
+    def render(messages: list[Message], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    # The end marker is whatever the template writes right after an assistant's words.
+    probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "ANSWER_PROBE"}]
+    text = render(probe, False)
+    tail = text[text.rindex("ANSWER_PROBE") + len("ANSWER_PROBE"):].strip()
+    end = tail.split()[0] if tail else (tokenizer.eos_token or "")
+    if not end:
+        raise ConfigError("template: the tokenizer's own template writes nothing after an answer, so a model "
+                          "could never learn to stop; choose one of gemma, chatml, llama3, plain.")
+    return ChatTemplate("auto", render, end)
+
+
+def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> ChatTemplate:
+    """Resolve a template name; `auto` takes the tokenizer's own, else the model family's."""
+    if name == "auto":
+        if getattr(tokenizer, "chat_template", None):
+            return _tokenizer_template(tokenizer)
+        family = (model_type or "").lower()
+        name = "gemma" if "gemma" in family else "llama3" if "llama" in family else "chatml"
+    if name == "gemma":
+        return ChatTemplate("gemma", _gemma, "<end_of_turn>")
+    if name == "chatml":
+        return ChatTemplate("chatml", _chatml, "<|im_end|>")
+    if name == "llama3":
+        return ChatTemplate("llama3", _llama3, "<|eot_id|>")
+    if name == "plain":
+        eos = tokenizer.eos_token or ""
+        if not eos:
+            raise ConfigError("template plain: the tokenizer has no EOS token to end answers with; pick another template.")
+        return ChatTemplate("plain", _plain(tokenizer.bos_token or "", eos), eos)
+    raise ConfigError(f"template: unknown template {name!r}; expected one of auto, gemma, chatml, llama3, plain")
+
+
+def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return the character spans the model is trained to produce.
+
+    Each span is an assistant turn's text plus its end-of-turn marker, found by rendering
+    the conversation with and without that turn.
+    """
+    text = template(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template(messages[:i], add_generation_prompt=True)
+        through_turn = template(messages[: i + 1])
+        if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
+            raise ConfigError(
+                f"template {template.name}: rendering is not prefix-stable (an earlier turn renders differently "
+                "once later turns exist), so answers cannot be located; choose a built-in template."
+            )
+        end = through_turn.rfind(template.end_of_turn)
+        if end < len(prompt):
+            raise ConfigError(f"template {template.name}: no {template.end_of_turn!r} after an assistant turn.")
+        spans.append((len(prompt), end + len(template.end_of_turn)))
+    return text, spans
+
+
+def encode_chat(messages: list[Message], tokenizer: Any, template: ChatTemplate, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels (IGNORE_INDEX outside the answers), cut to max_length on the right."""
+    text, spans = assistant_spans(messages, template)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
+            labels[t] = input_ids[t]
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """Ids that end generation: the tokenizer's EOS and the template's end-of-turn marker."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    marker = tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]
+    if len(marker) == 1 and marker[0] not in ids:
+        ids.append(marker[0])
+    return ids

@@ -1,0 +1,131 @@
+"""`shitate data check`: every problem of a chat JSONL with its line, field and fix, plus statistics."""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shitate.data.formats import ROLES, detect_format, read_jsonl
+from shitate.data.templates import SPECIAL_MARKERS, ChatTemplate, encode_chat
+from shitate.errors import Problem
+
+
+@dataclass
+class FileReport:
+    """What `data check` found: problems (errors and warnings) and statistics."""
+
+    path: Path
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    records: int = 0
+    turns: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def _message_problems(path: Path, line: int, messages: Any, markers: tuple[str, ...]) -> list[Problem]:
+    if not isinstance(messages, list) or not messages:
+        return [Problem(path, line, "messages", "missing or not a non-empty list", 'use {"messages": [{"role": "user", "content": …}, …]}')]
+    problems = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            problems.append(Problem(path, line, where, "is not an object", 'write {"role": …, "content": …}'))
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            close = difflib.get_close_matches(str(role), ROLES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(Problem(path, line, f"{where}.role", f"is {role!r}; expected one of system, user, assistant{hint}"))
+        elif role == "system" and i != 0:
+            problems.append(Problem(path, line, f"{where}.role", "a system message may only come first", "move it to the start"))
+        if "content" not in message:
+            problems.append(Problem(path, line, f"{where}.content", "missing", "add the text of the turn"))
+        elif not isinstance(content, str):
+            problems.append(Problem(path, line, f"{where}.content", f"is {type(content).__name__}, expected a string"))
+        elif not content.strip():
+            problems.append(Problem(path, line, f"{where}.content", "is empty", "write the turn's text or drop the record"))
+        else:
+            for marker in markers:
+                if marker in content:
+                    problems.append(Problem(path, line, f"{where}.content", f"contains the special token string {marker!r}",
+                                            "remove it: templates add turn markers themselves"))
+    roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in ROLES]
+    turns = [r for r in roles if r != "system"]
+    if turns and turns[0] != "user":
+        problems.append(Problem(path, line, "messages", f"the first turn after the system prompt is {turns[0]!r}",
+                                "start the conversation with a user turn"))
+    if any(a == b for a, b in zip(turns, turns[1:])):
+        problems.append(Problem(path, line, "messages", "two turns in a row have the same role",
+                                "alternate user and assistant, or merge the turns"))
+    if turns and turns[-1] != "assistant":
+        problems.append(Problem(path, line, "messages", "does not end with an assistant turn",
+                                "add the answer the model should learn, or drop the record"))
+    return problems
+
+
+def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None = None, max_length: int | None = None,
+               system: str | None = None) -> FileReport:
+    """Validate a canonical chat JSONL; with a tokenizer, also count tokens and find over-long examples."""
+    path = Path(path)
+    report = FileReport(path)
+    markers = tuple(dict.fromkeys(SPECIAL_MARKERS + tuple(getattr(tokenizer, "all_special_tokens", ()) or ())))
+    markers = tuple(m for m in markers if m and m not in ("<unk>", "<pad>"))
+    seen: set[str] = set()
+    for line, obj in read_jsonl(path):
+        if isinstance(obj, Problem):
+            report.errors.append(obj)
+            continue
+        if not isinstance(obj, dict):
+            report.errors.append(Problem(path, line, None, f"is a JSON {type(obj).__name__}, expected an object"))
+            continue
+        if "messages" not in obj:
+            other = detect_format(obj)
+            fix = f"this looks like {other} data: convert it with `shitate data import`" if other else 'add "messages"'
+            report.errors.append(Problem(path, line, "messages", "missing", fix))
+            continue
+        problems = _message_problems(path, line, obj["messages"], markers)
+        if problems:
+            report.errors.extend(problems)
+            continue
+        report.records += 1
+        messages = obj["messages"]
+        key = "\x1e".join(m["content"].strip() for m in messages)
+        if key in seen:
+            report.duplicates += 1
+            report.warnings.append(Problem(path, line, None, "repeats an earlier conversation", "`shitate data split` keeps repeats together; consider removing them"))
+        seen.add(key)
+        report.turns.update(m["role"] for m in messages)
+        if tokenizer is not None and template is not None:
+            _count_tokens(report, line, obj, tokenizer, template, max_length, system)
+    if report.records == 0 and not report.errors:
+        report.errors.append(Problem(path, None, None, "the file has no records"))
+    return report
+
+
+def _count_tokens(report: FileReport, line: int, record: dict[str, Any], tokenizer: Any, template: ChatTemplate,
+                  max_length: int | None, system: str | None) -> None:
+    from shitate.data.formats import conversation
+
+    messages = conversation(record, system)
+    for message in messages:
+        report.tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
+    total = len(encode_chat(messages, tokenizer, template, max_length=10**9)["input_ids"])
+    report.lengths.append(total)
+    if max_length is not None and total > max_length:
+        report.warnings.append(Problem(report.path, line, None, f"is {total} tokens, longer than max_length {max_length}",
+                                       "it will be cut on the right; raise train.max_length or shorten it"))
+
+
+def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets over token lengths, for a text histogram."""
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((n - low) // width for n in lengths)
+    return [(low + b * width, low + (b + 1) * width - 1, counts.get(b, 0)) for b in range(-(-(high - low + 1) // width))]

@@ -1,0 +1,50 @@
+"""Errors meant for people: each says what is wrong, where, and what to do.
+
+The CLI prints a ShitateError as one paragraph and exits 1; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ShitateError(Exception):
+    """A user mistake or an environment problem with a known fix."""
+
+
+class ConfigError(ShitateError):
+    """A recipe or command-line setting is invalid."""
+
+
+class ModelError(ShitateError):
+    """A model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a data file, located to the line and field."""
+
+    file: Path | str
+    line: int | None
+    field: str | None
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
+        what = f"{self.field}: {self.message}" if self.field else self.message
+        return f"{where}: {what}" + (f" — {self.fix}" if self.fix else "")
+
+
+class DataError(ShitateError):
+    """A data file has one or more problems; all of them are listed."""
+
+    def __init__(self, problems: list[Problem], limit: int = 50) -> None:
+        self.problems = problems
+        shown = [str(p) for p in problems[:limit]]
+        more = len(problems) - len(shown)
+        if more > 0:
+            shown.append(f"… and {more} more problems")
+        super().__init__("\n".join(shown))

@@ -1,0 +1,39 @@
+"""Rule checks declared in a recipe, scored per answer and in total."""
+
+from __future__ import annotations
+
+import re
+
+from shitate.config import RubricCheck
+
+# Japanese and Western sentence ends; a newline also ends a sentence in chat answers.
+_SENTENCE_END = re.compile(r"[。．！？!?\n]+")
+
+
+def count_sentences(text: str) -> int:
+    """Sentences in `text`: non-empty pieces between sentence-ending marks."""
+    return sum(1 for piece in _SENTENCE_END.split(text.strip()) if piece.strip(" 　」』)）"))
+
+
+def passes(check: RubricCheck, answer: str) -> bool:
+    """Whether one answer meets one check."""
+    text = answer.strip()
+    values = check.values or ([] if check.value is None else [str(check.value)])
+    if check.check == "ends_with":
+        return any(text.endswith(v) for v in values)
+    if check.check == "max_sentences":
+        return 0 < count_sentences(text) <= int(check.value or 1)
+    if check.check == "contains":
+        return any(v in text for v in values)
+    if check.check == "not_contains":
+        return not any(v in text for v in values)
+    if check.check == "max_chars":
+        return len(text) <= int(check.value or 0)
+    if check.check == "regex":
+        return any(re.search(v, text) for v in values)
+    raise ValueError(f"unknown rubric check {check.check!r}")
+
+
+def score(checks: list[RubricCheck], answers: list[str]) -> dict[str, int]:
+    """How many answers pass each check, by check name."""
+    return {check.name: sum(passes(check, a) for a in answers) for check in checks}

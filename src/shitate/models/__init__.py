@@ -1,0 +1,1 @@
+"""Models: find, convert and load weights; attach adapters."""

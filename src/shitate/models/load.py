@@ -1,0 +1,122 @@
+"""The only place that loads weights: resolve what the user named, then load model and tokenizer.
+
+A model reference is one of: the embedded default (`gemma-3-270m`), a local Hugging Face
+folder, a `.gguf` file, a shitate run folder (its adapter on top of its base), or a hub id.
+Only a hub id may touch the network, and only because the user asked for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shitate.errors import ModelError
+from shitate.models.store import DEFAULT_MODEL, convert_gguf, default_model_folder
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a folder to load, and for a run folder its adapter and recipe."""
+
+    kind: Literal["default", "folder", "gguf", "run", "hub"]
+    reference: str
+    folder: str  # a local folder, or the hub id for kind == "hub"
+    adapter: Path | None = None
+    run: Path | None = None
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+
+
+def resolve(reference: str, progress: bool = True) -> ModelSource:
+    """Turn a user's model reference into a loadable source, converting GGUF files once."""
+    if reference == DEFAULT_MODEL:
+        return ModelSource("default", reference, str(default_model_folder(progress)))
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if is_run_folder(path):
+            from shitate.config import Recipe  # local: config is light, but keep load.py's imports minimal
+            import yaml
+
+            recipe = Recipe.model_validate(yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")))
+            if (path / "model").is_dir():
+                return ModelSource("run", reference, str(path / "model"), run=path)
+            base = resolve(recipe.model, progress)
+            return ModelSource("run", reference, base.folder, adapter=path / "adapter", run=path)
+        if (path / "config.json").is_file():
+            return ModelSource("folder", reference, str(path))
+        if (path / "checkpoints").is_dir():
+            raise ModelError(f"{path}: this run has no final adapter yet (it did not finish). "
+                             f"Resume it with `shitate train {path / 'recipe.yaml'} --resume --out {path}`.")
+        raise ModelError(f"{path}: not a model folder (no config.json) and not a finished shitate run folder.")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: GGUF file not found. Check the path.")
+        return ModelSource("gguf", reference, str(convert_gguf(path, progress=progress)))
+    if path.exists():
+        raise ModelError(f"{path}: not a model. Give a model folder, a .gguf file, a run folder or {DEFAULT_MODEL}.")
+    if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        return ModelSource("hub", reference, reference)
+    raise ModelError(f"{reference}: no such file or folder. Give {DEFAULT_MODEL}, a local model folder, "
+                     "a .gguf file, a run folder (runs/NAME), or a hub id such as org/name.")
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The tokenizer of a source, from local files unless it is a hub id."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, local_files_only=source.kind != "hub")
+    except OSError as err:
+        raise _load_error(source, err) from None
+
+
+def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False) -> Any:
+    """A causal LM from a source; a run folder's adapter is attached (and merged if asked)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype or torch.float32,
+                                                     local_files_only=source.kind != "hub")
+    except OSError as err:
+        raise _load_error(source, err) from None
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.adapter))
+        if merge_adapter:
+            model = model.merge_and_unload()
+    return model
+
+
+def _load_error(source: ModelSource, err: Exception) -> ModelError:
+    if source.kind == "hub":
+        return ModelError(f"{source.reference}: could not fetch it from the model hub ({err.__class__.__name__}). "
+                          "Without network access, download the model elsewhere and pass its local folder instead.")
+    return ModelError(f"{source.folder}: could not load the model ({err}).")
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether bf16 arithmetic is fast here: a GPU that has it, or a CPU with AVX512-BF16 or AMX."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def pick_precision(setting: str, device: str) -> str:
+    """Resolve the recipe's precision: `auto` means bf16 where the hardware has it, else fp32."""
+    if setting == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return setting

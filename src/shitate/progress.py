@@ -1,0 +1,50 @@
+"""The one place that prints: a rich console, spinners and the training bar, from rank 0 only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or when not distributed), so distributed runs print once."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def say(message: str) -> None:
+    """Print a line for people (to stderr, so stdout stays machine-readable)."""
+    if is_main_process():
+        console.print(message)
+
+
+@contextlib.contextmanager
+def status(message: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner for work of unknown length."""
+    if enabled and is_main_process():
+        with console.status(message):
+            yield
+    else:
+        yield
+
+
+def training_bar(total_steps: int) -> Progress:
+    """Steps, loss, tokens/s and ETA: what people watch during a fine-tune."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tokens_per_s]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not is_main_process(),
+        transient=False,
+    )

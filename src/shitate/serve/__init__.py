@@ -1,0 +1,1 @@
+"""Use a model: generate, chat, compare."""

@@ -1,0 +1,94 @@
+"""`shitate compare`: the same questions to two models, side by side, scored by the recipe's rubric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shitate.config import GenerateSpec, RubricCheck
+from shitate.data.formats import conversation, read_jsonl, write_jsonl
+from shitate.errors import DataError, Problem
+from shitate.evals.rubric import passes
+from shitate.progress import console
+
+
+def read_prompts(path: Path, system: str | None) -> list[dict[str, Any]]:
+    """Questions from chat JSONL (a final assistant turn becomes the reference) or {"prompt": …} lines."""
+    items, problems = [], []
+    for line, obj in read_jsonl(Path(path)):
+        if isinstance(obj, Problem):
+            problems.append(obj)
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+            items.append({"messages": conversation({"messages": [{"role": "user", "content": obj["prompt"]}]}, system),
+                          "reference": obj.get("reference") or obj.get("completion")})
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
+            messages = conversation(obj, system)
+            reference = messages.pop()["content"] if messages[-1].get("role") == "assistant" else None
+            items.append({"messages": messages, "reference": reference})
+        else:
+            problems.append(Problem(path, line, None, "expected chat messages or a prompt",
+                                    'write {"messages": […]} or {"prompt": "…"} on each line'))
+    if problems:
+        raise DataError(problems)
+    if not items:
+        raise DataError([Problem(path, None, None, "no prompts in the file")])
+    return items
+
+
+def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: GenerateSpec, rubric: list[RubricCheck],
+            system: str | None = None, template: str = "auto") -> list[dict[str, Any]]:
+    """Answer every prompt with both models and save the rows (with rubric results) to `out`."""
+    from rich.progress import Progress
+
+    from shitate.serve.generate import answer, load_for_inference
+
+    items = read_prompts(prompts_path, system)
+    conversations = [item["messages"] for item in items]
+    answers: dict[str, list[str]] = {}
+    for side, reference in (("base", base), ("tuned", tuned)):
+        loaded = load_for_inference(reference, template)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{side}: answering {len(items)} prompts", total=len(items))
+            answers[side] = answer(loaded, conversations, spec, on_batch=lambda n: progress.advance(task, n))
+        del loaded
+    rows = []
+    for item, base_answer, tuned_answer in zip(items, answers["base"], answers["tuned"]):
+        question = item["messages"][-1]["content"]
+        row = {"question": question, "base": base_answer, "tuned": tuned_answer, "reference": item["reference"]}
+        if rubric:
+            row["rubric"] = {side: {c.name: passes(c, row[side]) for c in rubric} for side in ("base", "tuned")}
+        rows.append(row)
+    write_jsonl(out, rows)
+    return rows
+
+
+def print_comparison(rows: list[dict[str, Any]], rubric: list[RubricCheck], base: str, tuned: str) -> None:
+    """Side-by-side answers, then the rubric totals for each model."""
+    from rich.table import Table
+
+    table = Table(show_lines=True, title="base vs tuned")
+    table.add_column("question", ratio=2)
+    table.add_column(f"base ({base})", ratio=3)
+    table.add_column(f"tuned ({tuned})", ratio=3)
+    for row in rows:
+        table.add_row(row["question"], _clip(row["base"]), _clip(row["tuned"]))
+    console.print(table)
+    if rubric:
+        summary = Table(title="rubric: answers that pass")
+        summary.add_column("check")
+        summary.add_column("base", justify="right")
+        summary.add_column("tuned", justify="right")
+        for check in rubric:
+            counts = [sum(r["rubric"][side][check.name] for r in rows) for side in ("base", "tuned")]
+            summary.add_row(check.name, *(f"{c}/{len(rows)}" for c in counts))
+        console.print(summary)
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def rubric_totals(rows: list[dict[str, Any]], rubric: list[RubricCheck]) -> dict[str, dict[str, int]]:
+    """{side: {check name: passes}} for a summary line or a README table."""
+    return {side: {c.name: sum(r["rubric"][side][c.name] for r in rows) for c in rubric} for side in ("base", "tuned")}
+

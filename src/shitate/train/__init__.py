@@ -1,0 +1,1 @@
+"""Training stages: one `run(recipe)` per stage, sharing losses and checkpoints."""

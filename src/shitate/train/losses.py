@@ -1,0 +1,93 @@
+"""The loss where the answers are: logits only at labelled positions, never all at once.
+
+Gemma 3's output layer maps 640 features to 262,144 words: for a batch of 8×256 tokens the
+full logits are 2 GB in fp32, and most positions (system prompt, question, padding) carry no
+loss. We run the decoder, keep the hidden states at positions that predict a label, and
+project them in chunks inside one autograd function that also computes the gradient of each
+chunk right away, so neither the logits nor their gradient outlive a chunk and the output
+layer is applied once forward and once backward, as in the plain loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shitate.data.templates import IGNORE_INDEX
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(softcap(h_i W^T), y_i), with the gradient taken chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                compute_dtype: torch.dtype, softcap: float | None) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        w = weight.to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].to(compute_dtype)
+            y = targets[start:start + chunk_size]
+            logits = (h @ w.T).float()
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = squashed * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_hidden or need_weight:
+                rows = torch.arange(y.shape[0], device=y.device)
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, computed in place to save a copy
+                grad_logits[rows, y] -= 1.0
+                if softcap:
+                    grad_logits.mul_(1.0 - squashed * squashed)
+                grad_logits = grad_logits.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512,
+                         compute_dtype: torch.dtype = torch.float32, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap)
+
+
+class AnswerLoss(nn.Module):
+    """Wraps a causal LM so that forward returns (summed answer loss, number of answer tokens).
+
+    Being a module (not a function) lets DDP/FSDP wrap it and sync gradients as usual.
+    """
+
+    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int = 512) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.compute_dtype = compute_dtype
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Any, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.causal_lm.get_base_model() if hasattr(self.causal_lm, "get_base_model") else self.causal_lm
+        outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        hidden = outputs.last_hidden_state[:, :-1][keep]
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        total = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets[keep], self.chunk_size,
+                                     self.compute_dtype, softcap)
+        return total, keep.sum()

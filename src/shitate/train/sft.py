@@ -1,0 +1,231 @@
+"""Supervised fine-tuning: chats in, an adapter (or full model) out; loss on the answers only.
+
+Reads top to bottom: run folder → model and template → data → adapter and optimizer →
+train (with validation each epoch and atomic checkpoints) → save. The loop is ours
+(about a page) because exact resume, answer-only chunked loss and a progress bar that
+shows real tokens/s are simpler to keep right here than to bend a generic Trainer to;
+accelerate supplies the device, mixed precision and multi-GPU wrapping.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shitate.config import Recipe
+from shitate.data.formats import conversation, read_chat
+from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
+from shitate.errors import DataError, Problem
+from shitate.models.adapters import attach, count_parameters, trainable_state
+from shitate.models.load import load_model, load_tokenizer, pick_precision, resolve
+from shitate.progress import say, status, training_bar
+from shitate.train import checkpoints, curves, rundir
+from shitate.train.losses import AnswerLoss
+
+
+def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False) -> Path:
+    """Train `recipe`; return the run folder."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    run_dir = Path(out) if out else Path("runs") / recipe.name
+    resume_from = rundir.prepare(run_dir, recipe, resume, force)
+    spec = recipe.train
+    torch.manual_seed(spec.seed)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    precision = pick_precision(spec.precision, accelerator.device.type)
+    bf16 = precision == "bf16"
+
+    with status(f"Loading {recipe.model}…"):
+        source = resolve(recipe.model)
+        tokenizer = load_tokenizer(source)
+        # A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters.
+        base_dtype = torch.bfloat16 if bf16 and recipe.adapter.method != "full" else torch.float32
+        model = load_model(source, dtype=base_dtype)
+    template = get_template(recipe.template, tokenizer, model.config.model_type)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train_set = _encode(recipe.data.train, recipe, tokenizer, template)
+    validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
+
+    model = attach(model, recipe.adapter)
+    if recipe.adapter.method == "lora" and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
+    total_steps = min(spec.max_steps or 10**12, steps_per_epoch * spec.epochs)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=round(spec.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    step = 0
+    if resume_from is not None:
+        step = checkpoints.load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        curves.truncate_metrics(run_dir / "metrics.jsonl", step)
+        say(f"Resuming {run_dir} from {resume_from.name}.")
+    loss_model = AnswerLoss(model, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    device = accelerator.device
+
+    say(f"[bold]{recipe.name}[/]: {source.kind} model {recipe.model}, template {template.name}, {precision}, "
+        f"{recipe.adapter.method} ({trainable:,} of {total:,} parameters trained), {len(train_set)} train / "
+        f"{len(validation_set)} validation examples, {total_steps} steps on {device}.")
+    rundir.write_manifest(run_dir, recipe, template=template.name, precision=precision, device=str(device),
+                          model_source={"kind": source.kind, "folder": source.folder},
+                          parameters={"trainable": trainable, "total": total}, total_steps=total_steps)
+
+    stop_requested = _install_interrupt_handler()
+    metrics_path = run_dir / "metrics.jsonl"
+    tokens_seen, seconds_training = 0, 0.0
+    bar = training_bar(total_steps)
+    with bar:
+        task = bar.add_task("training", total=total_steps, completed=step, loss=float("nan"), tokens_per_s=0.0)
+        for epoch in range(step // steps_per_epoch, spec.epochs):
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(spec.seed + epoch)).tolist()
+            batches = [order[i:i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
+            for index, batch in enumerate(batches):
+                if epoch * steps_per_epoch + index < step:
+                    continue  # done before the checkpoint we resumed from
+                if step >= total_steps:
+                    break
+                started = time.perf_counter()
+                loss, tokens = _train_step(loss_model, accelerator, optimizer, scheduler, parameters, spec,
+                                           [train_set[i] for i in batch], pad_id, device, bf16)
+                step += 1
+                elapsed = time.perf_counter() - started
+                tokens_seen, seconds_training = tokens_seen + tokens, seconds_training + elapsed
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed}
+                if step % spec.log_every == 0 and accelerator.is_main_process:
+                    curves.append_metrics(metrics_path, record)
+                bar.update(task, completed=step, loss=loss, tokens_per_s=tokens_seen / seconds_training)
+                epoch_done = index == len(batches) - 1 or step == total_steps
+                if epoch_done and validation_set:
+                    val_loss = _validation_loss(loss_model, validation_set, spec.batch_size, pad_id, device, bf16)
+                    curves.append_metrics(metrics_path, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
+                    say(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
+                due = step % spec.checkpoint_every == 0 if spec.checkpoint_every else epoch_done
+                if (due or stop_requested()) and accelerator.is_main_process:
+                    checkpoints.save_checkpoint(run_dir, step, trainable_state(model), optimizer, scheduler,
+                                                {"epoch": epoch}, keep=spec.keep_checkpoints)
+                if stop_requested():
+                    say(f"Stopped at step {step}; checkpoint saved. Continue with: "
+                        f"shitate train RECIPE --resume --out {run_dir}")
+                    raise SystemExit(130)
+
+    if accelerator.is_main_process:
+        curves.plot_loss(metrics_path, run_dir / "loss.png")
+        _save_final(accelerator.unwrap_model(loss_model).causal_lm, tokenizer, recipe, run_dir)
+        rundir.write_manifest(run_dir, recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              steps=step, train_tokens_per_s=round(tokens_seen / max(seconds_training, 1e-9), 1))
+    say(f"Done: {run_dir} (adapter, metrics.jsonl, loss.png).")
+    return run_dir
+
+
+def _encode(path: Path, recipe: Recipe, tokenizer: Any, template: Any) -> list[dict[str, list[int]]]:
+    examples, problems = [], []
+    for number, record in enumerate(read_chat(path), start=1):
+        messages = conversation(record, recipe.data.system)
+        if messages[-1]["role"] != "assistant":
+            problems.append(Problem(path, number, "messages", "does not end with an assistant turn",
+                                    "run `shitate data check` on the file"))
+            continue
+        example = encode_chat(messages, tokenizer, template, recipe.train.max_length)
+        if all(label == IGNORE_INDEX for label in example["labels"][1:]):
+            problems.append(Problem(path, number, None, f"no answer tokens left within max_length {recipe.train.max_length}",
+                                    "raise train.max_length or shorten the prompt"))
+            continue
+        examples.append(example)
+    if problems:
+        raise DataError(problems)
+    return examples
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: Any, parameters: list[Any], spec: Any,
+                examples: list[dict[str, list[int]]], pad_id: int, device: Any, bf16: bool) -> tuple[float, int]:
+    """One optimizer step over micro-batches; returns (mean answer loss, real tokens processed)."""
+    loss_model.train()
+    micro = math.ceil(len(examples) / spec.grad_accum)
+    answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
+    total_loss, real_tokens = 0.0, 0
+    for start in range(0, len(examples), micro):
+        batch = collate(examples[start:start + micro], pad_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss_sum, _ = loss_model(**batch)
+        accelerator.backward(loss_sum / answer_tokens)
+        total_loss += loss_sum.item()
+        real_tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss / answer_tokens, real_tokens
+
+
+@torch.no_grad()
+def _validation_loss(loss_model: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: Any,
+                     bf16: bool) -> float:
+    loss_model.eval()
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
+    total, count = 0.0, 0
+    for start in range(0, len(ordered), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss_sum, n = loss_model(**collate(ordered[start:start + batch_size], pad_id, device))
+        total, count = total + loss_sum.item(), count + int(n)
+    return total / max(count, 1)
+
+
+def _save_final(model: Any, tokenizer: Any, recipe: Recipe, run_dir: Path) -> None:
+    """adapter/ (LoRA) or model/ (full), written to a temp folder and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    target = run_dir / ("model" if recipe.adapter.method == "full" else "adapter")
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if recipe.adapter.method == "full":
+            tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install_interrupt_handler():  # noqa: ANN202 - returns a predicate
+    """First Ctrl-C: finish the step, checkpoint and stop. Second: stop at once."""
+    requested = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        say("[yellow]Stopping after this step and saving a checkpoint (Ctrl-C again to abort now)…")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+        pass
+    return lambda: requested["stop"]
