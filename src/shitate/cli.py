@@ -99,8 +99,9 @@ def data_split(
 
     for name in SPLITS:
         _refuse_overwrite(out_dir / f"{name}.jsonl", force)
+    wanted = parse_sizes(sizes)
     records = read_chat(file)
-    parts = split_records(records, parse_sizes(sizes), seed)
+    parts = split_records(records, wanted, seed)
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", parts[name])
     used = sum(len(p) for p in parts.values())

@@ -9,9 +9,11 @@ accelerate supplies the device, mixed precision and multi-GPU wrapping.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,6 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
 
     model = attach(model, recipe.adapter)
-    if recipe.adapter.method == "lora" and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
     total_steps = min(spec.max_steps or 10**12, steps_per_epoch * spec.epochs)
@@ -82,11 +82,9 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                           model_source={"kind": source.kind, "folder": source.folder},
                           parameters={"trainable": trainable, "total": total}, total_steps=total_steps)
 
-    stop_requested = _install_interrupt_handler()
     metrics_path = run_dir / "metrics.jsonl"
     tokens_seen, seconds_training = 0, 0.0
-    bar = training_bar(total_steps)
-    with bar:
+    with training_bar(total_steps) as bar, _interrupt_requests() as stop_requested:
         task = bar.add_task("training", total=total_steps, completed=step, loss=float("nan"), tokens_per_s=0.0)
         for epoch in range(step // steps_per_epoch, spec.epochs):
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(spec.seed + epoch)).tolist()
@@ -214,7 +212,8 @@ def _save_final(model: Any, tokenizer: Any, recipe: Recipe, run_dir: Path) -> No
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _install_interrupt_handler():  # noqa: ANN202 - returns a predicate
+@contextlib.contextmanager
+def _interrupt_requests() -> Iterator[Callable[[], bool]]:
     """First Ctrl-C: finish the step, checkpoint and stop. Second: stop at once."""
     requested = {"stop": False}
 
@@ -225,7 +224,11 @@ def _install_interrupt_handler():  # noqa: ANN202 - returns a predicate
         say("[yellow]Stopping after this step and saving a checkpoint (Ctrl-C again to abort now)…")
 
     try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-        pass
-    return lambda: requested["stop"]
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tokenizer shipped in tests/assets and a tiny Gemma 3 built from a config.
+
+Nothing here touches the network or the 270M weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+
+
+def build_tiny_model(folder: Path, tokenizer) -> Path:
+    """A 2-layer Gemma 3 (one sliding-window layer, one global) with 64-wide hidden states."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=16, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), tokenizer)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def kids_records(limit: int | None = None) -> list[dict]:
+    """The demo's own question/answer pairs as chat records."""
+    import csv
+
+    rows = list(csv.DictReader((REPO / "examples/kids_qa/kids_qa.csv").open(encoding="utf-8")))[:limit]
+    return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in rows]

@@ -1,0 +1,87 @@
+"""The command line as a user meets it: exit codes, one-paragraph errors, and the use verbs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import kids_records, write_jsonl
+from shitate.cli import app
+from test_train import make_recipe
+
+runner = CliRunner()
+
+
+def shitate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "shitate.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_user_mistakes_exit_1_with_a_message_and_no_traceback(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    (tmp_path / "t.jsonl").write_text("", encoding="utf-8")
+    recipe.write_text("name: x\nmodel: /nowhere/model\ndata: {train: t.jsonl}\ntrain: {lerning_rate: 1}\n", encoding="utf-8")
+    cases = [
+        (["train", str(recipe)], "did you mean `learning_rate`?"),
+        (["data", "check", str(tmp_path / "missing.jsonl"), "--no-tokens"], "file not found"),
+        (["generate", "/nowhere/model", "hi"], "/nowhere/model: no such file or folder"),
+        (["data", "split", str(tmp_path / "t.jsonl"), "--out-dir", str(tmp_path), "--sizes", "1/1"], "three"),
+    ]
+    for args, expected in cases:
+        result = shitate(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert expected in " ".join(result.stderr.split()), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_data_check_lists_each_broken_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n'
+                    '{"messages": [{"role": "user", "content": "Q"}\n'
+                    '{"messages": [{"role": "usr", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n',
+                    encoding="utf-8")
+    result = shitate("data", "check", str(path), "--no-tokens")
+    assert result.returncode == 1
+    assert f"{path}:2: not valid JSON" in result.stderr
+    assert f"{path}:3: messages[0].role: is 'usr'; expected one of system, user, assistant (did you mean user?)" in result.stderr
+    assert "1 valid conversations, 3 errors" in result.stderr
+
+
+def test_import_then_split_from_a_csv(tmp_path):
+    csv = tmp_path / "qa.csv"
+    csv.write_text("question,answer\n" + "".join(f"Q{i},A{i}\n" for i in range(20)), encoding="utf-8")
+    out = tmp_path / "all.jsonl"
+    assert shitate("data", "import", str(csv), "--out", str(out), "--system", "S").returncode == 0
+    assert shitate("data", "import", str(csv), "--out", str(out)).returncode == 1  # no silent overwrite
+    result = shitate("data", "split", str(out), "--sizes", "10/5/5", "--out-dir", str(tmp_path / "split"))
+    assert result.returncode == 0, result.stderr
+    sizes = [len((tmp_path / "split" / f"{n}.jsonl").read_text().splitlines()) for n in ("train", "validation", "test")]
+    assert sizes == [10, 5, 5]
+
+
+def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    assert runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")]).exit_code == 0
+    out = tmp_path / "compare.jsonl"
+    result = runner.invoke(app, ["compare", str(tiny_model), str(tmp_path / "run"), str(tmp_path / "test.jsonl"),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8
+    assert rows[0]["question"] == kids_records(40)[32]["messages"][0]["content"]
+    assert rows[0]["reference"] == kids_records(40)[32]["messages"][1]["content"]
+    assert set(rows[0]["rubric"]) == {"base", "tuned"} and "yo" in rows[0]["rubric"]["tuned"]
+    result = runner.invoke(app, ["generate", str(tmp_path / "run"), "なんで", "--max-new-tokens", "5"])
+    assert result.exit_code == 0 and result.stdout.startswith("なんで")
+
+
+def test_chat_streams_answers_until_an_empty_line(tmp_path, tiny_model):
+    result = runner.invoke(app, ["chat", str(tiny_model), "--max-new-tokens", "4"], input="なんで空は青いの?\n\n")
+    assert result.exit_code == 0, result.output
+    assert "model>" in result.output

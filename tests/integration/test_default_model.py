@@ -1,0 +1,41 @@
+"""Checks on the real embedded default (Gemma 3 270M); slow, so CI skips them. Run with `pytest -m slow`."""
+
+import pytest
+
+from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template, stop_token_ids
+
+pytestmark = pytest.mark.slow
+
+CONVERSATION = [
+    {"role": "system", "content": "あなたは子どもの疑問に簡潔かつわかりやすい言葉で答えるチャットボットです。"},
+    {"role": "user", "content": "なんで空は青いの?"},
+    {"role": "assistant", "content": "太陽の光が空気にぶつかると青い光がいちばん散らばるからだよ。"},
+    {"role": "user", "content": "夕焼けは?"},
+    {"role": "assistant", "content": "赤い光が残るからだよ。"},
+]
+
+
+@pytest.fixture(scope="module")
+def default():
+    from shitate.models.load import load_tokenizer, resolve
+
+    source = resolve("gemma-3-270m")
+    return source, load_tokenizer(source)
+
+
+@pytest.mark.parametrize("name", ["gemma", "chatml", "llama3", "plain"])
+def test_masks_with_the_real_gemma_tokenizer(default, name):
+    _, tokenizer = default
+    template = get_template(name, tokenizer, "gemma3_text")
+    example = encode_chat(CONVERSATION, tokenizer, template, 10_000)
+    labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    expected = "".join(m["content"] + template.end_of_turn for m in CONVERSATION if m["role"] == "assistant")
+    assert tokenizer.decode(labelled) == expected
+
+
+def test_default_model_loads_from_its_cache_and_stops_at_end_of_turn(default):
+    source, tokenizer = default
+    assert (source.folder.endswith("gemma-3-270m"))
+    template = get_template("auto", tokenizer, "gemma3_text")
+    assert template.name == "gemma"
+    assert stop_token_ids(tokenizer, template) == [1, 106]  # <eos>, <end_of_turn>

@@ -1,0 +1,134 @@
+"""`shitate train` end to end on a tiny Gemma 3: the loss falls, the run folder is complete, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import kids_records, write_jsonl
+from shitate.cli import app
+from shitate.errors import ConfigError
+
+runner = CliRunner()
+
+
+def make_recipe(folder: Path, model: Path, extra: str = "") -> Path:
+    records = kids_records(40)
+    write_jsonl(folder / "train.jsonl", records[:24])
+    write_jsonl(folder / "validation.jsonl", records[24:32])
+    write_jsonl(folder / "test.jsonl", records[32:40])
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(f"""
+name: tiny
+model: {model}
+template: gemma
+data: {{train: train.jsonl, validation: validation.jsonl, test: test.jsonl, system: 子ども向けに答えてね。}}
+adapter: {{method: lora, r: 8, alpha: 16, dropout: 0.1}}
+train: {{epochs: 4, batch_size: 8, learning_rate: 3.0e-2, max_length: 96, precision: fp32, checkpoint_every: 3, warmup_ratio: 0.0}}
+generate: {{max_new_tokens: 12, batch_size: 4}}
+eval:
+  rubric:
+    - {{name: yo, check: ends_with, values: [よ。]}}
+{extra}""", encoding="utf-8")
+    return recipe
+
+
+def train(recipe: Path, out: Path, *args: str):
+    result = runner.invoke(app, ["train", str(recipe), "--out", str(out), *args])
+    return result
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_a_complete_run_folder(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model), run)
+    assert result.exit_code == 0, result.output
+    for name in ("recipe.yaml", "manifest.json", "metrics.jsonl", "loss.png", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert len(losses) == 12  # 4 epochs × 3 steps
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    validation = [m["val_loss"] for m in metrics(run) if "val_loss" in m]
+    assert len(validation) == 4 and validation[-1] < validation[0]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["train"]["records"] == 24 and len(manifest["data"]["train"]["sha256"]) == 64
+    assert manifest["template"] == "gemma" and manifest["steps"] == 12 and "finished" in manifest
+    assert [p.name for p in (run / "checkpoints").iterdir()] and not list(run.glob(".*"))
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    full = tmp_path / "full"
+    assert train(recipe, full).exit_code == 0
+    # Simulate a crash after step 9: only the step-9 checkpoint survives, no final adapter.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "adapter")
+    shutil.rmtree(crashed / "checkpoints" / "step-12")
+    result = train(recipe, crashed, "--resume")
+    assert result.exit_code == 0, result.output
+    expected = load_file(full / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    assert [m["step"] for m in metrics(crashed) if "loss" in m] == list(range(1, 13))
+
+
+def test_an_existing_run_is_never_overwritten_without_force(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    run = tmp_path / "run"
+    assert train(recipe, run, "--set", "train.max_steps=1").exit_code == 0
+    result = train(recipe, run, "--set", "train.max_steps=1")
+    assert isinstance(result.exception, ConfigError) and "--resume" in str(result.exception)
+    result = train(recipe, run, "--set", "train.max_steps=2", "--resume")
+    assert isinstance(result.exception, ConfigError) and "train.max_steps" in str(result.exception)
+    assert train(recipe, run, "--set", "train.max_steps=1", "--force").exit_code == 0
+
+
+def test_full_fine_tune_in_bf16_autocast_writes_a_model(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    recipe = make_recipe(tmp_path, tiny_model)
+    result = train(recipe, run, "--set", "adapter.method=full", "--set", "train.precision=bf16",
+                   "--set", "train.learning_rate=1e-3")
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert losses[-1] < losses[0]
+
+
+def test_a_tuned_model_learns_to_stop_at_the_end_of_its_turn(tmp_path, tiny_model):
+    """After overfitting one answer, greedy generation writes exactly it and stops at <end_of_turn>, not EOS."""
+    from shitate.config import GenerateSpec
+    from shitate.serve.generate import answer, load_for_inference
+
+    record = kids_records(1)[0]
+    write_jsonl(tmp_path / "one.jsonl", [record] * 8)
+    (tmp_path / "recipe.yaml").write_text(f"""
+name: stop
+model: {tiny_model}
+template: gemma
+data: {{train: one.jsonl}}
+adapter: {{method: full}}
+train: {{epochs: 40, batch_size: 8, learning_rate: 3.0e-3, precision: fp32, warmup_ratio: 0.0, lr_scheduler: constant}}
+""", encoding="utf-8")
+    assert train(tmp_path / "recipe.yaml", tmp_path / "run").exit_code == 0
+    loaded = load_for_inference(str(tmp_path / "run"))
+    question = record["messages"][:1]
+    text = loaded.template(question, add_generation_prompt=True)
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    end_of_turn = loaded.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    output = loaded.model.generate(**ids, max_new_tokens=60, do_sample=False, eos_token_id=[end_of_turn],
+                                   pad_token_id=loaded.tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+    assert output[-1].item() == end_of_turn and len(output) < 60
+    assert answer(loaded, [question], GenerateSpec(max_new_tokens=60)) == [record["messages"][1]["content"]]

@@ -1,0 +1,100 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, write_jsonl
+from shitate.data.formats import conversation, import_records, read_chat, write_jsonl as write_atomic
+from shitate.errors import DataError, ShitateError
+
+QA = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def test_csv_with_byte_order_mark_and_system_prompt(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_bytes("question,answer\nなんで空は青いの?,光が散らばるからだよ。\n".encode("utf-8-sig"))
+    records, _ = import_records(path, system="先生です。")
+    assert records == [{"messages": [{"role": "system", "content": "先生です。"},
+                                     {"role": "user", "content": "なんで空は青いの?"},
+                                     {"role": "assistant", "content": "光が散らばるからだよ。"}]}]
+
+
+def test_tsv_with_column_mapping(tmp_path):
+    path = tmp_path / "qa.tsv"
+    path.write_text("id\t質問\t回答\n1\tQ\tA\n", encoding="utf-8")
+    records, _ = import_records(path, question_column="質問", answer_column="回答")
+    assert records[0]["messages"] == QA
+
+
+def test_unknown_column_lists_the_header(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("q,a\nQ,A\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        import_records(path)
+    assert "qa.csv:1: question, answer: column not found; the header has: q, a" in str(err.value)
+
+
+def test_empty_csv_cell_names_the_line(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nQ,A\nQ2,\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa.csv:3: answer: is empty"):
+        import_records(path)
+    records, skipped = import_records(path, skip_bad=True)
+    assert len(records) == 1 and skipped[0].line == 3
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": QA}, {"messages": QA}),
+    ({"instruction": "Q", "input": "", "output": "A"}, {"messages": QA}),
+    ({"instruction": "Q", "input": "X", "output": "A"},
+     {"messages": [{"role": "user", "content": "Q\n\nX"}, {"role": "assistant", "content": "A"}]}),
+    ({"instruction": "Q", "context": "C", "response": "A", "category": "closed_qa"}, {"messages": QA, "context": "C"}),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, {"messages": QA}),
+    ({"prompt": "Q", "completion": "A"}, {"messages": QA}),
+], ids=["chat", "alpaca", "alpaca-input", "dolly", "sharegpt", "prompt-completion"])
+def test_jsonl_formats_are_detected_and_converted(tmp_path, record, expected):
+    records, _ = import_records(write_jsonl(tmp_path / "in.jsonl", [record]))
+    assert records == [expected]
+
+
+def test_bad_json_and_bad_records_are_all_reported_with_lines(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "Q", "completion": "A"}\n{"prompt": "Q",\n\n{"foo": 1}\n'
+                    '{"conversations": [{"from": "robot", "value": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        import_records(path)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith(f"{path}:2: not valid JSON")
+    assert lines[1].startswith(f"{path}:4: unrecognised record (keys: foo)")
+    assert lines[2].startswith(f"{path}:5: conversations[0].from: is 'robot'")
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(ShitateError, match="file not found"):
+        import_records(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dolly-ja").is_dir(), reason="shared data not beside the checkout")
+def test_real_dolly_ja_records(tmp_path):
+    source = SHARED_DATA / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
+    excerpt = tmp_path / "dolly.jsonl"
+    with source.open(encoding="utf-8") as handle:
+        excerpt.write_text("".join(next(handle) for _ in range(50)), encoding="utf-8")
+    records, _ = import_records(excerpt, fmt="dolly")
+    assert len(records) == 50
+    first = json.loads(source.open(encoding="utf-8").readline())
+    assert records[0]["messages"][0]["content"] == first["instruction"].strip()
+    assert records[0].get("context", "") == first["input"].strip()
+
+
+def test_context_goes_before_the_first_question():
+    record = {"messages": QA, "context": "第1条 …"}
+    assert conversation(record, "sys")[:2] == [{"role": "system", "content": "sys"},
+                                               {"role": "user", "content": "第1条 …\n\nQ"}]
+
+
+def test_atomic_write_roundtrip(tmp_path):
+    out = tmp_path / "sub" / "out.jsonl"
+    assert write_atomic(out, [{"messages": QA}] * 3) == 3
+    assert read_chat(out) == [{"messages": QA}] * 3
+    assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]

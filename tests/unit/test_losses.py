@@ -1,0 +1,46 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shitate.data.templates import IGNORE_INDEX
+from shitate.train.losses import AnswerLoss, linear_cross_entropy
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_linear_cross_entropy_matches_full_logits(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    logits = hidden @ weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.5, [hidden, weight])
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.float64, softcap=softcap)
+    grads = torch.autograd.grad(loss * 0.5, [hidden, weight])
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # logits are kept in fp32
+
+
+def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(1)
+    input_ids = torch.randint(5, 600, (3, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 18:] = 0  # a padded row
+    labels = input_ids.clone()
+    labels[:, :10] = IGNORE_INDEX  # the prompt part
+    labels[attention_mask == 0] = IGNORE_INDEX
+
+    reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()))
+    total, count = AnswerLoss(model, chunk_size=7)(input_ids, attention_mask, labels)
+    ours = total / count
+    grads = torch.autograd.grad(ours, list(model.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

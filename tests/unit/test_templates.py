@@ -1,0 +1,81 @@
+import pytest
+
+from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template, stop_token_ids
+
+CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CONVERSATION = [
+    {"role": "system", "content": "あなたは子どもの疑問に答えるチャットボットです。"},
+    {"role": "user", "content": "なんで空は青いの?"},
+    {"role": "assistant", "content": "青い光がいちばん散らばるからだよ。"},
+    {"role": "user", "content": "夕焼けは?"},
+    {"role": "assistant", "content": "赤い光が残るからだよ。"},
+]
+
+
+@pytest.fixture(params=["gemma", "chatml", "llama3", "plain", "auto"])
+def template(request, tokenizer):
+    if request.param == "auto":
+        tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+        tokenizer.chat_template = CHATML_JINJA
+        return get_template("auto", tokenizer), tokenizer
+    return get_template(request.param, tokenizer), tokenizer
+
+
+def masked_runs(example, tokenizer):
+    """Decode each run of consecutive labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_mask_covers_exactly_each_answer_and_its_end_marker(template):
+    chat_template, tokenizer = template
+    example = encode_chat(CONVERSATION, tokenizer, chat_template, max_length=10_000)
+    expected = [m["content"] + chat_template.end_of_turn for m in CONVERSATION if m["role"] == "assistant"]
+    assert masked_runs(example, tokenizer) == expected
+
+
+def test_inference_renders_the_same_bytes_as_training(template):
+    chat_template, tokenizer = template
+    for cut in (2, 4):  # ask at each user turn
+        prompt = chat_template(CONVERSATION[:cut], add_generation_prompt=True)
+        trained = chat_template(CONVERSATION[: cut + 1])
+        assert trained.startswith(prompt)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        trained_ids = encode_chat(CONVERSATION[: cut + 1], tokenizer, chat_template, 10_000)["input_ids"]
+        assert trained_ids[: len(prompt_ids)] == prompt_ids
+
+
+def test_generation_stops_at_the_end_marker_and_eos(template):
+    chat_template, tokenizer = template
+    stops = stop_token_ids(tokenizer, chat_template)
+    assert tokenizer.eos_token_id in stops
+    assert tokenizer.convert_tokens_to_ids(chat_template.end_of_turn) in stops
+
+
+def test_truncation_cuts_on_the_right(tokenizer):
+    gemma = get_template("gemma", tokenizer)
+    full = encode_chat(CONVERSATION, tokenizer, gemma, 10_000)
+    cut = encode_chat(CONVERSATION, tokenizer, gemma, 20)
+    assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+
+
+def test_gemma_puts_the_system_prompt_in_the_first_user_turn(tokenizer):
+    text = get_template("gemma", tokenizer)(CONVERSATION[:2], add_generation_prompt=True)
+    assert text == ("<bos><start_of_turn>user\nあなたは子どもの疑問に答えるチャットボットです。\n\nなんで空は青いの?"
+                    "<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_auto_falls_back_to_the_model_family(tokenizer):
+    assert get_template("auto", tokenizer, "gemma3_text").name == "gemma"
+    assert get_template("auto", tokenizer, "llama").name == "llama3"
