@@ -48,3 +48,14 @@ def training_bar(total_steps: int) -> Progress:
         disable=not is_main_process(),
         transient=False,
     )
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and advice; shitate shows its own progress."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

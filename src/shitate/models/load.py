@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from shitate.errors import ModelError
 from shitate.models.store import DEFAULT_MODEL, convert_gguf, default_model_folder
+from shitate.progress import quiet_libraries
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -70,6 +71,7 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The tokenizer of a source, from local files unless it is a hub id."""
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     try:
         return AutoTokenizer.from_pretrained(source.folder, local_files_only=source.kind != "hub")
     except OSError as err:
@@ -81,6 +83,7 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype or torch.float32,
                                                      local_files_only=source.kind != "hub")

@@ -59,8 +59,9 @@ def convert_gguf(gguf: Path, name: str | None = None, progress: bool = True) -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from shitate.progress import status
+    from shitate.progress import quiet_libraries, status
 
+    quiet_libraries()
     with status(f"Converting {gguf.name} to a safetensors cache (once, about half a minute)…", enabled=progress):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
