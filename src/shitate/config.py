@@ -48,6 +48,10 @@ class TrainSpec(Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8, description="tokens; longer examples are cut on the right")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="put examples end to end (no padding), each attending only to itself; "
+                            "auto packs a micro-batch when padding it would waste more than a tenth of its tokens")
+    pack_length: int = Field(4096, ge=8, description="tokens per packed row; a micro-batch longer than this uses several")
     seed: int = 42
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the CPU or GPU supports it, fp32 otherwise"

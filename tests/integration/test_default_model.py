@@ -35,7 +35,7 @@ def test_masks_with_the_real_gemma_tokenizer(default, name):
 
 def test_default_model_loads_from_its_cache_and_stops_at_end_of_turn(default):
     source, tokenizer = default
-    assert (source.folder.endswith("gemma-3-270m"))
+    assert source.folder.endswith("gemma-3-270m.bf16")
     template = get_template("auto", tokenizer, "gemma3_text")
     assert template.name == "gemma"
     assert stop_token_ids(tokenizer, template) == [1, 106]  # <eos>, <end_of_turn>

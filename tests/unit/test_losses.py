@@ -38,7 +38,7 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
 
     reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     reference_grads = torch.autograd.grad(reference, list(model.parameters()))
-    total, count = AnswerLoss(model, chunk_size=7)(input_ids, attention_mask, labels)
+    total, count = AnswerLoss(model, chunk_size=7)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     ours = total / count
     grads = torch.autograd.grad(ours, list(model.parameters()))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,9 @@ transformers can read GGUF, but dequantising every load takes tens of seconds an
 the model as quantised (it then refuses to save or train normally). So we convert once:
 load the GGUF, copy its weights into a plain model built from the same config, and save
 that with the tokenizer under $SHITATE_HOME. Later loads read safetensors in a second or two.
+
+The copy is stored in bf16: a Q4_K weight carries about 4 bits of precision, so bf16's 8-bit
+mantissa loses nothing of it, while the file, the load time and the memory a load touches halve.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _gguf_key(gguf: Path) -> str:
 
 def cached_folder(gguf: Path, name: str | None = None) -> Path:
     """Where the safetensors copy of a GGUF file lives (it may not exist yet)."""
-    return home() / "models" / (name or f"{gguf.stem}-{_gguf_key(gguf)}")
+    return home() / "models" / f"{name or f'{gguf.stem}-{_gguf_key(gguf)}'}.bf16"
 
 
 def convert_gguf(gguf: Path, name: str | None = None, progress: bool = True) -> Path:
@@ -71,7 +74,7 @@ def convert_gguf(gguf: Path, name: str | None = None, progress: bool = True) -> 
                              "Check that it is a complete GGUF of an architecture transformers supports.") from err
         config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items()
                                           if k not in ("quantization_config", "_name_or_path", "transformers_version")})
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
         # Tied output embeddings are absent from the state dict by design; anything else missing is a bug.
         missing = [k for k in missing if k != "lm_head.weight"]

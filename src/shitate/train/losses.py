@@ -61,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128,
                          compute_dtype: torch.dtype = torch.float32, softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap)
@@ -73,17 +73,24 @@ class AnswerLoss(nn.Module):
     Being a module (not a function) lets DDP/FSDP wrap it and sync gradients as usual.
     """
 
-    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int = 512) -> None:
+    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int = 128) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.compute_dtype = compute_dtype
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Any, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                packed_lengths: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.causal_lm.get_base_model() if hasattr(self.causal_lm, "get_base_model") else self.causal_lm
+        extra: dict[str, Any] = {}
+        if packed_lengths is not None:
+            extra["packed_lengths"] = packed_lengths
+            layer_types = getattr(base.config, "layer_types", None)
+            if layer_types:  # a per-layer-type mapping tells the model its masks are handled: none are built
+                attention_mask = {layer_type: None for layer_type in set(layer_types)}
         outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False)
+                                     use_cache=False, **extra)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = outputs.last_hidden_state[:, :-1][keep]

@@ -21,11 +21,15 @@ from typing import Any
 import torch
 
 from shitate.config import Recipe
+from shitate.data.collate import pack_batch, pad_batch
 from shitate.data.formats import conversation, read_chat
 from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
 from shitate.errors import DataError, Problem
 from shitate.models.adapters import attach, count_parameters, trainable_state
+from shitate.models.attention import use_packed_attention
+from shitate.models.lean import make_lean
 from shitate.models.load import load_model, load_tokenizer, pick_precision, resolve
+from shitate.memory import release_memory
 from shitate.progress import say, status, training_bar
 from shitate.train import checkpoints, curves, rundir
 from shitate.train.losses import AnswerLoss
@@ -51,13 +55,18 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         # A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters.
         base_dtype = torch.bfloat16 if bf16 and recipe.adapter.method != "full" else torch.float32
         model = load_model(source, dtype=base_dtype)
+    if spec.packing:
+        use_packed_attention(model)
     template = get_template(recipe.template, tokenizer, model.config.model_type)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     train_set = _encode(recipe.data.train, recipe, tokenizer, template)
     validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
+    del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
+    release_memory()
 
     model = attach(model, recipe.adapter)
+    make_lean(model)
     trainable, total = count_parameters(model)
     steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
     total_steps = min(spec.max_steps or 10**12, steps_per_epoch * spec.epochs)
@@ -107,7 +116,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 bar.update(task, completed=step, loss=loss, tokens_per_s=tokens_seen / seconds_training)
                 epoch_done = index == len(batches) - 1 or step == total_steps
                 if epoch_done and validation_set:
-                    val_loss = _validation_loss(loss_model, validation_set, spec.batch_size, pad_id, device, bf16)
+                    val_loss = _validation_loss(loss_model, validation_set, spec, pad_id, device, bf16)
                     curves.append_metrics(metrics_path, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
                     say(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
                 due = step % spec.checkpoint_every == 0 if spec.checkpoint_every else epoch_done
@@ -121,7 +130,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
 
     if accelerator.is_main_process:
         curves.plot_loss(metrics_path, run_dir / "loss.png")
-        _save_final(accelerator.unwrap_model(loss_model).causal_lm, tokenizer, recipe, run_dir)
+        _save_final(accelerator.unwrap_model(loss_model).causal_lm, source, recipe, run_dir)
         rundir.write_manifest(run_dir, recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               steps=step, train_tokens_per_s=round(tokens_seen / max(seconds_training, 1e-9), 1))
     say(f"Done: {run_dir} (adapter, metrics.jsonl, loss.png).")
@@ -147,18 +156,14 @@ def _encode(path: Path, recipe: Recipe, tokenizer: Any, template: Any) -> list[d
     return examples
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+def make_batch(examples: list[dict[str, list[int]]], spec: Any, pad_id: int, device: Any) -> dict[str, Any]:
+    """Packed rows when the recipe packs, else a padded batch."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    # Packing computes attention example by example; for batches of similar lengths one padded call is cheaper.
+    wasteful = len(lengths) * max(lengths) > 1.1 * sum(lengths)
+    if spec.packing is True or (spec.packing == "auto" and wasteful):
+        return pack_batch(examples, spec.pack_length, pad_id, device)
+    return pad_batch(examples, pad_id, device)
 
 
 def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: Any, parameters: list[Any], spec: Any,
@@ -169,12 +174,12 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
     answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
     total_loss, real_tokens = 0.0, 0
     for start in range(0, len(examples), micro):
-        batch = collate(examples[start:start + micro], pad_id, device)
+        chunk = examples[start:start + micro]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_sum, _ = loss_model(**batch)
+            loss_sum, _ = loss_model(**make_batch(chunk, spec, pad_id, device))
         accelerator.backward(loss_sum / answer_tokens)
         total_loss += loss_sum.item()
-        real_tokens += int(batch["attention_mask"].sum())
+        real_tokens += sum(len(e["input_ids"]) for e in chunk)
     torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -183,30 +188,32 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
 
 
 @torch.no_grad()
-def _validation_loss(loss_model: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: Any,
+def _validation_loss(loss_model: Any, examples: list[dict[str, list[int]]], spec: Any, pad_id: int, device: Any,
                      bf16: bool) -> float:
     loss_model.eval()
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
     total, count = 0.0, 0
-    for start in range(0, len(ordered), batch_size):
+    for start in range(0, len(ordered), spec.batch_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_sum, n = loss_model(**collate(ordered[start:start + batch_size], pad_id, device))
+            loss_sum, n = loss_model(**make_batch(ordered[start:start + spec.batch_size], spec, pad_id, device))
         total, count = total + loss_sum.item(), count + int(n)
     return total / max(count, 1)
 
 
-def _save_final(model: Any, tokenizer: Any, recipe: Recipe, run_dir: Path) -> None:
+def _save_final(model: Any, source: Any, recipe: Recipe, run_dir: Path) -> None:
     """adapter/ (LoRA) or model/ (full), written to a temp folder and renamed into place."""
     import os
     import shutil
     import tempfile
 
     target = run_dir / ("model" if recipe.adapter.method == "full" else "adapter")
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")  # packed attention is a training device; the saved model is plain
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}."))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if recipe.adapter.method == "full":
-            tokenizer.save_pretrained(staging)
+            load_tokenizer(source).save_pretrained(staging)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""Training throughput: shitate's SFT against TRL's SFTTrainer, same model, data and LoRA settings.
+
+Each side runs in its own process (so peak RSS is its own) on the same examples, rendered
+with the same Gemma template: shitate with answer-only chunked logits and packing, TRL 1.x
+`SFTTrainer` with completion-only loss, once padding to the longest example and once with
+`packing=True` (BFD). Prints real (non-padding) tokens/s, peak RSS, final validation loss,
+model-FLOPs utilisation against a bf16 matmul measured in the same run, and the ratios.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/train_throughput.py                 # kids_qa and dolly-ja, all sides
+    .venv/bin/python bench/train_throughput.py --data kids --sides shitate,trl-pad
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
+SIDES = ("shitate", "trl-pad", "trl-pack")
+SETTINGS = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.05, "seed": 42}
+
+
+def prepare_data(name: str, folder: Path, train_count: int, validation_count: int) -> tuple[Path, Path]:
+    """Write train/validation chat JSONL for a data set: the kids_qa demo or a fixed slice of dolly-ja."""
+    from shitate.data.formats import import_records, read_chat, write_jsonl
+    from shitate.data.templates import encode_chat, get_template
+    from shitate.models.load import load_tokenizer, resolve
+
+    if name == "kids":
+        train = read_chat(REPO / "examples/kids_qa/data/train.jsonl")[:train_count]
+        validation = read_chat(REPO / "examples/kids_qa/data/validation.jsonl")[:validation_count]
+    else:
+        # The first dolly-ja records (no context passage) that fit max_length: short Japanese chats of varied length.
+        tokenizer = load_tokenizer(resolve("gemma-3-270m", progress=False))
+        template = get_template("gemma", tokenizer)
+        records, _ = import_records(DOLLY, fmt="dolly", skip_bad=True)
+        fitting = [r for r in records if "context" not in r
+                   and len(encode_chat(r["messages"], tokenizer, template, 10**6)["input_ids"]) <= SETTINGS["max_length"]]
+        train, validation = fitting[:train_count], fitting[train_count:train_count + validation_count]
+    paths = folder / f"{name}-train.jsonl", folder / f"{name}-validation.jsonl"
+    write_jsonl(paths[0], train)
+    write_jsonl(paths[1], validation)
+    return paths
+
+
+def run_shitate(train: Path, validation: Path, out: Path) -> dict:
+    from shitate.config import Recipe
+    from shitate.train import sft
+
+    recipe = Recipe.model_validate({
+        "name": "bench", "model": "gemma-3-270m", "template": "gemma",
+        "data": {"train": str(train), "validation": str(validation)},
+        "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
+        "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
+                  "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
+                  "lr_scheduler": "linear", "precision": "bf16"},
+    })
+    started = time.perf_counter()
+    run_dir = sft.run(recipe, out=out / "run", force=True)
+    wall = time.perf_counter() - started
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens_per_s": manifest["train_tokens_per_s"], "val_loss": [m["val_loss"] for m in metrics if "val_loss" in m][-1],
+            "wall_s": wall}
+
+
+def run_trl(train: Path, validation: Path, out: Path, packing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from shitate.data.formats import read_chat
+    from shitate.data.templates import get_template
+    from shitate.models.load import load_tokenizer, resolve
+
+    source = resolve("gemma-3-270m", progress=False)
+    tokenizer = load_tokenizer(source)
+    template = get_template("gemma", tokenizer)
+
+    def as_prompt_completion(path: Path) -> Dataset:
+        # The same rendered text shitate trains on, split where the answer starts.
+        rows = [{"prompt": template(r["messages"][:-1], add_generation_prompt=True),
+                 "completion": r["messages"][-1]["content"] + template.end_of_turn} for r in read_chat(path)]
+        return Dataset.from_list(rows)
+
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, local_files_only=True)
+    config = SFTConfig(
+        output_dir=str(out / "trl"), num_train_epochs=1, per_device_train_batch_size=SETTINGS["batch_size"],
+        per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],
+        lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True, use_cpu=True,
+        seed=SETTINGS["seed"], logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        completion_only_loss=True, eos_token=template.end_of_turn, packing=packing,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    lora = LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"], lora_dropout=SETTINGS["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=as_prompt_completion(train),
+                         eval_dataset=as_prompt_completion(validation), processing_class=tokenizer, peft_config=lora)
+    real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {"tokens_per_s": real_tokens / seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": seconds}
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:
+    """bf16 matmul throughput on this machine: the ceiling MFU is measured against."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def flops_per_token(train: Path) -> float:
+    """LoRA training FLOPs per token: 4 × body parameters for every token, 4 × output layer for labelled tokens."""
+    from shitate.data.formats import read_chat
+    from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
+    from shitate.models.load import load_tokenizer, resolve
+
+    source = resolve("gemma-3-270m", progress=False)
+    config = json.loads((Path(source.folder) / "config.json").read_text())
+    tokenizer = load_tokenizer(source)
+    template = get_template("gemma", tokenizer)
+    examples = [encode_chat(r["messages"], tokenizer, template, SETTINGS["max_length"]) for r in read_chat(train)]
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    labelled = sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples)
+    head = config["vocab_size"] * config["hidden_size"]
+    layer = (config["hidden_size"] * config["head_dim"] * (config["num_attention_heads"] * 2 + config["num_key_value_heads"] * 2)
+             + 3 * config["hidden_size"] * config["intermediate_size"])
+    body = layer * config["num_hidden_layers"]
+    return 4 * body + 4 * head * labelled / tokens
+
+
+def child(side: str, train: Path, validation: Path, result: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        if side == "shitate":
+            figures = run_shitate(train, validation, Path(folder))
+        else:
+            figures = run_trl(train, validation, Path(folder), packing=side == "trl-pack")
+    figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result.write_text(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="kids,dolly", help="comma-separated: kids, dolly")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--train-examples", type=int, default=80, help="examples trained on (one epoch)")
+    parser.add_argument("--validation-examples", type=int, default=30)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--validation", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        child(args.side, args.train, args.validation, args.result)
+        return
+
+    peak = matmul_peak_gflops()
+    print(f"bf16 2048×2048 matmul: {peak:.0f} GFLOP/s; settings: {SETTINGS}, {args.train_examples} examples, 1 epoch",
+          flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for data in args.data.split(","):
+            train, validation = prepare_data(data, Path(folder), args.train_examples, args.validation_examples)
+            per_token = flops_per_token(train)
+            results = {}
+            for side in args.sides.split(","):
+                result = Path(folder) / f"{data}-{side}.json"
+                subprocess.run([sys.executable, __file__, "--side", side, "--train", str(train), "--validation",
+                                str(validation), "--result", str(result)], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                results[side] = json.loads(result.read_text())
+            _print_table(data, results, per_token, peak)
+
+
+def _print_table(data: str, results: dict, per_token: float, peak: float) -> None:
+    print(f"\n{data}: {per_token / 1e6:.0f} MFLOP per token (4 × body, plus 4 × output layer where labelled)")
+    print(f"{'side':<10} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'MFU':>6}")
+    for side, r in results.items():
+        mfu = r["tokens_per_s"] * per_token / (peak * 1e9)
+        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%}")
+    trl = [results[s] for s in ("trl-pad", "trl-pack") if s in results]
+    if "shitate" in results and trl:
+        ours, best = results["shitate"], max(trl, key=lambda r: r["tokens_per_s"])
+        print(f"shitate / best TRL tokens/s: {ours['tokens_per_s'] / best['tokens_per_s']:.2f}×   "
+              f"peak RSS shitate / TRL (pad): {ours['peak_rss_gb'] / results.get('trl-pad', best)['peak_rss_gb']:.2f}   "
+              f"val loss shitate − TRL: {ours['val_loss'] - best['val_loss']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()

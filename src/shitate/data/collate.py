@@ -1,0 +1,73 @@
+"""Batches for training: padded, or packed without padding and without attention across examples.
+
+Packing puts the examples of a micro-batch end to end in as few rows as fit (best-fit
+decreasing), restarts position ids at each example, and records each row's example lengths
+so attention can be computed example by example (models/attention.py). Restarting position
+ids alone does not isolate examples: the attention mask would still let a later example
+see an earlier one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shitate.data.templates import IGNORE_INDEX
+
+Example = dict[str, list[int]]
+
+
+def pad_batch(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
+    """Right-pad a batch to its longest example."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[index]]
+        if fits:
+            best = min(fits, key=lambda r: room[r])
+            rows[best].append(index)
+            room[best] -= lengths[index]
+        else:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+    return rows
+
+
+def pack_batch(examples: list[Example], capacity: int, pad_id: int, device: Any) -> dict[str, Any]:
+    """Pack examples into rows; the result carries `packed_lengths` (example lengths per row)."""
+    rows = best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
+    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    packed_lengths = []
+    for r, row in enumerate(rows):
+        start, lengths = 0, []
+        for i in row:
+            n = len(examples[i]["input_ids"])
+            ids[r, start:start + n] = torch.tensor(examples[i]["input_ids"])
+            labels[r, start:start + n] = torch.tensor(examples[i]["labels"])
+            positions[r, start:start + n] = torch.arange(n)
+            lengths.append(n)
+            start += n
+        if start < width:  # the row's padding tail is one more "example" that no label reads
+            positions[r, start:] = torch.arange(width - start)
+            lengths.append(width - start)
+        packed_lengths.append(lengths)
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
+            "packed_lengths": packed_lengths}

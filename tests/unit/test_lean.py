@@ -1,0 +1,68 @@
+import torch
+
+from shitate.config import AdapterSpec
+from shitate.models.adapters import attach
+from shitate.models.lean import make_lean
+
+
+def load(tiny_model, dropout):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), AdapterSpec(r=4, dropout=dropout))
+    with torch.no_grad():  # B starts at zero; give it values so the LoRA path matters
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return model
+
+
+def loss_and_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, trainable)
+
+
+def test_lean_forwards_match_peft_and_transformers(tiny_model):
+    ids = torch.randint(5, 600, (2, 40))
+    plain = load(tiny_model, dropout=0.0)
+    lean = load(tiny_model, dropout=0.0)
+    assert make_lean(lean) == 2 * 7 + 2 * 6 + 1  # 7 adapted linears and 6 norms a layer, plus the final norm
+    expected_loss, expected_grads = loss_and_grads(plain, ids)
+    loss, grads = loss_and_grads(lean, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_lora_dropout_is_seeded_and_scaled(tiny_model):
+    ids = torch.randint(5, 600, (2, 40))
+    lean = load(tiny_model, dropout=0.5)
+    make_lean(lean)
+    lean.train()
+    torch.manual_seed(7)
+    first = lean(input_ids=ids).logits
+    torch.manual_seed(7)
+    again = lean(input_ids=ids).logits
+    torch.testing.assert_close(first, again)
+    lean.eval()
+    assert not torch.allclose(lean(input_ids=ids).logits, first)  # dropout is off in eval
+
+
+def test_lean_norm_gradients_for_a_full_fine_tune(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(5, 600, (2, 40))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    lean = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for a, b in zip(plain.parameters(), lean.parameters()):
+            if a.ndim == 1:  # norm gains start at zero in a fresh model; make them matter
+                a.normal_(0, 0.3)
+                b.copy_(a)
+    assert make_lean(lean) == 13
+    expected_loss, expected_grads = loss_and_grads(plain, ids)
+    loss, grads = loss_and_grads(lean, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
