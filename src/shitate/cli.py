@@ -116,6 +116,7 @@ def train(
     resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
     force: bool = typer.Option(False, help="replace an existing run folder"),
+    dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
 ) -> None:
     """Fine-tune a model as the recipe says; writes a run folder."""
     from shitate.config import load_recipe
@@ -123,7 +124,7 @@ def train(
     loaded = load_recipe(recipe, set_)
     from shitate.train import sft
 
-    sft.run(loaded, out=out, resume=resume, force=force)
+    sft.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
 
 
 @app.command()

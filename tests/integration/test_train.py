@@ -132,3 +132,23 @@ train: {{epochs: 40, batch_size: 8, learning_rate: 3.0e-3, precision: fp32, warm
                                    pad_token_id=loaded.tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
     assert output[-1].item() == end_of_turn and len(output) < 60
     assert answer(loaded, [question], GenerateSpec(max_new_tokens=60)) == [record["messages"][1]["content"]]
+
+
+def test_dry_run_reports_speed_memory_and_time_and_keeps_nothing(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model), run, "--dry-run")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "tokens/s" in output and "peak memory" in output and "whole run 12 steps, about" in output
+    assert not run.exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model, monkeypatch):
+    from shitate.train import sft
+
+    monkeypatch.setattr(sft, "available_bytes", lambda device: 1_000)
+    result = train(make_recipe(tmp_path, tiny_model), tmp_path / "run")
+    assert isinstance(result.exception, ConfigError)
+    message = str(result.exception)
+    assert "more memory but 0.0 GB is free" in message and "train.batch_size (now 8)" in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

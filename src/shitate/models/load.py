@@ -78,6 +78,16 @@ def load_tokenizer(source: ModelSource) -> Any:
         raise _load_error(source, err) from None
 
 
+def load_config(source: ModelSource) -> Any:
+    """The model's configuration, without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.folder, local_files_only=source.kind != "hub")
+    except OSError as err:
+        raise _load_error(source, err) from None
+
+
 def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False) -> Any:
     """A causal LM from a source; a run folder's adapter is attached (and merged if asked)."""
     import torch

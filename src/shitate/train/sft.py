@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -24,56 +26,63 @@ from shitate.config import Recipe
 from shitate.data.collate import pack_batch, pad_batch
 from shitate.data.formats import conversation, read_chat
 from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
-from shitate.errors import DataError, Problem
+from shitate.errors import ConfigError, DataError, Problem
 from shitate.models.adapters import attach, count_parameters, trainable_state
 from shitate.models.attention import use_packed_attention
 from shitate.models.lean import make_lean
-from shitate.models.load import load_model, load_tokenizer, pick_precision, resolve
-from shitate.memory import release_memory
+from shitate.models.load import load_config, load_model, load_tokenizer, pick_precision, resolve
+from shitate.memory import available_bytes, peak_rss_bytes, release_memory, training_bytes
 from shitate.progress import say, status, training_bar
 from shitate.train import checkpoints, curves, rundir
 from shitate.train.losses import AnswerLoss
 
 
-def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False) -> Path:
-    """Train `recipe`; return the run folder."""
+def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
+        dry_run: bool = False) -> Path:
+    """Train `recipe`; return the run folder. A dry run trains two steps in a scratch folder and reports."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    run_dir = Path(out) if out else Path("runs") / recipe.name
+    if dry_run:
+        run_dir, resume, force = Path(tempfile.mkdtemp(prefix="shitate-dry-run-")), False, True
+    else:
+        run_dir = Path(out) if out else Path("runs") / recipe.name
     resume_from = rundir.prepare(run_dir, recipe, resume, force)
     spec = recipe.train
     torch.manual_seed(spec.seed)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    precision = pick_precision(spec.precision, accelerator.device.type)
+    device = accelerator.device
+    precision = pick_precision(spec.precision, device.type)
     bf16 = precision == "bf16"
 
-    with status(f"Loading {recipe.model}…"):
+    with status(f"Loading {recipe.model} and the data…"):
         source = resolve(recipe.model)
         tokenizer = load_tokenizer(source)
+        config = load_config(source)
+        template = get_template(recipe.template, tokenizer, config.model_type)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_set = _encode(recipe.data.train, recipe, tokenizer, template)
+        validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
+        del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
+        release_memory()
         # A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters.
         base_dtype = torch.bfloat16 if bf16 and recipe.adapter.method != "full" else torch.float32
         model = load_model(source, dtype=base_dtype)
     if spec.packing:
         use_packed_attention(model)
-    template = get_template(recipe.template, tokenizer, model.config.model_type)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    train_set = _encode(recipe.data.train, recipe, tokenizer, template)
-    validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
-    del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
-    release_memory()
-
     model = attach(model, recipe.adapter)
     make_lean(model)
     trainable, total = count_parameters(model)
+    _check_memory(recipe, config, precision, device.type, train_set, trainable)
+
     steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
-    total_steps = min(spec.max_steps or 10**12, steps_per_epoch * spec.epochs)
+    planned_steps = min(spec.max_steps or 10**12, steps_per_epoch * spec.epochs)
+    total_steps = min(planned_steps, 2) if dry_run else planned_steps
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=round(spec.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=round(spec.warmup_ratio * planned_steps),
+                              num_training_steps=planned_steps)
 
     step = 0
     if resume_from is not None:
@@ -82,19 +91,20 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         say(f"Resuming {run_dir} from {resume_from.name}.")
     loss_model = AnswerLoss(model, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
-    device = accelerator.device
 
     say(f"[bold]{recipe.name}[/]: {source.kind} model {recipe.model}, template {template.name}, {precision}, "
         f"{recipe.adapter.method} ({trainable:,} of {total:,} parameters trained), {len(train_set)} train / "
-        f"{len(validation_set)} validation examples, {total_steps} steps on {device}.")
+        f"{len(validation_set)} validation examples, {planned_steps} steps on {device}.")
     rundir.write_manifest(run_dir, recipe, template=template.name, precision=precision, device=str(device),
                           model_source={"kind": source.kind, "folder": source.folder},
-                          parameters={"trainable": trainable, "total": total}, total_steps=total_steps)
+                          parameters={"trainable": trainable, "total": total}, total_steps=planned_steps)
 
     metrics_path = run_dir / "metrics.jsonl"
+    step_seconds: list[float] = []
     tokens_seen, seconds_training = 0, 0.0
     with training_bar(total_steps) as bar, _interrupt_requests() as stop_requested:
-        task = bar.add_task("training", total=total_steps, completed=step, loss=float("nan"), tokens_per_s=0.0)
+        task = bar.add_task("dry run" if dry_run else "training", total=total_steps, completed=step,
+                            loss=float("nan"), tokens_per_s=0.0)
         for epoch in range(step // steps_per_epoch, spec.epochs):
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(spec.seed + epoch)).tolist()
             batches = [order[i:i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
@@ -108,12 +118,15 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                                            [train_set[i] for i in batch], pad_id, device, bf16)
                 step += 1
                 elapsed = time.perf_counter() - started
+                step_seconds.append(elapsed)
                 tokens_seen, seconds_training = tokens_seen + tokens, seconds_training + elapsed
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed}
                 if step % spec.log_every == 0 and accelerator.is_main_process:
                     curves.append_metrics(metrics_path, record)
                 bar.update(task, completed=step, loss=loss, tokens_per_s=tokens_seen / seconds_training)
+                if dry_run:
+                    continue
                 epoch_done = index == len(batches) - 1 or step == total_steps
                 if epoch_done and validation_set:
                     val_loss = _validation_loss(loss_model, validation_set, spec, pad_id, device, bf16)
@@ -128,13 +141,66 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                         f"shitate train RECIPE --resume --out {run_dir}")
                     raise SystemExit(130)
 
+    if dry_run:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _report_dry_run(recipe, config, precision, train_set, validation_set, tokens_seen, step_seconds, trainable)
+        return run_dir
     if accelerator.is_main_process:
         curves.plot_loss(metrics_path, run_dir / "loss.png")
         _save_final(accelerator.unwrap_model(loss_model).causal_lm, source, recipe, run_dir)
         rundir.write_manifest(run_dir, recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              steps=step, train_tokens_per_s=round(tokens_seen / max(seconds_training, 1e-9), 1))
+                              steps=step, train_tokens_per_s=round(tokens_seen / max(seconds_training, 1e-9), 1),
+                              peak_rss_gb=round(peak_rss_bytes() / 1e9, 2))
     say(f"Done: {run_dir} (adapter, metrics.jsonl, loss.png).")
     return run_dir
+
+
+def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]]) -> int:
+    """The most tokens one micro-batch can hold: padded to its longest, or packed end to end."""
+    micro = math.ceil(spec.batch_size / spec.grad_accum)
+    longest = sorted((len(e["input_ids"]) for e in examples), reverse=True)[:micro]
+    return sum(longest) if spec.packing is True else micro * longest[0]
+
+
+def _check_memory(recipe: Recipe, config: Any, precision: str, device: str, examples: list[dict[str, list[int]]],
+                  trainable: int) -> None:
+    """Refuse a run that would not fit, before it spends any time."""
+    spec = recipe.train
+    needed = training_bytes(config, precision, _micro_batch_tokens(spec, examples), trainable,
+                            recipe.adapter.method == "full", loss_chunk=128)
+    free = available_bytes(device)
+    if needed > free:
+        raise ConfigError(
+            f"this run needs about {needed / 1e9:.1f} GB more memory but {free / 1e9:.1f} GB is free on {device}. "
+            f"Lower train.batch_size (now {spec.batch_size}) or raise train.grad_accum (now {spec.grad_accum}) to "
+            f"split each step, or lower train.max_length (now {spec.max_length}); `shitate train RECIPE --dry-run` "
+            "measures a setting in two steps.")
+
+
+def _report_dry_run(recipe: Recipe, config: Any, precision: str, train_set: list[dict[str, list[int]]],
+                    validation_set: list[dict[str, list[int]]], tokens: int, step_seconds: list[float],
+                    trainable: int) -> None:
+    """Measured speed and memory of the first steps, and what the whole run would take."""
+    spec = recipe.train
+    # The first step pays one-off costs (allocations, kernel choice); judge speed by the steps after it.
+    measured = step_seconds[1:] or step_seconds
+    per_step = sum(measured) / len(measured)
+    tokens_per_s = tokens / sum(step_seconds)
+    steps = min(spec.max_steps or 10**12, math.ceil(len(train_set) / spec.batch_size) * spec.epochs)
+    validation_tokens = sum(len(e["input_ids"]) for e in validation_set) * spec.epochs
+    projected = steps * per_step + validation_tokens / (3 * tokens_per_s)  # no backward pass in validation
+    estimate = training_bytes(config, precision, _micro_batch_tokens(spec, train_set), trainable,
+                              recipe.adapter.method == "full", loss_chunk=128)
+    say(f"Dry run of {recipe.name} ({len(step_seconds)} steps, {precision}):\n"
+        f"  speed          {tokens_per_s:,.0f} tokens/s ({per_step:.2f} s a step)\n"
+        f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share {estimate / 1e9:.2f} GB)\n"
+        f"  whole run      {steps} steps, about {_duration(projected)} including validation")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _encode(path: Path, recipe: Recipe, tokenizer: Any, template: Any) -> list[dict[str, list[int]]]:
@@ -203,8 +269,6 @@ def _validation_loss(loss_model: Any, examples: list[dict[str, list[int]]], spec
 def _save_final(model: Any, source: Any, recipe: Recipe, run_dir: Path) -> None:
     """adapter/ (LoRA) or model/ (full), written to a temp folder and renamed into place."""
     import os
-    import shutil
-    import tempfile
 
     target = run_dir / ("model" if recipe.adapter.method == "full" else "adapter")
     if hasattr(model, "set_attn_implementation"):
