@@ -51,6 +51,9 @@ class TrainSpec(Spec):
     packing: bool | Literal["auto"] = Field(
         "auto", description="put examples end to end (no padding), each attending only to itself; "
                             "auto packs a micro-batch when padding it would waste more than a tenth of its tokens")
+    activation_checkpointing: bool = Field(
+        False, description="keep only each layer's input and recompute the rest in the backward pass: "
+                           "far less memory for about a third more time")
     pack_length: int = Field(4096, ge=8, description="tokens per packed row; a micro-batch longer than this uses several")
     seed: int = 42
     precision: Literal["auto", "bf16", "fp32"] = Field(

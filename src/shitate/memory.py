@@ -33,9 +33,11 @@ def activation_bytes_per_token(config: Any, precision: str) -> float:
 
 
 def training_bytes(config: Any, precision: str, micro_batch_tokens: int, trainable_parameters: int,
-                   full_fine_tune: bool, loss_chunk: int) -> int:
+                   full_fine_tune: bool, loss_chunk: int, checkpointing: bool = False) -> int:
     """Memory training adds on top of the loaded model: activations, the loss chunk, optimizer state."""
     activations = activation_bytes_per_token(config, precision) * micro_batch_tokens
+    if checkpointing:  # one layer's activations at a time, plus every layer's input
+        activations = activations / config.num_hidden_layers + 2 * config.hidden_size * config.num_hidden_layers * micro_batch_tokens
     # A chunk of fp32 logits, its exponent and a bf16 copy of the gradient.
     loss = loss_chunk * config.vocab_size * (4 + 4 + 2)
     # fp32 weights' gradients plus AdamW's two moments; a full fine-tune also upcasts the weights it trains.

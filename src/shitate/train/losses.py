@@ -32,17 +32,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             y = targets[start:start + chunk_size]
+            # One fp32 buffer per chunk, reused in place: logits → exp → softmax → gradient.
             logits = (h @ w.T).float()
+            squashed = None
             if softcap:
-                squashed = torch.tanh(logits / softcap)
-                logits = squashed * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                squashed = logits.div_(softcap).tanh_().clone()
+                logits.mul_(softcap)
+            target_logits = logits.gather(1, y[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+            total += (sums.log().squeeze(1) + row_max.squeeze(1) - target_logits).sum()
             if need_hidden or need_weight:
-                rows = torch.arange(y.shape[0], device=y.device)
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, computed in place to save a copy
-                grad_logits[rows, y] -= 1.0
-                if softcap:
+                grad_logits = logits.div_(sums)
+                grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                if squashed is not None:
                     grad_logits.mul_(1.0 - squashed * squashed)
                 grad_logits = grad_logits.to(compute_dtype)
                 if need_hidden:
@@ -73,7 +76,7 @@ class AnswerLoss(nn.Module):
     Being a module (not a function) lets DDP/FSDP wrap it and sync gradients as usual.
     """
 
-    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int = 128) -> None:
+    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int = 64) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.compute_dtype = compute_dtype

@@ -73,6 +73,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         use_packed_attention(model)
     model = attach(model, recipe.adapter)
     make_lean(model)
+    if spec.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     _check_memory(recipe, config, precision, device.type, train_set, trainable)
 
@@ -167,7 +169,7 @@ def _check_memory(recipe: Recipe, config: Any, precision: str, device: str, exam
     """Refuse a run that would not fit, before it spends any time."""
     spec = recipe.train
     needed = training_bytes(config, precision, _micro_batch_tokens(spec, examples), trainable,
-                            recipe.adapter.method == "full", loss_chunk=128)
+                            recipe.adapter.method == "full", loss_chunk=64, checkpointing=spec.activation_checkpointing)
     free = available_bytes(device)
     if needed > free:
         raise ConfigError(
@@ -190,7 +192,7 @@ def _report_dry_run(recipe: Recipe, config: Any, precision: str, train_set: list
     validation_tokens = sum(len(e["input_ids"]) for e in validation_set) * spec.epochs
     projected = steps * per_step + validation_tokens / (3 * tokens_per_s)  # no backward pass in validation
     estimate = training_bytes(config, precision, _micro_batch_tokens(spec, train_set), trainable,
-                              recipe.adapter.method == "full", loss_chunk=128)
+                              recipe.adapter.method == "full", loss_chunk=64, checkpointing=spec.activation_checkpointing)
     say(f"Dry run of {recipe.name} ({len(step_seconds)} steps, {precision}):\n"
         f"  speed          {tokens_per_s:,.0f} tokens/s ({per_step:.2f} s a step)\n"
         f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share {estimate / 1e9:.2f} GB)\n"
