@@ -152,3 +152,22 @@ def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model, 
     message = str(result.exception)
     assert "more memory but 0.0 GB is free" in message and "train.batch_size (now 8)" in message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_same_recipe_trains_data_parallel_under_a_launcher(tmp_path, tiny_model):
+    """Two processes (gloo on the CPU), each with half of every step's examples; the loss still falls."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29517", "-m", "shitate.cli", "train", str(make_recipe(tmp_path, tiny_model)), "--out", str(run)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["steps"] == 12
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 1.0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -43,15 +43,18 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     from accelerate import Accelerator
     from transformers import get_scheduler
 
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if dry_run:
         run_dir, resume, force = Path(tempfile.mkdtemp(prefix="shitate-dry-run-")), False, True
     else:
         run_dir = Path(out) if out else Path("runs") / recipe.name
-    resume_from = rundir.prepare(run_dir, recipe, resume, force)
+    # One process owns the run folder; the others wait until it is ready.
+    resume_from = rundir.prepare(run_dir, recipe, resume, force) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if resume and not accelerator.is_main_process:
+        resume_from = (checkpoints.checkpoint_dirs(run_dir) or [None])[-1]
     spec = recipe.train
     torch.manual_seed(spec.seed)
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     precision = pick_precision(spec.precision, device.type)
     bf16 = precision == "bf16"
@@ -89,7 +92,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     step = 0
     if resume_from is not None:
         step = checkpoints.load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
-        curves.truncate_metrics(run_dir / "metrics.jsonl", step)
+        if accelerator.is_main_process:
+            curves.truncate_metrics(run_dir / "metrics.jsonl", step)
         say(f"Resuming {run_dir} from {resume_from.name}.")
     loss_model = AnswerLoss(model, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
@@ -97,9 +101,10 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     say(f"[bold]{recipe.name}[/]: {source.kind} model {recipe.model}, template {template.name}, {precision}, "
         f"{recipe.adapter.method} ({trainable:,} of {total:,} parameters trained), {len(train_set)} train / "
         f"{len(validation_set)} validation examples, {planned_steps} steps on {device}.")
-    rundir.write_manifest(run_dir, recipe, template=template.name, precision=precision, device=str(device),
-                          model_source={"kind": source.kind, "folder": source.folder},
-                          parameters={"trainable": trainable, "total": total}, total_steps=planned_steps)
+    if accelerator.is_main_process:
+        rundir.write_manifest(run_dir, recipe, template=template.name, precision=precision, device=str(device),
+                              model_source={"kind": source.kind, "folder": source.folder}, processes=accelerator.num_processes,
+                              parameters={"trainable": trainable, "total": total}, total_steps=planned_steps)
 
     metrics_path = run_dir / "metrics.jsonl"
     step_seconds: list[float] = []
@@ -132,7 +137,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 epoch_done = index == len(batches) - 1 or step == total_steps
                 if epoch_done and validation_set:
                     val_loss = _validation_loss(loss_model, validation_set, spec, pad_id, device, bf16)
-                    curves.append_metrics(metrics_path, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
+                    if accelerator.is_main_process:
+                        curves.append_metrics(metrics_path, {"step": step, "epoch": epoch + 1, "val_loss": val_loss})
                     say(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
                 due = step % spec.checkpoint_every == 0 if spec.checkpoint_every else epoch_done
                 if (due or stop_requested()) and accelerator.is_main_process:
@@ -238,6 +244,8 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
                 examples: list[dict[str, list[int]]], pad_id: int, device: Any, bf16: bool) -> tuple[float, int]:
     """One optimizer step over micro-batches; returns (mean answer loss, real tokens processed)."""
     loss_model.train()
+    # Under accelerate launch each process takes its share of the step's examples; DDP averages the gradients.
+    examples = examples[accelerator.process_index::accelerator.num_processes] or examples[:1]
     micro = math.ceil(len(examples) / spec.grad_accum)
     answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
     total_loss, real_tokens = 0.0, 0
