@@ -24,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
-SIDES = ("shitate", "shitate-ckpt", "trl-pad", "trl-pack")
+SIDES = ("shitate", "shitate-micro", "shitate-ckpt", "trl-pad", "trl-pack")
+MICRO_BATCH_TOKENS = 256  # shitate-micro: each step of 8 examples in micro-batches of at most this many tokens
 SETTINGS = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.05, "seed": 42}
 
 
@@ -51,7 +52,8 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
     return paths
 
 
-def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = False) -> dict:
+def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = False,
+                micro_batch_tokens: int | None = None) -> dict:
     from shitate.config import Recipe
     from shitate.train import sft
 
@@ -61,7 +63,8 @@ def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = 
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
         "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
                   "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
-                  "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing},
+                  "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing,
+                  "micro_batch_tokens": micro_batch_tokens},
     })
     started = time.perf_counter()
     run_dir = sft.run(recipe, out=out / "run", force=True)
@@ -149,7 +152,8 @@ def flops_per_token(train: Path) -> float:
 def child(side: str, train: Path, validation: Path, result: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):
-            figures = run_shitate(train, validation, Path(folder), checkpointing=side == "shitate-ckpt")
+            figures = run_shitate(train, validation, Path(folder), checkpointing=side == "shitate-ckpt",
+                                  micro_batch_tokens=MICRO_BATCH_TOKENS if side == "shitate-micro" else None)
         else:
             figures = run_trl(train, validation, Path(folder), packing=side == "trl-pack")
     figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -199,7 +203,7 @@ def _print_table(data: str, results: dict, per_token: float, peak: float) -> Non
         return
     fastest = max(trl.values(), key=lambda r: r["tokens_per_s"])
     leanest = min(trl.values(), key=lambda r: r["peak_rss_gb"])
-    for side in ("shitate", "shitate-ckpt"):
+    for side in ("shitate", "shitate-micro", "shitate-ckpt"):
         if side in results:
             ours = results[side]
             # Validation loss is compared with TRL padding to the longest: the same examples in the same steps.

@@ -42,6 +42,9 @@ class TrainSpec(Spec):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (per device)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    micro_batch_tokens: int | None = Field(
+        None, ge=8, description="split each step further into micro-batches of at most this many tokens "
+                                "(gradients are accumulated: the same step with less memory)")
     learning_rate: float = Field(2.0e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)

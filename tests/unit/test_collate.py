@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import kids_records
-from shitate.data.collate import best_fit_decreasing, pack_batch, pad_batch
+from shitate.data.collate import best_fit_decreasing, pack_batch, pad_batch, split_by_tokens
 from shitate.data.templates import encode_chat, get_template
 from shitate.models.attention import use_packed_attention
 from shitate.train.losses import AnswerLoss
@@ -66,3 +66,10 @@ def test_packed_loss_equals_padded_loss(packed_model, tokenizer):
         padded_total, padded_count = loss(**pad_batch(batch, 0, "cpu"))
     assert packed_count == padded_count
     torch.testing.assert_close(packed_total / packed_count, padded_total / padded_count, rtol=1e-5, atol=1e-5)
+
+
+def test_split_by_tokens_keeps_order_and_budget():
+    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in (10, 30, 20, 50, 5)]
+    groups = split_by_tokens(examples, 60)
+    assert [[len(e["input_ids"]) for e in g] for g in groups] == [[10, 30], [20], [50], [5]]
+    assert split_by_tokens(examples[:1], 4) == [examples[:1]]  # an example longer than the budget still trains

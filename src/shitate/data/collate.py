@@ -32,6 +32,20 @@ def pad_batch(examples: list[Example], pad_id: int, device: Any) -> dict[str, An
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def split_by_tokens(examples: list[Example], max_tokens: int) -> list[list[Example]]:
+    """Consecutive groups whose padded size (count × longest) stays within max_tokens; at least one example each."""
+    groups: list[list[Example]] = []
+    for example in examples:
+        if groups:
+            group = groups[-1]
+            longest = max(len(example["input_ids"]), *(len(e["input_ids"]) for e in group))
+            if (len(group) + 1) * longest <= max_tokens:
+                group.append(example)
+                continue
+        groups.append([example])
+    return groups
+
+
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Group indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."""
     rows: list[list[int]] = []

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from shitate.config import Recipe
-from shitate.data.collate import pack_batch, pad_batch
+from shitate.data.collate import pack_batch, pad_batch, split_by_tokens
 from shitate.data.formats import conversation, read_chat
 from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
 from shitate.errors import ConfigError, DataError, Problem
@@ -163,11 +163,23 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     return run_dir
 
 
+def micro_batches(examples: list[dict[str, list[int]]], spec: Any) -> list[list[dict[str, list[int]]]]:
+    """A step's examples in grad_accum groups, each cut further to micro_batch_tokens if set."""
+    size = math.ceil(len(examples) / spec.grad_accum)
+    groups = [examples[i:i + size] for i in range(0, len(examples), size)]
+    if spec.micro_batch_tokens:
+        groups = [part for group in groups for part in split_by_tokens(group, spec.micro_batch_tokens)]
+    return groups
+
+
 def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]]) -> int:
     """The most tokens one micro-batch can hold: padded to its longest, or packed end to end."""
     micro = math.ceil(spec.batch_size / spec.grad_accum)
     longest = sorted((len(e["input_ids"]) for e in examples), reverse=True)[:micro]
-    return sum(longest) if spec.packing is True else micro * longest[0]
+    padded = micro * longest[0]
+    if spec.micro_batch_tokens:
+        padded = max(longest[0], min(padded, spec.micro_batch_tokens))
+    return min(padded, sum(longest)) if spec.packing is True else padded
 
 
 def _check_memory(recipe: Recipe, config: Any, precision: str, device: str, examples: list[dict[str, list[int]]],
@@ -246,11 +258,9 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
     loss_model.train()
     # Under accelerate launch each process takes its share of the step's examples; DDP averages the gradients.
     examples = examples[accelerator.process_index::accelerator.num_processes] or examples[:1]
-    micro = math.ceil(len(examples) / spec.grad_accum)
     answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
     total_loss, real_tokens = 0.0, 0
-    for start in range(0, len(examples), micro):
-        chunk = examples[start:start + micro]
+    for chunk in micro_batches(examples, spec):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss_sum, _ = loss_model(**make_batch(chunk, spec, pad_id, device))
         accelerator.backward(loss_sum / answer_tokens)
