@@ -179,7 +179,10 @@ def test_micro_batching_by_tokens_gives_the_same_step(tmp_path, tiny_model):
     common = ["--set", "train.max_steps=3", "--set", "adapter.dropout=0.0"]
     assert train(recipe, tmp_path / "whole", *common).exit_code == 0
     assert train(recipe, tmp_path / "micro", *common, "--set", "train.micro_batch_tokens=150").exit_code == 0
+    losses = [[m["loss"] for m in metrics(tmp_path / run) if "loss" in m] for run in ("whole", "micro")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
     whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     micro = load_file(tmp_path / "micro" / "adapter" / "adapter_model.safetensors")
     for name in whole:
-        torch.testing.assert_close(micro[name], whole[name], rtol=1e-3, atol=1e-4)  # Adam amplifies fp rounding
+        # Adam divides by the gradient's own size, so rounding differences show up to ~1e-4 in the weights.
+        torch.testing.assert_close(micro[name], whole[name], rtol=0, atol=1e-3)
