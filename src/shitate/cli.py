@@ -136,7 +136,7 @@ def generate(
 ) -> None:
     """Continue a text as the model sees it, with no chat template (how a base model answers)."""
     from shitate.config import GenerateSpec
-    from shitate.serve.generate import continue_text, load_for_inference
+    from shitate.models.inference import continue_text, load_for_inference
 
     loaded = load_for_inference(model)
     text = continue_text(loaded, prompt, GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature))
@@ -154,7 +154,7 @@ def chat(
     """Talk to a model in the terminal; answers stream as they are written. Empty line or Ctrl-D to quit."""
     from shitate.config import GenerateSpec
     from shitate.progress import console
-    from shitate.serve.generate import load_for_inference, stream_answer
+    from shitate.models.inference import load_for_inference, stream_answer
 
     loaded = load_for_inference(model, template)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -189,8 +189,8 @@ def compare(
 ) -> None:
     """Ask two models the same questions and show the answers side by side, with rubric totals."""
     from shitate.config import GenerateSpec, load_recipe
-    from shitate.serve.compare import compare as run_compare
-    from shitate.serve.compare import print_comparison
+    from shitate.evals.compare import compare as run_compare
+    from shitate.evals.compare import print_comparison
 
     recipe_path = recipe or (Path(tuned) / "recipe.yaml" if (Path(tuned) / "recipe.yaml").is_file() else None)
     loaded_recipe = load_recipe(recipe_path, check_files=False) if recipe_path else None
@@ -203,6 +203,39 @@ def compare(
     rows = run_compare(base, tuned, prompts, out, spec, rubric, system, template)
     print_comparison(rows, rubric, base, tuned)
     typer.echo(f"Saved {len(rows)} rows to {out}", err=True)
+
+
+@app.command("eval")
+def evaluate(
+    target: str = typer.Argument(..., help=f"a run folder (base vs tuned), or one model: {MODEL_HELP}"),
+    tasks: str = typer.Option("", help="comma-separated JGLUE tasks: jcommonsenseqa (jcqa), jnli, jsts, jsquad"),
+    limit: Optional[int] = typer.Option(None, help="examples per task (default: all)"),
+    test: Optional[Path] = typer.Option(None, help="questions with reference answers (default: the run's data.test)"),
+    jglue: Path = typer.Option(Path("../shared/data/jglue"), help="folder with the JGLUE v1.3 JSON files"),
+    out: Optional[Path] = typer.Option(None, help="where results.json and report.html go (default: RUN/eval)"),
+) -> None:
+    """Evaluate base and tuned (or one model): reference metrics, rubric, JGLUE; writes report.html."""
+    from shitate.config import load_recipe
+    from shitate.data.formats import read_questions
+    from shitate.errors import ShitateError
+    from shitate.evals.evaluate import run
+    from shitate.models.load import is_run_folder
+
+    run_folder = Path(target) if is_run_folder(Path(target)) else None
+    recipe = load_recipe(run_folder / "recipe.yaml", check_files=False) if run_folder else None
+    if run_folder and recipe:
+        sides = [("base", recipe.model), ("tuned", target)]
+        test = test or recipe.data.test
+    else:
+        sides = [("model", target)]
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not chosen and not test:
+        raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli) or a --test file, "
+                           "or a run folder whose recipe has data.test")
+    items = read_questions(test, recipe.data.system if recipe else None) if test else []
+    out_dir = out or (run_folder / "eval" if run_folder else Path("eval"))
+    run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto")
+    typer.echo(f"Report: {out_dir / 'report.html'}", err=True)
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:

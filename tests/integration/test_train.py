@@ -110,7 +110,7 @@ def test_full_fine_tune_in_bf16_autocast_writes_a_model(tmp_path, tiny_model):
 def test_a_tuned_model_learns_to_stop_at_the_end_of_its_turn(tmp_path, tiny_model):
     """After overfitting one answer, greedy generation writes exactly it and stops at <end_of_turn>, not EOS."""
     from shitate.config import GenerateSpec
-    from shitate.serve.generate import answer, load_for_inference
+    from shitate.models.inference import answer, load_for_inference
 
     record = kids_records(1)[0]
     write_jsonl(tmp_path / "one.jsonl", [record] * 8)

@@ -231,6 +231,29 @@ def conversation(record: dict[str, Any], system: str | None = None) -> list[dict
     return _with_system({"messages": messages}, system)["messages"]
 
 
+def read_questions(path: Path, system: str | None) -> list[dict[str, Any]]:
+    """Questions from chat JSONL (a final assistant turn becomes the reference) or {"prompt": …} lines."""
+    items, problems = [], []
+    for line, obj in read_jsonl(Path(path)):
+        if isinstance(obj, Problem):
+            problems.append(obj)
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+            items.append({"messages": conversation({"messages": [{"role": "user", "content": obj["prompt"]}]}, system),
+                          "reference": obj.get("reference") or obj.get("completion")})
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
+            messages = conversation(obj, system)
+            reference = messages.pop()["content"] if messages[-1].get("role") == "assistant" else None
+            items.append({"messages": messages, "reference": reference})
+        else:
+            problems.append(Problem(path, line, None, "expected chat messages or a prompt",
+                                    'write {"messages": […]} or {"prompt": "…"} on each line'))
+    if problems:
+        raise DataError(problems)
+    if not items:
+        raise DataError([Problem(path, None, None, "no prompts in the file")])
+    return items
+
+
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file, then rename), so a crash never leaves half a file."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Generation shared by `generate`, `chat` and `compare`: batched, stopping at the template's end marker."""
+"""Generation shared by `generate`, `chat`, `compare` and `eval`: batched, stopping at the template's end marker."""
 
 from __future__ import annotations
 
@@ -84,6 +84,64 @@ def continue_text(loaded: LoadedModel, prompt: str, spec: GenerateSpec) -> str:
     """Plain continuation of `prompt`, as a base model sees it (BOS first, no template)."""
     bos = loaded.tokenizer.bos_token or ""
     return _generate_batch(loaded, [bos + prompt], spec, stop_at_turn_end=False)[0]
+
+
+def continue_texts(loaded: LoadedModel, prompts: list[str], spec: GenerateSpec) -> list[str]:
+    """Plain continuations of several prompts, in batches (BOS first, no template)."""
+    bos = loaded.tokenizer.bos_token or ""
+    out: list[str] = []
+    for start in range(0, len(prompts), spec.batch_size):
+        out += _generate_batch(loaded, [bos + p for p in prompts[start:start + spec.batch_size]], spec,
+                               stop_at_turn_end=False)
+    return out
+
+
+def choice_logprobs(loaded: LoadedModel, prompts: list[str], choices: list[list[str]],
+                    batch_size: int = 20) -> list[list[float]]:
+    """Summed log-probability of each choice's tokens after its prompt.
+
+    All choices of a batch go through one forward pass, and the output layer is applied only at
+    the positions that predict a choice token (as in training), which is what makes multiple
+    choice cheap on a CPU.
+    """
+    tokenizer = loaded.tokenizer
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    bos = tokenizer.bos_token or ""
+    pairs = [(i, j, bos + prompt, choice) for i, (prompt, options) in enumerate(zip(prompts, choices))
+             for j, choice in enumerate(options)]
+    scores = [[0.0] * len(options) for options in choices]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        rows, spans = [], []
+        for _, _, prompt, choice in batch:
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            full_ids = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
+            shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), len(prompt_ids))
+            shared = min(shared, len(full_ids) - 1)  # at least one choice token is scored
+            rows.append(full_ids)
+            spans.append((shared, len(full_ids)))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        ids, mask = ids.to(loaded.model.device), mask.to(loaded.model.device)
+        with torch.inference_mode():
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            row_index = torch.cat([torch.full((end - begin,), r) for r, (begin, end) in enumerate(spans)])
+            positions = torch.cat([torch.arange(begin - 1, end - 1) for begin, end in spans])
+            targets = ids[row_index, positions + 1]
+            logits = base.get_output_embeddings()(hidden[row_index, positions]).float()
+            softcap = getattr(base.config, "final_logit_softcapping", None)
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            token_scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+            sums = torch.zeros(len(rows)).index_add_(0, row_index, token_scores.cpu())
+        for (i, j, _, _), value in zip(batch, sums.tolist()):
+            scores[i][j] = value
+    return scores
 
 
 def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]], spec: GenerateSpec) -> Iterator[str]:

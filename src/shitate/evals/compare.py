@@ -6,33 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from shitate.config import GenerateSpec, RubricCheck
-from shitate.data.formats import conversation, read_jsonl, write_jsonl
-from shitate.errors import DataError, Problem
+from shitate.data.formats import read_questions, write_jsonl
 from shitate.evals.rubric import passes
 from shitate.progress import console
-
-
-def read_prompts(path: Path, system: str | None) -> list[dict[str, Any]]:
-    """Questions from chat JSONL (a final assistant turn becomes the reference) or {"prompt": …} lines."""
-    items, problems = [], []
-    for line, obj in read_jsonl(Path(path)):
-        if isinstance(obj, Problem):
-            problems.append(obj)
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-            items.append({"messages": conversation({"messages": [{"role": "user", "content": obj["prompt"]}]}, system),
-                          "reference": obj.get("reference") or obj.get("completion")})
-        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-            messages = conversation(obj, system)
-            reference = messages.pop()["content"] if messages[-1].get("role") == "assistant" else None
-            items.append({"messages": messages, "reference": reference})
-        else:
-            problems.append(Problem(path, line, None, "expected chat messages or a prompt",
-                                    'write {"messages": […]} or {"prompt": "…"} on each line'))
-    if problems:
-        raise DataError(problems)
-    if not items:
-        raise DataError([Problem(path, None, None, "no prompts in the file")])
-    return items
 
 
 def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: GenerateSpec, rubric: list[RubricCheck],
@@ -40,9 +16,9 @@ def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: Generate
     """Answer every prompt with both models and save the rows (with rubric results) to `out`."""
     from rich.progress import Progress
 
-    from shitate.serve.generate import answer, load_for_inference
+    from shitate.models.inference import answer, load_for_inference
 
-    items = read_prompts(prompts_path, system)
+    items = read_questions(prompts_path, system)
     conversations = [item["messages"] for item in items]
     answers: dict[str, list[str]] = {}
     for side, reference in (("base", base), ("tuned", tuned)):

@@ -1,0 +1,1 @@
+"""Benchmark tasks: loaders and how each is scored."""

@@ -1,1 +1,0 @@
-"""Use a model: generate, chat, compare."""
