@@ -213,8 +213,15 @@ def evaluate(
     test: Optional[Path] = typer.Option(None, help="questions with reference answers (default: the run's data.test)"),
     jglue: Path = typer.Option(Path("../shared/data/jglue"), help="folder with the JGLUE v1.3 JSON files"),
     out: Optional[Path] = typer.Option(None, help="where results.json and report.html go (default: RUN/eval)"),
+    judge: list[str] = typer.Option([], help="a judge: a model (as for MODEL) or an OpenAI-compatible URL such as "
+                                             "http://127.0.0.1:8080/v1; repeat for an ensemble"),
+    judge_mode: str = typer.Option("pairwise", help="pairwise (base vs tuned, both orders), score (0–100) or likert (0/1/2)"),
+    judge_prompt: Optional[Path] = typer.Option(None, help="your own judge prompt (copy one from shitate/evals/prompts/)"),
+    general: int = typer.Option(0, help="general-ability check: this many everyday prompts, judged pairwise"),
+    chat_bench: Path = typer.Option(Path("../shared/data/chat-bench/rakuda-v2-ja.jsonl"),
+                                    help="everyday prompts for --general (JSONL with turns or prompt)"),
 ) -> None:
-    """Evaluate base and tuned (or one model): reference metrics, rubric, JGLUE; writes report.html."""
+    """Evaluate base and tuned (or one model): reference metrics, rubric, JGLUE, judges; writes report.html."""
     from shitate.config import load_recipe
     from shitate.data.formats import read_questions
     from shitate.errors import ShitateError
@@ -229,12 +236,18 @@ def evaluate(
     else:
         sides = [("model", target)]
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not chosen and not test:
+    if not chosen and not test and not general:
         raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli) or a --test file, "
                            "or a run folder whose recipe has data.test")
     items = read_questions(test, recipe.data.system if recipe else None) if test else []
     out_dir = out or (run_folder / "eval" if run_folder else Path("eval"))
-    run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto")
+    if judge_mode not in ("pairwise", "score", "likert"):
+        raise ShitateError(f"--judge-mode {judge_mode!r}: expected pairwise, score or likert")
+    from shitate.evals.evaluate import general_questions
+
+    everyday = general_questions(chat_bench, general) if general else []
+    run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto",
+        judges=judge, judge_mode=judge_mode, judge_prompt=judge_prompt, general=everyday)
     typer.echo(f"Report: {out_dir / 'report.html'}", err=True)
 
 

@@ -86,3 +86,64 @@ def test_choice_logprobs_match_a_direct_computation(tiny_model):
             logprobs = model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
         expected = sum(logprobs[t - 1, full[t]].item() for t in range(len(prompt), len(full)))
         assert score == pytest.approx(expected, abs=2e-2)  # bf16 inference
+
+
+class FakeJudgeServer:
+    """An OpenAI-compatible endpoint on localhost whose judge prefers answers that end in よ。"""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
+                if "[アシスタントAの回答]" in prompt:
+                    a = prompt.split("[アシスタントAの回答]\n")[1].split("\n\n[")[0]
+                    verdict = "勝者: A" if a.endswith("よ。") else "勝者: B"
+                else:
+                    verdict = "評価: 90" if prompt.split("[AIアシスタントの回答]\n")[-1].strip().endswith("よ。") else "評価: 10"
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_judges_over_an_endpoint_and_the_general_ability_check(trained_run, tmp_path):
+    everyday = tmp_path / "everyday.jsonl"
+    everyday.write_text("".join(json.dumps({"turns": [q]}, ensure_ascii=False) + "\n" for q in ("自己紹介して", "おすすめの本は?")),
+                        encoding="utf-8")
+    with FakeJudgeServer() as url:
+        result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path / "eval"), "--judge", url,
+                                     "--general", "2", "--chat-bench", str(everyday)])
+        assert result.exit_code == 0, result.output
+        scored = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path / "scored"), "--judge", url,
+                                     "--judge", url, "--judge-mode", "score"])
+        assert scored.exit_code == 0, scored.output
+    results = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))
+    combined = results["judge"]["combined"]
+    assert combined["base"] + combined["tuned"] + combined["tie"] == 8 and combined["unparseable"] == 0
+    assert sum(results["general"]["combined"].values()) == 2
+    assert "General ability" in (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
+    scores = json.loads((tmp_path / "scored" / "results.json").read_text(encoding="utf-8"))["judge"]
+    assert scores["agreement"] == 1.0 and set(scores["combined"]) == {"base", "tuned"}
+    assert all(s["unparseable"] == 0 and 10 <= s["mean"] <= 90 for s in scores["combined"].values())
+
+
+def test_an_unreachable_judge_fails_before_any_answer(trained_run, tmp_path):
+    result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path), "--judge", "http://127.0.0.1:9/v1"])
+    assert isinstance(result.exception, ShitateError) and "could not be reached" in str(result.exception)
+    assert not (tmp_path / "answers-base.jsonl").exists()

@@ -42,8 +42,60 @@ def reference_metrics(answers: list[str], references: list[str]) -> dict[str, fl
             "char F1": 100 * metrics.mean_char_f1(answers, references)}
 
 
+def general_questions(path: Path, count: int) -> list[str]:
+    """Everyday prompts for the general-ability check: the first turn of each chat-bench question."""
+    if not path.is_file():
+        raise ShitateError(f"{path}: chat benchmark not found; give --chat-bench FILE (JSONL with \"turns\" or \"prompt\").")
+    questions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            questions.append(record["turns"][0] if "turns" in record else record["prompt"])
+        if len(questions) >= count:
+            break
+    return questions
+
+
+def _judge_results(judges: dict[str, Any], mode: str, prompt_file: Path | None, labels: list[str],
+                   questions: list[str], answers: dict[str, list[str]], references: list[str | None]) -> dict[str, Any]:
+    """Every judge on every side (score/likert) or on the pair (pairwise), combined as an ensemble."""
+    from shitate.evals import judge as judging
+
+    template = judging.load_prompt(mode, prompt_file)
+    report: dict[str, Any] = {"mode": mode, "judges": list(judges)}
+    if mode == "pairwise":
+        runs = {name: judging.pairwise(ask, template, questions, answers[labels[0]], answers[labels[1]])
+                for name, ask in judges.items()}
+        ensemble = judging.Ensemble("pairwise", [r["outcomes"] for r in runs.values()])
+        combined = ensemble.combined()
+        report["per_judge"] = {name: {k: v for k, v in r.items() if k != "outcomes"} for name, r in runs.items()}
+        report["combined"] = {labels[0]: combined.count("first"), labels[1]: combined.count("second"),
+                              "tie": combined.count("tie"), "unparseable": combined.count(None)}
+    else:
+        report["per_judge"], report["combined"], agreements = {}, {}, []
+        for label in labels:
+            verdicts = {name: judging.judge(ask, mode, judging.pointwise_prompts(template, questions, answers[label], references))
+                        for name, ask in judges.items()}
+            ensemble = judging.Ensemble(mode, [v.values for v in verdicts.values()])
+            known = [v for v in ensemble.combined() if v is not None]
+            report["per_judge"][label] = {name: {"mean": _mean(v.values), "unparseable": v.unparseable, "retried": v.retried}
+                                          for name, v in verdicts.items()}
+            report["combined"][label] = {"mean": sum(known) / len(known) if known else None,
+                                         "unparseable": len(questions) - len(known)}
+            agreements.append(ensemble.agreement())
+    if len(judges) > 1:
+        report["agreement"] = ensemble.agreement() if mode == "pairwise" else sum(agreements) / len(agreements)
+    return report
+
+
+def _mean(values: list[Any]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test_items: list[dict[str, Any]],
-        tasks: list[str], jglue_folder: Path, limit: int | None, template: str = "auto") -> dict[str, Any]:
+        tasks: list[str], jglue_folder: Path, limit: int | None, template: str = "auto", judges: list[str] = (),
+        judge_mode: str = "pairwise", judge_prompt: Path | None = None, general: list[str] = ()) -> dict[str, Any]:
     """Evaluate each (label, model reference) side; write results.json and report.html into out_dir."""
     from shitate.evals.report import write_report
     from shitate.models.inference import choice_logprobs, continue_texts, load_for_inference
@@ -55,6 +107,15 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     if test_items and any(r is None for r in references):
         raise ShitateError("the test set has questions without a reference answer (a final assistant turn); "
                            "reference metrics need one for every question")
+    if judge_mode == "pairwise" and judges and len(sides) != 2:
+        raise ShitateError("--judge-mode pairwise compares two models: evaluate a run folder (base vs tuned), "
+                           "or use --judge-mode score or likert for one model")
+    if general and (len(sides) != 2 or not judges):
+        raise ShitateError("--general needs a run folder (base vs tuned) and at least one --judge")
+    # Judges are reached before any model answers, so an unreachable endpoint fails in seconds.
+    from shitate.evals.judge import make_judge
+
+    asks = {f"judge {i + 1}: {name}": make_judge(name) for i, name in enumerate(judges)}
     spec = recipe.generate if recipe else GenerateSpec()
     rubric = recipe.eval.rubric if recipe else []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +129,9 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
             results["answers"][label] = answers
             side_metrics.update(reference_metrics(answers, references))
             results["rubric"][label] = {c.name: sum(passes(c, a) for a in answers) for c in rubric}
+        if general:
+            results.setdefault("general_answers", {})[label] = _cached_answers(
+                out_dir / f"general-{label}.jsonl", [[{"role": "user", "content": q}] for q in general], loaded, spec)
         for name, rows in task_rows.items():
             with status(f"{label}: {name} ({len(rows)} examples)…"):
                 result = jglue.TASKS[jglue.ALIASES.get(name, name)][1](
@@ -79,6 +143,16 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
         del loaded
     results["questions"] = [item["messages"][-1]["content"] for item in test_items]
     results["references"] = references
+    labels = [label for label, _ in sides]
+    if asks and test_items:
+        with status(f"judging {len(test_items)} answers with {len(asks)} judge(s)…"):
+            results["judge"] = _judge_results(asks, judge_mode, judge_prompt, labels, results["questions"],
+                                              results["answers"], references)
+    if general:
+        with status(f"general-ability check: {len(general)} everyday prompts, judged pairwise…"):
+            results["general"] = _judge_results(asks, "pairwise", None, labels, list(general), results["general_answers"],
+                                                [None] * len(general))
+            results["general"]["questions"] = list(general)
     results["rubric_total"] = len(test_items)
     _write_json(out_dir / "results.json", results)
     write_report(out_dir / "report.html", results)

@@ -67,6 +67,9 @@ def render(results: dict[str, Any]) -> str:
             parts.append(f"<tr><td>{e(check)}</td>" + "".join(
                 f'<td class="num">{results["rubric"][s][check]}/{total}</td>' for s in sides) + "</tr>")
         parts.append("</table>")
+    for key, title in (("judge", "LLM-as-judge"), ("general", "General ability (追加検証): everyday prompts, judged pairwise")):
+        if key in results:
+            parts.append(_judge_section(title, results[key]))
     if results["answers"]:
         parts.append("<h2>Every answer</h2><table><tr><th>#</th><th>question</th>"
                      + "".join(f"<th>{e(s)}</th>" for s in sides) + "<th>reference</th></tr>")
@@ -76,6 +79,30 @@ def render(results: dict[str, Any]) -> str:
                          + f"<td>{e(results['references'][i] or '')}</td></tr>")
         parts.append("</table>")
     return "".join(parts) + "</html>\n"
+
+
+def _judge_section(title: str, judged: dict[str, Any]) -> str:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(str(k))}</td><td class='num'>{e(_fmt(v))}</td></tr>" for k, v in _flatten(judged["combined"]))
+    per_judge = "".join(f"<tr><td>{e(str(k))}</td><td class='num'>{e(_fmt(v))}</td></tr>" for k, v in _flatten(judged["per_judge"]))
+    agreement = f"<p>agreement between judges: {judged['agreement']:.0%}</p>" if "agreement" in judged else ""
+    return (f"<h2>{e(title)}</h2><p>mode: {e(judged['mode'])}; judges: {e(', '.join(judged['judges']))}</p>"
+            f"<table><tr><th>combined</th><th></th></tr>{rows}</table>{agreement}"
+            f"<details><summary>each judge</summary><table>{per_judge}</table></details>")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key} / ")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def write_report(path: Path, results: dict[str, Any]) -> None:
