@@ -84,6 +84,9 @@ class RubricCheck(Spec):
 
 class EvalSpec(Spec):
     rubric: list[RubricCheck] = Field(default_factory=list)
+    every_steps: int = Field(0, ge=0, description="during training, answer a few validation questions every N "
+                                                  "steps and log rubric and chrF with the loss; 0 = off")
+    examples: int = Field(8, ge=1, description="questions answered at each evaluation during training")
 
 
 class Recipe(Spec):

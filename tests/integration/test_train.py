@@ -186,3 +186,12 @@ def test_micro_batching_by_tokens_gives_the_same_step(tmp_path, tiny_model):
     for name in whole:
         # Adam divides by the gradient's own size, so rounding differences show up to ~1e-4 in the weights.
         torch.testing.assert_close(micro[name], whole[name], rtol=0, atol=1e-3)
+
+
+def test_answers_are_checked_during_training(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model, extra="  every_steps: 4\n  examples: 3\n")
+    result = train(recipe, tmp_path / "run", "--set", "train.max_steps=8")
+    assert result.exit_code == 0, result.output
+    checks = [m for m in metrics(tmp_path / "run") if "eval_chrF" in m]
+    assert [m["step"] for m in checks] == [4, 8]
+    assert all(0 <= m["eval_rubric/yo"] <= 1 and m["eval_chrF"] >= 0 for m in checks)

@@ -134,6 +134,10 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 bar.update(task, completed=step, loss=loss, tokens_per_s=tokens_seen / seconds_training)
                 if dry_run:
                     continue
+                if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and accelerator.is_main_process:
+                    scores = _answers_check(accelerator.unwrap_model(loss_model).causal_lm, source, template, recipe)
+                    curves.append_metrics(metrics_path, {"step": step, **scores})
+                    say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
                 epoch_done = index == len(batches) - 1 or step == total_steps
                 if epoch_done and validation_set:
                     val_loss = _validation_loss(loss_model, validation_set, spec, pad_id, device, bf16)
@@ -170,6 +174,28 @@ def micro_batches(examples: list[dict[str, list[int]]], spec: Any) -> list[list[
     if spec.micro_batch_tokens:
         groups = [part for group in groups for part in split_by_tokens(group, spec.micro_batch_tokens)]
     return groups
+
+
+def _answers_check(model: Any, source: Any, template: Any, recipe: Recipe) -> dict[str, float]:
+    """Answer the first validation (or test) questions with the model as it is now: rubric pass rates and chrF."""
+    from shitate.data.formats import read_questions
+    from shitate.evals import metrics
+    from shitate.evals.rubric import passes
+    from shitate.models.inference import LoadedModel, answer
+
+    questions_file = recipe.data.validation or recipe.data.test
+    if questions_file is None:
+        raise ConfigError("eval.every_steps needs data.validation or data.test to draw questions from")
+    items = read_questions(questions_file, recipe.data.system)[: recipe.eval.examples]
+    loaded = LoadedModel(recipe.model, model, load_tokenizer(source), template, source)
+    model.eval()
+    answers = answer(loaded, [item["messages"] for item in items], recipe.generate)
+    model.train()
+    scores = {f"eval_rubric/{c.name}": sum(passes(c, a) for a in answers) / len(answers) for c in recipe.eval.rubric}
+    references = [item["reference"] for item in items]
+    if all(references):
+        scores["eval_chrF"] = metrics.chrf(answers, references)
+    return scores
 
 
 def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]]) -> int:
