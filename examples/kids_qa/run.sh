@@ -20,5 +20,7 @@ $shitate data split $demo/data/all.jsonl --sizes 85/30/30 --seed 42 --out-dir $d
 $shitate data check $demo/data/train.jsonl --max-length 256
 $shitate train $demo/recipe.yaml --out runs/kids-qa --force
 $shitate compare gemma-3-270m runs/kids-qa $demo/data/test.jsonl --out runs/kids-qa/compare.jsonl
+# The same questions scored against the reference answers, in one HTML page (runs/kids-qa/eval/report.html).
+$shitate eval runs/kids-qa
 
-echo "Demo finished in $(( $(date +%s) - started )) s. Answers: runs/kids-qa/compare.jsonl, loss curve: runs/kids-qa/loss.png"
+echo "Demo finished in $(( $(date +%s) - started )) s. Answers: runs/kids-qa/compare.jsonl, report: runs/kids-qa/eval/report.html, loss curve: runs/kids-qa/loss.png"

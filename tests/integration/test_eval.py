@@ -39,13 +39,23 @@ def test_eval_of_a_run_writes_a_before_after_report(trained_run):
 
 def test_cached_answers_are_reused_after_an_interruption(trained_run, tmp_path):
     out = tmp_path / "eval"
-    out.mkdir()
-    # As if a crash came after the first batch: four answers of the base model are already saved.
-    (out / "answers-base.jsonl").write_text("".join(json.dumps({"answer": f"保存済み{i}だよ。"}) + "\n" for i in range(4)),
-                                            encoding="utf-8")
+    assert runner.invoke(app, ["eval", str(trained_run), "--out", str(out)]).exit_code == 0
+    (cache,) = out.glob("answers-base-*.jsonl")
+    # As if a crash came after the first batch: only four answers of the base model were saved.
+    cache.write_text("".join(json.dumps({"answer": f"保存済み{i}だよ。"}) + "\n" for i in range(4)), encoding="utf-8")
     assert runner.invoke(app, ["eval", str(trained_run), "--out", str(out)]).exit_code == 0
     answers = json.loads((out / "results.json").read_text(encoding="utf-8"))["answers"]["base"]
     assert answers[:4] == [f"保存済み{i}だよ。" for i in range(4)] and len(answers) == 8
+    # Other generation settings are other answers: the cache is not reused for them.
+    recipe = trained_run / "recipe.yaml"
+    original = recipe.read_text(encoding="utf-8")
+    recipe.write_text(original.replace("max_new_tokens: 12", "max_new_tokens: 11"), encoding="utf-8")
+    try:
+        assert runner.invoke(app, ["eval", str(trained_run), "--out", str(out)]).exit_code == 0
+    finally:
+        recipe.write_text(original, encoding="utf-8")
+    answers = json.loads((out / "results.json").read_text(encoding="utf-8"))["answers"]["base"]
+    assert not any(a.startswith("保存済み") for a in answers) and len(list(out.glob("answers-base-*.jsonl"))) == 2
 
 
 @pytest.mark.skipif(not JGLUE.is_dir(), reason="shared JGLUE data not beside the checkout")
@@ -146,4 +156,4 @@ def test_judges_over_an_endpoint_and_the_general_ability_check(trained_run, tmp_
 def test_an_unreachable_judge_fails_before_any_answer(trained_run, tmp_path):
     result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path), "--judge", "http://127.0.0.1:9/v1"])
     assert isinstance(result.exception, ShitateError) and "could not be reached" in str(result.exception)
-    assert not (tmp_path / "answers-base.jsonl").exists()
+    assert not list(tmp_path.glob("answers-*.jsonl"))

@@ -125,13 +125,16 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
         loaded = load_for_inference(reference, template)
         side_metrics: dict[str, float] = {}
         if test_items:
-            answers = _cached_answers(out_dir / f"answers-{label}.jsonl", [i["messages"] for i in test_items], loaded, spec)
+            conversations = [i["messages"] for i in test_items]
+            answers = _cached_answers(out_dir / f"answers-{label}-{_key(reference, spec, conversations)}.jsonl",
+                                      conversations, loaded, spec)
             results["answers"][label] = answers
             side_metrics.update(reference_metrics(answers, references))
             results["rubric"][label] = {c.name: sum(passes(c, a) for a in answers) for c in rubric}
         if general:
+            everyday = [[{"role": "user", "content": q}] for q in general]
             results.setdefault("general_answers", {})[label] = _cached_answers(
-                out_dir / f"general-{label}.jsonl", [[{"role": "user", "content": q}] for q in general], loaded, spec)
+                out_dir / f"general-{label}-{_key(reference, spec, everyday)}.jsonl", everyday, loaded, spec)
         for name, rows in task_rows.items():
             with status(f"{label}: {name} ({len(rows)} examples)…"):
                 result = jglue.TASKS[jglue.ALIASES.get(name, name)][1](
@@ -157,6 +160,14 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     _write_json(out_dir / "results.json", results)
     write_report(out_dir / "report.html", results)
     return results
+
+
+def _key(reference: str, spec: GenerateSpec, conversations: list[Any]) -> str:
+    """A short digest naming a cache of answers: other settings or questions get a fresh cache."""
+    import hashlib
+
+    text = json.dumps([reference, spec.model_dump(), conversations], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
