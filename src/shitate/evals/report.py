@@ -25,11 +25,15 @@ def _chart(results: dict[str, Any]) -> str:
     names = list(results["metrics"][sides[0]])
     if not names:
         return ""
+    # Task metrics live in 0–1 (accuracy, F1, correlation) and text metrics in 0–100: one scale for the chart.
+    scale = {n: 100 if all(abs(results["metrics"][s][n]) <= 1 for s in sides) else 1 for n in names}
     figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.5))
     width = 0.8 / len(sides)
     for k, side in enumerate(sides):
-        axis.bar([i + k * width for i in range(len(names))], [results["metrics"][side][n] for n in names], width, label=side)
-    axis.set_xticks([i + width * (len(sides) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+        axis.bar([i + k * width for i in range(len(names))], [results["metrics"][side][n] * scale[n] for n in names],
+                 width, label=side)
+    labels = [f"{n} ×100" if scale[n] == 100 else n for n in names]
+    axis.set_xticks([i + width * (len(sides) - 1) / 2 for i in range(len(names))], labels, rotation=30, ha="right")
     axis.legend()
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
