@@ -26,7 +26,7 @@ class LoadedModel:
     source: ModelSource
 
 
-def load_for_inference(reference: str, template: str = "auto") -> LoadedModel:
+def load_for_inference(reference: str, template: str = "auto", dtype: Any = None) -> LoadedModel:
     """Load a model reference for generation; a run folder brings its adapter and its recipe's template."""
     with status(f"Loading {reference}…"):
         source = resolve(reference)
@@ -36,7 +36,7 @@ def load_for_inference(reference: str, template: str = "auto") -> LoadedModel:
             template = yaml.safe_load((source.run / "recipe.yaml").read_text(encoding="utf-8")).get("template", "auto")
         tokenizer = load_tokenizer(source)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if pick_precision("auto", device) == "bf16" else torch.float32
+        dtype = dtype or (torch.bfloat16 if pick_precision("auto", device) == "bf16" else torch.float32)
         # Not merged: folding a LoRA delta into bf16 weights would round part of it away.
         model = load_model(source, dtype=dtype).to(device).eval()
     chat_template = get_template(template, tokenizer, model.config.model_type)
@@ -97,51 +97,89 @@ def continue_texts(loaded: LoadedModel, prompts: list[str], spec: GenerateSpec) 
 
 
 def choice_logprobs(loaded: LoadedModel, prompts: list[str], choices: list[list[str]],
-                    batch_size: int = 20) -> list[list[float]]:
+                    batch_size: int = 8) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after its prompt.
 
-    All choices of a batch go through one forward pass, and the output layer is applied only at
-    the positions that predict a choice token (as in training), which is what makes multiple
-    choice cheap on a CPU.
+    Each question is one row: its prompt once, then every choice, each choice attending to the
+    prompt and to itself only (a tree-shaped mask) with positions continuing from the prompt.
+    The prompt is thus computed once instead of once per choice, and the output layer is applied
+    only where a choice token is predicted.
     """
     tokenizer = loaded.tokenizer
     base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
     bos = tokenizer.bos_token or ""
-    pairs = [(i, j, bos + prompt, choice) for i, (prompt, options) in enumerate(zip(prompts, choices))
-             for j, choice in enumerate(options)]
-    scores = [[0.0] * len(options) for options in choices]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start:start + batch_size]
-        rows, spans = [], []
-        for _, _, prompt, choice in batch:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            full_ids = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
-            shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), len(prompt_ids))
-            shared = min(shared, len(full_ids) - 1)  # at least one choice token is scored
-            rows.append(full_ids)
-            spans.append((shared, len(full_ids)))
-        width = max(len(r) for r in rows)
+    device = loaded.model.device
+    scores: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [_choice_tree(tokenizer, bos + prompt, options)
+                for prompt, options in zip(prompts[start:start + batch_size], choices[start:start + batch_size])]
+        width = max(len(r["ids"]) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself only
         for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-        ids, mask = ids.to(loaded.model.device), mask.to(loaded.model.device)
+            n = len(row["ids"])
+            ids[r, :n] = torch.tensor(row["ids"])
+            positions[r, :n] = torch.tensor(row["positions"])
+            mask[r, :n, :n] = row["mask"]
+        mask = mask[:, None].to(device)
+        layer_types = set(getattr(base.config, "layer_types", None) or [])
+        attention: Any = mask
+        if layer_types:  # per layer type; sliding-window layers also forget what is too far back
+            window = getattr(base.config, "sliding_window", None) or width
+            distance = positions[:, :, None] - positions[:, None, :]
+            attention = {t: mask & (distance < window)[:, None].to(device) if t == "sliding_attention" else mask
+                         for t in layer_types}
         with torch.inference_mode():
-            hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            row_index = torch.cat([torch.full((end - begin,), r) for r, (begin, end) in enumerate(spans)])
-            positions = torch.cat([torch.arange(begin - 1, end - 1) for begin, end in spans])
-            targets = ids[row_index, positions + 1]
-            logits = base.get_output_embeddings()(hidden[row_index, positions]).float()
+            hidden = base.get_decoder()(input_ids=ids.to(device), position_ids=positions.to(device),
+                                        attention_mask=attention).last_hidden_state
+            row_index = torch.cat([torch.full((len(r["from"]),), i) for i, r in enumerate(rows)])
+            sources = torch.cat([torch.tensor(r["from"]) for r in rows])
+            targets = torch.cat([torch.tensor(r["targets"]) for r in rows]).to(device)
+            logits = base.get_output_embeddings()(hidden[row_index, sources]).float()
             softcap = getattr(base.config, "final_logit_softcapping", None)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
-            token_scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-            sums = torch.zeros(len(rows)).index_add_(0, row_index, token_scores.cpu())
-        for (i, j, _, _), value in zip(batch, sums.tolist()):
-            scores[i][j] = value
+            token_scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).cpu()
+        offset = 0
+        for row in rows:
+            count = len(row["from"])
+            per_token = token_scores[offset:offset + count]
+            owners = torch.tensor(row["owner"])
+            scores.append(torch.zeros(len(row["choice_count"])).index_add_(0, owners, per_token).tolist())
+            offset += count
     return scores
+
+
+def _choice_tree(tokenizer: Any, prompt: str, options: list[str]) -> dict[str, Any]:
+    """One row: shared prompt tokens, then each choice's tokens; which position predicts which token."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    fulls = [tokenizer(prompt + option, add_special_tokens=False)["input_ids"] for option in options]
+    # Where the tokenizer merges across the boundary, the shared part ends earlier for every choice.
+    shared = min(next((k for k, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
+                 for full in fulls)
+    shared = max(1, min([shared] + [len(full) - 1 for full in fulls]))
+    ids, positions, owner, sources, targets = list(prompt_ids[:shared]), list(range(shared)), [], [], []
+    spans = []
+    for j, full in enumerate(fulls):
+        tail = full[shared:]
+        begin = len(ids)
+        ids += tail
+        positions += list(range(shared, shared + len(tail)))
+        spans.append((begin, len(ids)))
+        for k, token in enumerate(tail):
+            sources.append(shared - 1 if k == 0 else begin + k - 1)
+            targets.append(token)
+            owner.append(j)
+    n = len(ids)
+    mask = torch.zeros((n, n), dtype=torch.bool)
+    mask[:shared, :shared] = torch.tril(torch.ones(shared, shared, dtype=torch.bool))
+    for begin, end in spans:
+        mask[begin:end, :shared] = True
+        mask[begin:end, begin:end] = torch.tril(torch.ones(end - begin, end - begin, dtype=torch.bool))
+    return {"ids": ids, "positions": positions, "mask": mask, "from": sources, "targets": targets, "owner": owner,
+            "choice_count": options}
 
 
 def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]], spec: GenerateSpec) -> Iterator[str]:
