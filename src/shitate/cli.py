@@ -208,7 +208,7 @@ def compare(
 @app.command("eval")
 def evaluate(
     target: str = typer.Argument(..., help=f"a run folder (base vs tuned), or one model: {MODEL_HELP}"),
-    tasks: str = typer.Option("", help="comma-separated JGLUE tasks: jcommonsenseqa (jcqa), jnli, jsts, jsquad"),
+    tasks: str = typer.Option("", help="comma-separated: jcommonsenseqa (jcqa), jnli, jsts, jsquad, translation, summarization"),
     limit: Optional[int] = typer.Option(None, help="examples per task (default: all)"),
     test: Optional[Path] = typer.Option(None, help="questions with reference answers (default: the run's data.test)"),
     jglue: Path = typer.Option(Path("../shared/data/jglue"), help="folder with the JGLUE v1.3 JSON files"),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shitate.errors import ConfigError
 
@@ -77,9 +77,17 @@ class GenerateSpec(Spec):
 
 class RubricCheck(Spec):
     name: str
-    check: Literal["ends_with", "max_sentences", "contains", "not_contains", "max_chars", "regex"]
+    check: Literal["ends_with", "max_sentences", "contains", "not_contains", "max_chars", "regex", "is_json", "japanese"]
     values: list[str] | None = None
-    value: int | str | None = None
+    value: int | float | str | None = Field(None, description="the number for max_sentences, max_chars, japanese (share)")
+
+    @model_validator(mode="after")
+    def _has_what_it_checks(self) -> "RubricCheck":
+        if self.check in ("ends_with", "contains", "not_contains", "regex") and not self.values:
+            raise ValueError(f"check {self.check} needs `values: [...]` (the strings to look for)")
+        if self.check in ("max_sentences", "max_chars") and not isinstance(self.value, int):
+            raise ValueError(f"check {self.check} needs `value:` a whole number")
+        return self
 
 
 class EvalSpec(Spec):

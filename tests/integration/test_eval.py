@@ -60,12 +60,13 @@ def test_cached_answers_are_reused_after_an_interruption(trained_run, tmp_path):
 
 @pytest.mark.skipif(not JGLUE.is_dir(), reason="shared JGLUE data not beside the checkout")
 def test_jglue_tasks_run_on_a_model(tiny_model, tmp_path):
-    result = runner.invoke(app, ["eval", str(tiny_model), "--tasks", "jcqa,jnli,jsts,jsquad", "--limit", "6",
+    result = runner.invoke(app, ["eval", str(tiny_model), "--tasks", "jcqa,jnli,jsts,jsquad,translation,summarization", "--limit", "6",
                                  "--jglue", str(JGLUE), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     found = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["metrics"]["model"]
     assert set(found) == {"jcommonsenseqa accuracy", "jnli accuracy", "jnli precision", "jnli recall", "jnli macro_f1",
-                          "jsts pearson", "jsts spearman", "jsquad exact_match", "jsquad char_f1"}
+                          "jsts pearson", "jsts spearman", "jsquad exact_match", "jsquad char_f1", "translation BLEU",
+                          "translation chrF", "summarization ROUGE-1", "summarization ROUGE-2", "summarization ROUGE-L"}
     assert 0 <= found["jcommonsenseqa accuracy"] <= 1 and -1 <= found["jsts pearson"] <= 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from shitate.config import RubricCheck
@@ -13,6 +14,15 @@ _SENTENCE_END = re.compile(r"[。．！？!?\n]+")
 def count_sentences(text: str) -> int:
     """Sentences in `text`: non-empty pieces between sentence-ending marks."""
     return sum(1 for piece in _SENTENCE_END.split(text.strip()) if piece.strip(" 　」』)）"))
+
+
+_KANA_KANJI = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
+
+
+def japanese_share(text: str) -> float:
+    """Share of letters that are kana or kanji (spaces, digits and punctuation are not counted)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(bool(_KANA_KANJI.match(c)) for c in letters) / len(letters) if letters else 0.0
 
 
 def passes(check: RubricCheck, answer: str) -> bool:
@@ -31,6 +41,14 @@ def passes(check: RubricCheck, answer: str) -> bool:
         return len(text) <= int(check.value or 0)
     if check.check == "regex":
         return any(re.search(v, text) for v in values)
+    if check.check == "is_json":
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+    if check.check == "japanese":
+        return japanese_share(text) >= float(check.value or 0.5)
     raise ValueError(f"unknown rubric check {check.check!r}")
 
 

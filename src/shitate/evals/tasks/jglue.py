@@ -1,8 +1,10 @@
-"""JGLUE (yahoojapan/JGLUE v1.3): loaders, zero-shot prompts and scoring for four tasks.
+"""Japanese tasks: JGLUE v1.3 (yahoojapan/JGLUE), translation and summarisation; loaders, prompts, scoring.
 
 Multiple choice (JCommonsenseQA), NLI (JNLI) and similarity (JSTS) are scored by the
-log-likelihood of each answer after the prompt, as lm-eval does; JSQuAD by generation.
-The files are read from ../shared/data/jglue/ or a folder given with --jglue.
+log-likelihood of each answer after the prompt, as lm-eval does; JSQuAD, translation
+(small-parallel-enja, English → Japanese) and summarisation (Dolly-ja) by generation.
+The JGLUE files are read from ../shared/data/jglue/ or a folder given with --jglue; the
+other two data sets from its sibling folders.
 """
 
 from __future__ import annotations
@@ -109,10 +111,55 @@ def run_jsquad(loaded: Any, rows: list[dict[str, Any]], generate: Callable, **_:
                                  "char_f1": metrics.mean_char_f1(answers, references)}, answers)
 
 
+def load_translation(folder: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """small-parallel-enja dev: English → Japanese; the Japanese side is pre-tokenised, so its spaces are removed."""
+    base = folder.parent / "small-parallel-enja"
+    english, japanese = base / "dev.en", base / "dev.ja"
+    if not english.is_file() or not japanese.is_file():
+        raise ShitateError(f"{base}: small-parallel-enja not found beside the JGLUE folder.")
+    pairs = zip(english.read_text(encoding="utf-8").splitlines(), japanese.read_text(encoding="utf-8").splitlines())
+    rows = [{"english": en.strip(), "japanese": ja.replace(" ", "").strip()} for en, ja in pairs]
+    return rows[:limit] if limit else rows
+
+
+def load_summarization(folder: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Dolly-ja's summarization records: a passage, an instruction, a reference summary."""
+    path = folder.parent / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
+    if not path.is_file():
+        raise ShitateError(f"{path}: dolly-ja not found beside the JGLUE folder.")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("category") == "summarization" and record.get("input") and record.get("output"):
+                rows.append({"instruction": record["instruction"], "passage": record["input"], "summary": record["output"]})
+                if limit and len(rows) >= limit:
+                    break
+    return rows
+
+
+def run_translation(loaded: Any, rows: list[dict[str, Any]], generate: Callable, **_: Any) -> TaskResult:
+    prompts = [f"次の英文を日本語に翻訳してください。\n英文: {r['english']}\n日本語:" for r in rows]
+    answers = [text.split("\n")[0].strip() for text in generate(loaded, prompts)]
+    references = [r["japanese"] for r in rows]
+    return TaskResult("translation", {"BLEU": metrics.bleu(answers, references), "chrF": metrics.chrf(answers, references)},
+                      answers)
+
+
+def run_summarization(loaded: Any, rows: list[dict[str, Any]], generate: Callable, **_: Any) -> TaskResult:
+    prompts = [f"{r['passage']}\n\n指示: {r['instruction']}\n要約:" for r in rows]
+    answers = [text.strip() for text in generate(loaded, prompts)]
+    scores = metrics.rouge(answers, [r["summary"] for r in rows])
+    return TaskResult("summarization", {"ROUGE-1": scores["rouge1"], "ROUGE-2": scores["rouge2"], "ROUGE-L": scores["rougeL"]},
+                      answers)
+
+
 TASKS = {
     "jcommonsenseqa": (load_jcommonsenseqa, run_jcommonsenseqa),
     "jnli": (load_jnli, run_jnli),
     "jsts": (load_jsts, run_jsts),
     "jsquad": (load_jsquad, run_jsquad),
+    "translation": (load_translation, run_translation),
+    "summarization": (load_summarization, run_summarization),
 }
 ALIASES = {"jcqa": "jcommonsenseqa"}
