@@ -124,7 +124,12 @@ def train(
     loaded = load_recipe(recipe, set_)
     from shitate.train import sft
 
-    sft.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
+    check = None
+    if loaded.eval.every_steps:
+        from shitate.evals.evaluate import answers_check
+
+        check = answers_check(loaded)
+    sft.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run, answers_check=check)
 
 
 @app.command()

@@ -35,6 +35,28 @@ def _cached_answers(path: Path, conversations: list[list[dict[str, str]]], loade
     return done
 
 
+def answers_check(recipe: Recipe) -> Any:
+    """For evaluation during training: a function that answers the first validation (or test) questions
+    with a model and returns rubric pass rates and chrF."""
+    from shitate.data.formats import read_questions
+    from shitate.models.inference import answer
+
+    questions_file = recipe.data.validation or recipe.data.test
+    if questions_file is None:
+        raise ShitateError("eval.every_steps needs data.validation or data.test to draw questions from")
+    items = read_questions(questions_file, recipe.data.system)[: recipe.eval.examples]
+    references = [item["reference"] for item in items]
+
+    def check(loaded: Any) -> dict[str, float]:
+        answers = answer(loaded, [item["messages"] for item in items], recipe.generate)
+        scores = {f"eval_rubric/{c.name}": sum(passes(c, a) for a in answers) / len(answers) for c in recipe.eval.rubric}
+        if all(references):
+            scores["eval_chrF"] = metrics.chrf(answers, references)
+        return scores
+
+    return check
+
+
 def reference_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
     """How close answers are to the reference answers: chrF, BLEU and ROUGE-L on MeCab words, character F1."""
     return {"chrF": metrics.chrf(answers, references), "BLEU": metrics.bleu(answers, references),

@@ -29,6 +29,7 @@ from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
 from shitate.errors import ConfigError, DataError, Problem
 from shitate.models.adapters import attach, count_parameters, trainable_state
 from shitate.models.attention import use_packed_attention
+from shitate.models.inference import LoadedModel
 from shitate.models.lean import make_lean
 from shitate.models.load import load_config, load_model, load_tokenizer, pick_precision, resolve
 from shitate.memory import available_bytes, peak_rss_bytes, release_memory, training_bytes
@@ -37,9 +38,13 @@ from shitate.train import checkpoints, curves, rundir
 from shitate.train.losses import AnswerLoss
 
 
-def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
-        dry_run: bool = False) -> Path:
-    """Train `recipe`; return the run folder. A dry run trains two steps in a scratch folder and reports."""
+def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False, dry_run: bool = False,
+        answers_check: Callable[[LoadedModel], dict[str, float]] | None = None) -> Path:
+    """Train `recipe`; return the run folder. A dry run trains two steps in a scratch folder and reports.
+
+    `answers_check`, when given, scores the model as it trains every `eval.every_steps` steps (the
+    caller brings it from the evals stage, so training does not depend on evaluation).
+    """
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -107,6 +112,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                               parameters={"trainable": trainable, "total": total}, total_steps=planned_steps)
 
     metrics_path = run_dir / "metrics.jsonl"
+    checker: LoadedModel | None = None  # the model as it trains, for eval.every_steps; made on first use
     step_seconds: list[float] = []
     tokens_seen, seconds_training = 0, 0.0
     with training_bar(total_steps) as bar, _interrupt_requests() as stop_requested:
@@ -134,8 +140,13 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 bar.update(task, completed=step, loss=loss, tokens_per_s=tokens_seen / seconds_training)
                 if dry_run:
                     continue
-                if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and accelerator.is_main_process:
-                    scores = _answers_check(accelerator.unwrap_model(loss_model).causal_lm, source, template, recipe)
+                if answers_check and recipe.eval.every_steps and step % recipe.eval.every_steps == 0 \
+                        and accelerator.is_main_process:
+                    checker = checker or LoadedModel(recipe.model, accelerator.unwrap_model(loss_model).causal_lm,
+                                                     load_tokenizer(source), template, source)
+                    checker.model.eval()
+                    scores = answers_check(checker)
+                    checker.model.train()
                     curves.append_metrics(metrics_path, {"step": step, **scores})
                     say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
                 epoch_done = index == len(batches) - 1 or step == total_steps
@@ -174,28 +185,6 @@ def micro_batches(examples: list[dict[str, list[int]]], spec: Any) -> list[list[
     if spec.micro_batch_tokens:
         groups = [part for group in groups for part in split_by_tokens(group, spec.micro_batch_tokens)]
     return groups
-
-
-def _answers_check(model: Any, source: Any, template: Any, recipe: Recipe) -> dict[str, float]:
-    """Answer the first validation (or test) questions with the model as it is now: rubric pass rates and chrF."""
-    from shitate.data.formats import read_questions
-    from shitate.evals import metrics
-    from shitate.evals.rubric import passes
-    from shitate.models.inference import LoadedModel, answer
-
-    questions_file = recipe.data.validation or recipe.data.test
-    if questions_file is None:
-        raise ConfigError("eval.every_steps needs data.validation or data.test to draw questions from")
-    items = read_questions(questions_file, recipe.data.system)[: recipe.eval.examples]
-    loaded = LoadedModel(recipe.model, model, load_tokenizer(source), template, source)
-    model.eval()
-    answers = answer(loaded, [item["messages"] for item in items], recipe.generate)
-    model.train()
-    scores = {f"eval_rubric/{c.name}": sum(passes(c, a) for a in answers) / len(answers) for c in recipe.eval.rubric}
-    references = [item["reference"] for item in items]
-    if all(references):
-        scores["eval_chrF"] = metrics.chrf(answers, references)
-    return scores
 
 
 def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]]) -> int:
