@@ -168,6 +168,12 @@ def encode_chat(messages: list[Message], tokenizer: Any, template: ChatTemplate,
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
+def end_marker_is_one_token(tokenizer: Any, template: ChatTemplate) -> bool:
+    """Whether the tokenizer knows the template's end marker as one token (else the model learns it in pieces,
+    and pieces may merge with the next turn's text)."""
+    return len(tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]) == 1
+
+
 def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
     """Ids that end generation: the tokenizer's EOS and the template's end-of-turn marker."""
     ids = []

@@ -25,7 +25,7 @@ import torch
 from shitate.config import Recipe
 from shitate.data.collate import pack_batch, pad_batch, split_by_tokens
 from shitate.data.formats import conversation, read_chat
-from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
+from shitate.data.templates import IGNORE_INDEX, encode_chat, end_marker_is_one_token, get_template
 from shitate.errors import ConfigError, DataError, Problem
 from shitate.models.adapters import attach, count_parameters, trainable_state
 from shitate.models.attention import use_packed_attention
@@ -69,6 +69,9 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         tokenizer = load_tokenizer(source)
         config = load_config(source)
         template = get_template(recipe.template, tokenizer, config.model_type)
+        if not end_marker_is_one_token(tokenizer, template):
+            say(f"[yellow]warning:[/] this tokenizer does not know {template.end_of_turn!r} as one token, so the "
+                f"{template.name} template's turns may blur into each other; prefer the model's own template (auto).")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train_set = _encode(recipe.data.train, recipe, tokenizer, template)
         validation_set = _encode(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
