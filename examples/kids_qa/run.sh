@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/shitate ]; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
 fi
-.venv/bin/pip install --quiet -e .
+.venv/bin/pip install --quiet -e '.[eval]'
 shitate=.venv/bin/shitate
 demo=examples/kids_qa
 system="あなたは子どもの疑問に簡潔かつわかりやすい言葉で答えるチャットボットです。"

@@ -56,3 +56,13 @@ def test_bleu_and_chrf():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="equal length"):
         metrics.accuracy([1], [1, 2])
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch):
+    import sys
+
+    from shitate.errors import ShitateError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # as if it were not installed
+    with pytest.raises(ShitateError, match=r"pip install 'shitate\[eval\]'"):
+        metrics.chrf(["あ"], ["あ"])

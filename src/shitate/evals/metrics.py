@@ -101,35 +101,38 @@ def japanese_tokens(text: str) -> list[str]:
     return _mecab()(text).split()
 
 
-def _mecab():  # noqa: ANN202 - a callable tokenizer
+def _sacrebleu():  # noqa: ANN202 - the module
     try:
-        from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab
-    except ImportError as err:
+        import sacrebleu
+        from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab  # noqa: F401 - needs MeCab and its dictionary
+    except ImportError:
         from shitate.errors import ShitateError
 
-        raise ShitateError("BLEU, chrF and ROUGE on Japanese need MeCab: pip install 'shitate[eval]'") from err
-    global _MECAB
-    if _MECAB is None:
-        _MECAB = TokenizerJaMecab()
-    return _MECAB
+        raise ShitateError("BLEU, chrF and ROUGE on Japanese need sacrebleu with MeCab: pip install 'shitate[eval]'") from None
+    return sacrebleu
 
 
 _MECAB = None
 
 
+def _mecab():  # noqa: ANN202 - a callable tokenizer
+    global _MECAB
+    if _MECAB is None:
+        _sacrebleu()
+        from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab
+
+        _MECAB = TokenizerJaMecab()
+    return _MECAB
+
+
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0–100) with MeCab word segmentation."""
-    import sacrebleu
-
-    _mecab()
-    return sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize="ja-mecab").score
+    return _sacrebleu().corpus_bleu(list(predictions), [list(references)], tokenize="ja-mecab").score
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (0–100): character n-grams, so no segmentation is involved."""
-    import sacrebleu
-
-    return sacrebleu.corpus_chrf(list(predictions), [list(references)]).score
+    return _sacrebleu().corpus_chrf(list(predictions), [list(references)]).score
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
