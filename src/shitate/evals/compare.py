@@ -43,9 +43,9 @@ def print_comparison(rows: list[dict[str, Any]], rubric: list[RubricCheck], base
     from rich.table import Table
 
     table = Table(show_lines=True, title="base vs tuned")
-    table.add_column("question", ratio=2)
-    table.add_column(f"base ({base})", ratio=3)
-    table.add_column(f"tuned ({tuned})", ratio=3)
+    table.add_column("question", ratio=2, overflow="fold")
+    table.add_column(f"base ({base})", ratio=3, overflow="fold")
+    table.add_column(f"tuned ({tuned})", ratio=3, overflow="fold")
     for row in rows:
         table.add_row(row["question"], _clip(row["base"]), _clip(row["tuned"]))
     console.print(table)
@@ -60,7 +60,8 @@ def print_comparison(rows: list[dict[str, Any]], rubric: list[RubricCheck], base
         console.print(summary)
 
 
-def _clip(text: str, limit: int = 160) -> str:
+def _clip(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())  # a rambling base model's line breaks would make the table unreadable
     return text if len(text) <= limit else text[:limit] + " …"
 
 
