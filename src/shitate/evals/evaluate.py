@@ -161,7 +161,8 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
             with status(f"{label}: {name} ({len(rows)} examples)…"):
                 result = jglue.TASKS[jglue.ALIASES.get(name, name)][1](
                     loaded, rows, logprobs=choice_logprobs,
-                    generate=lambda model, prompts: continue_texts(model, prompts, spec.model_copy(update={"max_new_tokens": 24})))
+                    generate=lambda model, prompts, length=24: continue_texts(
+                        model, prompts, spec.model_copy(update={"max_new_tokens": length})))
             side_metrics.update({f"{result.name} {key}": value for key, value in result.metrics.items()})
         results["metrics"][label] = side_metrics
         say(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in side_metrics.items()))

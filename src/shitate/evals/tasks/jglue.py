@@ -140,7 +140,7 @@ def load_summarization(folder: Path, limit: int | None = None) -> list[dict[str,
 
 def run_translation(loaded: Any, rows: list[dict[str, Any]], generate: Callable, **_: Any) -> TaskResult:
     prompts = [f"次の英文を日本語に翻訳してください。\n英文: {r['english']}\n日本語:" for r in rows]
-    answers = [text.split("\n")[0].strip() for text in generate(loaded, prompts)]
+    answers = [text.split("\n")[0].strip() for text in generate(loaded, prompts, 64)]
     references = [r["japanese"] for r in rows]
     return TaskResult("translation", {"BLEU": metrics.bleu(answers, references), "chrF": metrics.chrf(answers, references)},
                       answers)
@@ -148,7 +148,7 @@ def run_translation(loaded: Any, rows: list[dict[str, Any]], generate: Callable,
 
 def run_summarization(loaded: Any, rows: list[dict[str, Any]], generate: Callable, **_: Any) -> TaskResult:
     prompts = [f"{r['passage']}\n\n指示: {r['instruction']}\n要約:" for r in rows]
-    answers = [text.strip() for text in generate(loaded, prompts)]
+    answers = [text.strip() for text in generate(loaded, prompts, 160)]
     scores = metrics.rouge(answers, [r["summary"] for r in rows])
     return TaskResult("summarization", {"ROUGE-1": scores["rouge1"], "ROUGE-2": scores["rouge2"], "ROUGE-L": scores["rougeL"]},
                       answers)
