@@ -158,3 +158,16 @@ def test_an_unreachable_judge_fails_before_any_answer(trained_run, tmp_path):
     result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path), "--judge", "http://127.0.0.1:9/v1"])
     assert isinstance(result.exception, ShitateError) and "could not be reached" in str(result.exception)
     assert not list(tmp_path.glob("answers-*.jsonl"))
+
+
+def test_a_local_model_can_judge_and_its_nonsense_is_counted(trained_run, tiny_model, tmp_path):
+    """A tiny random model never writes 評価: N; every verdict is retried, then reported as unparseable."""
+    result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path), "--judge", str(tiny_model),
+                                 "--judge-mode", "likert"])
+    assert result.exit_code == 0, result.output
+    judged = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["judge"]
+    (name,) = judged["judges"]
+    assert name.endswith(str(tiny_model))
+    for side in ("base", "tuned"):
+        assert judged["combined"][side] == {"mean": None, "unparseable": 8}
+        assert judged["per_judge"][side][name]["retried"] == 16  # two more tries for each of 8 answers

@@ -62,9 +62,25 @@ def resolve(reference: str, progress: bool = True) -> ModelSource:
     if path.exists():
         raise ModelError(f"{path}: not a model. Give a model folder, a .gguf file, a run folder or {DEFAULT_MODEL}.")
     if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        _check_hub_reachable(reference)
         return ModelSource("hub", reference, reference)
     raise ModelError(f"{reference}: no such file or folder. Give {DEFAULT_MODEL}, a local model folder, "
                      "a .gguf file, a run folder (runs/NAME), or a hub id such as org/name.")
+
+
+def _check_hub_reachable(reference: str) -> None:
+    """Fail in seconds, not after a minute of retries, when the hub cannot be reached (no proxy configured)."""
+    import os
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HF_ENDPOINT")) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # a proxy or mirror may reach it where a direct connection cannot; offline mode fails on its own
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        raise ModelError(f"{reference}: looks like a model hub id, but the hub cannot be reached from here (no network). "
+                         "Download the model elsewhere and pass its local folder or .gguf file, "
+                         f"or check the spelling if you meant a local path.") from None
 
 
 def load_tokenizer(source: ModelSource) -> Any:
