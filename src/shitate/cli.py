@@ -221,7 +221,8 @@ def evaluate(
     judge: list[str] = typer.Option([], help="a judge: a model (as for MODEL) or an OpenAI-compatible URL such as "
                                              "http://127.0.0.1:8080/v1; repeat for an ensemble"),
     judge_mode: str = typer.Option("pairwise", help="pairwise (base vs tuned, both orders), score (0–100) or likert (0/1/2)"),
-    judge_prompt: Optional[Path] = typer.Option(None, help="your own judge prompt (copy one from shitate/evals/prompts/)"),
+    judge_prompt: list[Path] = typer.Option([], help="your own judge prompt (copy one from shitate/evals/prompts/); "
+                                                     "repeat to make every judge an ensemble over prompts"),
     general: int = typer.Option(0, help="general-ability check: this many everyday prompts, judged pairwise"),
     chat_bench: Path = typer.Option(Path("../shared/data/chat-bench/rakuda-v2-ja.jsonl"),
                                     help="everyday prompts for --general (JSONL with turns or prompt)"),
@@ -252,7 +253,7 @@ def evaluate(
 
     everyday = general_questions(chat_bench, general) if general else []
     run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto",
-        judges=judge, judge_mode=judge_mode, judge_prompt=judge_prompt, general=everyday)
+        judges=judge, judge_mode=judge_mode, judge_prompts=judge_prompt, general=everyday)
     typer.echo(f"Report: {out_dir / 'report.html'}", err=True)
 
 

@@ -171,3 +171,20 @@ def test_a_local_model_can_judge_and_its_nonsense_is_counted(trained_run, tiny_m
     for side in ("base", "tuned"):
         assert judged["combined"][side] == {"mean": None, "unparseable": 8}
         assert judged["per_judge"][side][name]["retried"] == 16  # two more tries for each of 8 answers
+
+
+def test_an_ensemble_over_judge_prompts(trained_run, tmp_path):
+    """Two prompts for one judge are two ensemble members, named by their prompt, with agreement reported."""
+    from shitate.evals.judge import PROMPTS
+
+    strict = tmp_path / "strict.txt"
+    strict.write_text((PROMPTS / "score.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    lenient = tmp_path / "lenient.txt"
+    lenient.write_text("甘めに採点してください。\n" + (PROMPTS / "score.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    with FakeJudgeServer() as url:
+        result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path / "eval"), "--judge", url,
+                                     "--judge-mode", "score", "--judge-prompt", str(strict), "--judge-prompt", str(lenient)])
+    assert result.exit_code == 0, result.output
+    judged = json.loads((tmp_path / "eval" / "results.json").read_text(encoding="utf-8"))["judge"]
+    assert [name.rsplit(" / ", 1)[1] for name in judged["judges"]] == [str(strict), str(lenient)]
+    assert judged["agreement"] == 1.0  # the fake judge ignores the preamble: both prompts agree

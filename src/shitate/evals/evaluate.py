@@ -78,16 +78,19 @@ def general_questions(path: Path, count: int) -> list[str]:
     return questions
 
 
-def _judge_results(judges: dict[str, Any], mode: str, prompt_file: Path | None, labels: list[str],
+def _judge_results(asks: dict[str, Any], mode: str, prompt_files: list[Path], labels: list[str],
                    questions: list[str], answers: dict[str, list[str]], references: list[str | None]) -> dict[str, Any]:
-    """Every judge on every side (score/likert) or on the pair (pairwise), combined as an ensemble."""
+    """Every judge with every prompt on every side (score/likert) or on the pair (pairwise), combined as an ensemble."""
     from shitate.evals import judge as judging
 
-    template = judging.load_prompt(mode, prompt_file)
+    templates = {str(f): judging.load_prompt(mode, f) for f in prompt_files} or {"built-in": judging.load_prompt(mode)}
+    # Each (judge, prompt) pair is one member of the ensemble.
+    judges = {(name if len(templates) == 1 else f"{name} / {prompt}"): (ask, template)
+              for name, ask in asks.items() for prompt, template in templates.items()}
     report: dict[str, Any] = {"mode": mode, "judges": list(judges)}
     if mode == "pairwise":
         runs = {name: judging.pairwise(ask, template, questions, answers[labels[0]], answers[labels[1]])
-                for name, ask in judges.items()}
+                for name, (ask, template) in judges.items()}
         ensemble = judging.Ensemble("pairwise", [r["outcomes"] for r in runs.values()])
         combined = ensemble.combined()
         report["per_judge"] = {name: {k: v for k, v in r.items() if k != "outcomes"} for name, r in runs.items()}
@@ -97,7 +100,7 @@ def _judge_results(judges: dict[str, Any], mode: str, prompt_file: Path | None, 
         report["per_judge"], report["combined"], agreements = {}, {}, []
         for label in labels:
             verdicts = {name: judging.judge(ask, mode, judging.pointwise_prompts(template, questions, answers[label], references))
-                        for name, ask in judges.items()}
+                        for name, (ask, template) in judges.items()}
             ensemble = judging.Ensemble(mode, [v.values for v in verdicts.values()])
             known = [v for v in ensemble.combined() if v is not None]
             report["per_judge"][label] = {name: {"mean": _mean(v.values), "unparseable": v.unparseable, "retried": v.retried}
@@ -117,7 +120,7 @@ def _mean(values: list[Any]) -> float | None:
 
 def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test_items: list[dict[str, Any]],
         tasks: list[str], jglue_folder: Path, limit: int | None, template: str = "auto", judges: list[str] = (),
-        judge_mode: str = "pairwise", judge_prompt: Path | None = None, general: list[str] = ()) -> dict[str, Any]:
+        judge_mode: str = "pairwise", judge_prompts: list[Path] = (), general: list[str] = ()) -> dict[str, Any]:
     """Evaluate each (label, model reference) side; write results.json and report.html into out_dir."""
     from shitate.evals.report import write_report
     from shitate.models.inference import choice_logprobs, continue_texts, load_for_inference
@@ -172,11 +175,11 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     labels = [label for label, _ in sides]
     if asks and test_items:
         with status(f"judging {len(test_items)} answers with {len(asks)} judge(s)…"):
-            results["judge"] = _judge_results(asks, judge_mode, judge_prompt, labels, results["questions"],
+            results["judge"] = _judge_results(asks, judge_mode, list(judge_prompts), labels, results["questions"],
                                               results["answers"], references)
     if general:
         with status(f"general-ability check: {len(general)} everyday prompts, judged pairwise…"):
-            results["general"] = _judge_results(asks, "pairwise", None, labels, list(general), results["general_answers"],
+            results["general"] = _judge_results(asks, "pairwise", [], labels, list(general), results["general_answers"],
                                                 [None] * len(general))
             results["general"]["questions"] = list(general)
     results["rubric_total"] = len(test_items)
