@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import kids_records, write_jsonl
+from conftest import kids_records
 from shitate.cli import app
 from test_train import make_recipe
 

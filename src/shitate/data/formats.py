@@ -158,7 +158,7 @@ def import_records(path: Path, fmt: str = "auto", system: str | None = None, que
     else:
         rows = _convert_jsonl(path, fmt)
     records, problems = [], []
-    for line, item in rows:
+    for _line, item in rows:
         if isinstance(item, Problem):
             problems.append(item)
         else:

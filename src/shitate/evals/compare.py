@@ -25,7 +25,7 @@ def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: Generate
         loaded = load_for_inference(reference, template)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{side}: answering {len(items)} prompts", total=len(items))
-            answers[side] = answer(loaded, conversations, spec, on_batch=lambda n: progress.advance(task, n))
+            answers[side] = answer(loaded, conversations, spec, on_batch=lambda n, task=task: progress.advance(task, n))
         del loaded
     rows = []
     for item, base_answer, tuned_answer in zip(items, answers["base"], answers["tuned"]):
