@@ -1,4 +1,5 @@
-"""Generation shared by `generate`, `chat`, `compare` and `eval`: batched, stopping at the template's end marker."""
+"""Inference shared by `generate`, `chat`, `compare` and `eval`: batched generation that stops at the template's
+end marker, streaming, and answer log-likelihoods for multiple choice."""
 
 from __future__ import annotations
 
