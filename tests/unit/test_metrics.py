@@ -51,6 +51,9 @@ def test_bleu_and_chrf():
     assert metrics.bleu(["私は東京に行く"], ["私は東京に行く"]) == pytest.approx(100)
     assert metrics.chrf(["私は東京に行く"], ["私は東京に行く"]) == pytest.approx(100)
     assert metrics.chrf(["あいう"], ["かきく"]) == 0
+    # 東京 vs 東京都: characters P 2/2 R 2/3, bigrams P 1/1 R 1/2 (longer orders absent) → mean P 1, R 7/12;
+    # chrF = F-beta(2) of those means = 5 · 1 · 7/12 / (4 · 1 + 7/12) = 63.64
+    assert metrics.chrf(["東京"], ["東京都"]) == pytest.approx(100 * 5 * (7 / 12) / (4 + 7 / 12))
 
 
 def test_mismatched_lengths_are_refused():
