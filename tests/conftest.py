@@ -49,6 +49,16 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), tokenizer)
 
 
+# A two-question chat with a system prompt: the shape every template and mask test renders.
+MULTI_TURN = [
+    {"role": "system", "content": "あなたは子どもの疑問に答えるチャットボットです。"},
+    {"role": "user", "content": "なんで空は青いの?"},
+    {"role": "assistant", "content": "青い光がいちばん散らばるからだよ。"},
+    {"role": "user", "content": "夕焼けは?"},
+    {"role": "assistant", "content": "赤い光が残るからだよ。"},
+]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path

@@ -1,18 +1,19 @@
 """Checks on the real embedded default (Gemma 3 270M); slow, so CI skips them. Run with `pytest -m slow`."""
 
 import pytest
+from conftest import MULTI_TURN
 
-from shitate.data.templates import IGNORE_INDEX, encode_chat, end_marker_is_one_token, get_template, stop_token_ids
+from shitate.data.templates import (
+    IGNORE_INDEX,
+    encode_chat,
+    end_marker_is_one_token,
+    get_template,
+    stop_token_ids,
+)
 
 pytestmark = pytest.mark.slow
 
-CONVERSATION = [
-    {"role": "system", "content": "あなたは子どもの疑問に簡潔かつわかりやすい言葉で答えるチャットボットです。"},
-    {"role": "user", "content": "なんで空は青いの?"},
-    {"role": "assistant", "content": "太陽の光が空気にぶつかると青い光がいちばん散らばるからだよ。"},
-    {"role": "user", "content": "夕焼けは?"},
-    {"role": "assistant", "content": "赤い光が残るからだよ。"},
-]
+CONVERSATION = MULTI_TURN
 
 
 @pytest.fixture(scope="module")

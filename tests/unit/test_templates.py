@@ -1,17 +1,17 @@
 import pytest
+from conftest import MULTI_TURN
 
-from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template, stop_token_ids
+from shitate.data.templates import (
+    IGNORE_INDEX,
+    encode_chat,
+    get_template,
+    stop_token_ids,
+)
 
 CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-CONVERSATION = [
-    {"role": "system", "content": "あなたは子どもの疑問に答えるチャットボットです。"},
-    {"role": "user", "content": "なんで空は青いの?"},
-    {"role": "assistant", "content": "青い光がいちばん散らばるからだよ。"},
-    {"role": "user", "content": "夕焼けは?"},
-    {"role": "assistant", "content": "赤い光が残るからだよ。"},
-]
+CONVERSATION = MULTI_TURN
 
 
 @pytest.fixture(params=["gemma", "chatml", "llama3", "plain", "auto"])
