@@ -274,7 +274,9 @@ def _model_type(folder: str) -> str | None:
 def main() -> None:
     """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
     from shitate.errors import ShitateError
+    from shitate.memory import bound_kernel_caches
 
+    bound_kernel_caches()
     try:
         app()
     except ShitateError as err:

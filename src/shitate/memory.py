@@ -5,6 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 
+# Entries each of oneDNN's two shape-keyed caches may hold (its default is 1024). One training step
+# uses a few dozen distinct matmul shapes, reused by every layer, so 32 keeps the step's hits; but
+# every new batch width adds ~9 MB of entries, and at 1024 they grew a run's memory by ~0.3 GB.
+KERNEL_CACHE_ENTRIES = 32
+
+
+def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
+    """Cap oneDNN's primitive cache and ideep's LRU cache unless the user set them.
+
+    Both read their environment variable on first use, so this must run before the first CPU matmul;
+    afterwards it does nothing (torch has no API to resize them).
+    """
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(entries))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(entries))
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so peak memory reflects what is in use."""
     import ctypes

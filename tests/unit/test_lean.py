@@ -66,3 +66,25 @@ def test_lean_norm_gradients_for_a_full_fine_tune(tiny_model):
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_dropout_mask_is_redrawn_identically_in_backward():
+    from shitate.models.lean import _dropped_positions, _LoraAdd
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 32, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 50, 24, dtype=torch.float64, requires_grad=True)
+    weight_a = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    weight_b = torch.randn(24, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(11)
+    out = _LoraAdd.apply(base, x, weight_a, weight_b, 2.0, 0.3)
+    grads = torch.autograd.grad(out.square().sum(), (base, x, weight_a, weight_b))
+
+    torch.manual_seed(11)  # the same seed draw, so the same mask, written out with plain ops
+    dropped = _dropped_positions(x, 0.3, int(torch.randint(0, 2**62, (1,))))
+    assert abs(dropped.double().mean().item() - 0.3) < 0.03
+    expected = base + (x.masked_fill(dropped, 0) / 0.7) @ weight_a.T @ weight_b.T * 2.0
+    expected_grads = torch.autograd.grad(expected.square().sum(), (base, x, weight_a, weight_b))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)

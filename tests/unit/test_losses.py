@@ -44,3 +44,35 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_vocabulary_slices_give_the_same_loss_and_gradients(monkeypatch):
+    # Slices of 16 words over a 50-word vocabulary: targets fall in every slice, the last one short.
+    import shitate.train.losses as losses
+
+    torch.manual_seed(2)
+    hidden = torch.randn(21, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 15, 16, 31, 32, 47, 48, 49] + list(range(3, 42, 3)))
+    whole = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.float64, softcap=2.0)
+    whole_grads = torch.autograd.grad(whole, [hidden, weight])
+    monkeypatch.setattr(losses, "_VOCAB_SLICE", 16)
+    sliced = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.float64, softcap=2.0)
+    sliced_grads = torch.autograd.grad(sliced, [hidden, weight])
+    torch.testing.assert_close(sliced, whole)
+    for got, want in zip(sliced_grads, whole_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_bf16_loss_is_the_fp32_loss_of_bf16_logits():
+    # What autocast gives the plain loss: bf16 logits, cross-entropy taken in fp32.
+    torch.manual_seed(3)
+    hidden = torch.randn(30, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(3000, 64) * 0.3).to(torch.bfloat16)
+    targets = torch.randint(0, 3000, (30,))
+    expected = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, [hidden])
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.bfloat16)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0.02, atol=0.01)

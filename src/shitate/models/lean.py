@@ -21,41 +21,57 @@ import torch
 from torch import nn
 
 
-class _LoraDelta(torch.autograd.Function):
-    """scale · B(A(dropout(x))), keeping only x (shared with the frozen layer), A·x and a one-byte dropout mask."""
+def _dropped_positions(x: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
+    """Where dropout zeroes x, drawn from a private generator so backward can draw the same mask again.
+
+    torch's own bernoulli_ costs ~1.2 ms per 330k elements on a CPU core, more than the matmul it
+    precedes; 64 random bits give four 16-bit draws, three times faster, and redrawing in backward
+    costs less than keeping one byte per element of every adapted layer's input.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, generator=generator,
+                          device=x.device)
+    draws = words.view(torch.int16)[:x.numel()].view(x.shape)
+    return draws < -32768 + round(rate * 65536)  # P = rate, to 1/65536
+
+
+class _LoraAdd(torch.autograd.Function):
+    """result + scale · B(A(dropout(x))) in one addmm, keeping only x (shared with the frozen layer) and A·x.
+
+    The dropout mask is redrawn in backward from its seed rather than kept.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scale: float,
-                dropout: float) -> torch.Tensor:
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                scale: float, dropout: float) -> torch.Tensor:
         compute = x.dtype
-        mask = None
-        dropped = x
-        if dropout > 0:
-            # Stored rather than redrawn from a seed in backward: drawing costs more time than the byte saves.
-            mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout)
-            dropped = x * mask / (1.0 - dropout)
-        low = dropped @ weight_a.to(compute).T
-        delta = (low @ weight_b.to(compute).T) * scale
-        ctx.save_for_backward(x, mask, low, weight_a, weight_b)
-        ctx.scale, ctx.dropout = scale, dropout
-        return delta
+        seed = int(torch.randint(0, 2**62, (1,))) if dropout > 0 else 0  # from the global RNG: seeded, resumable
+        dropped = torch.where(_dropped_positions(x, dropout, seed), 0, x) if dropout > 0 else x
+        low = dropped.reshape(-1, x.shape[-1]) @ weight_a.to(compute).T
+        # 1/(1-p) rides on the rank-r product's scale, not on the full-width input: same value, less work.
+        alpha = scale / (1.0 - dropout)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), low, weight_b.to(compute).T, alpha=alpha)
+        ctx.save_for_backward(x, low, weight_a, weight_b)
+        ctx.alpha, ctx.dropout, ctx.seed = alpha, dropout, seed
+        return out.view(result.shape)
 
     @staticmethod
-    def backward(ctx: Any, grad_delta: torch.Tensor) -> tuple[Any, ...]:
-        x, mask, low, weight_a, weight_b = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x, low, weight_a, weight_b = ctx.saved_tensors
         compute = x.dtype
-        grad_delta = grad_delta.to(compute) * ctx.scale
-        flat_grad = grad_delta.reshape(-1, grad_delta.shape[-1])
-        grad_b = (flat_grad.T.float() @ low.reshape(-1, low.shape[-1]).float()).to(weight_b.dtype)
-        grad_low = grad_delta @ weight_b.to(compute)
-        dropped = x if mask is None else x * mask / (1.0 - ctx.dropout)
-        grad_a = (grad_low.reshape(-1, grad_low.shape[-1]).T.float() @ dropped.reshape(-1, x.shape[-1]).float()).to(weight_a.dtype)
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).to(compute)
+        # Adapter gradients as autocast computes them for PEFT: a matmul in the compute dtype, cast to the weight's.
+        grad_b = (flat_grad.T @ low).mul_(ctx.alpha).to(weight_b.dtype)
+        grad_low = (flat_grad @ weight_b.to(compute)).mul_(ctx.alpha)
+        dropped_positions = _dropped_positions(x, ctx.dropout, ctx.seed) if ctx.dropout > 0 else None
+        dropped = x if dropped_positions is None else torch.where(dropped_positions, 0, x)
+        grad_a = (grad_low.T @ dropped.reshape(-1, x.shape[-1])).to(weight_a.dtype)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_low @ weight_a.to(compute)
-            if mask is not None:
-                grad_x = grad_x * mask / (1.0 - ctx.dropout)
-        return grad_x, grad_a, grad_b, None, None
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad_low @ weight_a.to(compute)).view(x.shape)
+            if dropped_positions is not None:
+                grad_x = grad_x.masked_fill_(dropped_positions, 0)
+        return grad_out, grad_x, grad_a, grad_b, None, None
 
 
 def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -68,9 +84,8 @@ def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
         dropout = self.lora_dropout[name]
         rate = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         with torch.autocast(x.device.type, enabled=False):  # dtypes are handled explicitly above
-            delta = _LoraDelta.apply(x.to(result.dtype), self.lora_A[name].weight, self.lora_B[name].weight,
-                                     self.scaling[name], rate)
-        result = result + delta
+            result = _LoraAdd.apply(result, x.to(result.dtype), self.lora_A[name].weight, self.lora_B[name].weight,
+                                    self.scaling[name], rate)
     return result
 
 

@@ -32,26 +32,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             y = targets[start:start + chunk_size]
-            # One fp32 buffer per chunk, reused in place: logits → exp → softmax → gradient.
-            logits = (h @ w.T).float()
-            squashed = None
-            if softcap:
-                squashed = logits.div_(softcap).tanh_().clone()
-                logits.mul_(softcap)
-            target_logits = logits.gather(1, y[:, None]).squeeze(1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-            total += (sums.log().squeeze(1) + row_max.squeeze(1) - target_logits).sum()
+            # The chunk's logits stay in the matmul's dtype and become their own gradient in place;
+            # fp32 work happens a vocabulary slice at a time, in cache, never a chunk-sized fp32 copy.
+            logits = h @ w.T
+            row_max, sums = _row_max_and_sum_exp(logits, softcap)
+            target_logits = _softcapped(logits.gather(1, y[:, None]).squeeze(1).float(), softcap)
+            total += (sums.log() + row_max - target_logits).sum()
             if need_hidden or need_weight:
-                grad_logits = logits.div_(sums)
-                grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                if squashed is not None:
-                    grad_logits.mul_(1.0 - squashed * squashed)
-                grad_logits = grad_logits.to(compute_dtype)
+                _softmax_minus_one_hot_(logits, y, row_max, sums, softcap)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+                    grad_hidden[start:start + chunk_size] = (logits @ w).to(hidden.dtype)
                 if need_weight:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight += (logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -62,6 +54,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype),
                 None, None, None, None)
+
+
+_VOCAB_SLICE = 8192  # 64 rows × 8192 fp32 = 2 MB: one slice's work stays in a core's cache
+
+
+def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if not softcap else torch.tanh(logits / softcap) * softcap
+
+
+def _row_max_and_sum_exp(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the largest (soft-capped) logit and sum(exp(logit - max)), in fp32."""
+    row_max = _softcapped(logits.amax(dim=-1).float(), softcap)  # soft-capping keeps the order
+    sums = torch.zeros_like(row_max)
+    for start in range(0, logits.shape[1], _VOCAB_SLICE):
+        piece = _softcapped(logits[:, start:start + _VOCAB_SLICE].float(), softcap)
+        sums += (piece - row_max[:, None]).exp_().sum(dim=-1)  # not in place: in fp32, piece is the logits
+    return row_max, sums
+
+
+def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, sums: torch.Tensor,
+                            softcap: float | None) -> None:
+    """Overwrite logits with d(loss)/d(logits): softmax − one-hot, times the soft-cap's derivative."""
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    for start in range(0, logits.shape[1], _VOCAB_SLICE):
+        raw = logits[:, start:start + _VOCAB_SLICE].float()
+        capped = _softcapped(raw, softcap)
+        grad = capped.sub(row_max[:, None]).exp_().div_(sums[:, None])
+        inside = (targets >= start) & (targets < start + raw.shape[1])
+        grad[rows[inside], targets[inside] - start] -= 1.0
+        if softcap:
+            grad.mul_(1.0 - (capped / softcap) ** 2)
+        logits[:, start:start + _VOCAB_SLICE] = grad
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128,

@@ -32,7 +32,7 @@ from shitate.models.attention import use_packed_attention
 from shitate.models.inference import LoadedModel
 from shitate.models.lean import make_lean
 from shitate.models.load import load_config, load_model, load_tokenizer, pick_precision, resolve
-from shitate.memory import available_bytes, peak_rss_bytes, release_memory, training_bytes
+from shitate.memory import available_bytes, bound_kernel_caches, peak_rss_bytes, release_memory, training_bytes
 from shitate.progress import say, status, training_bar
 from shitate.train import checkpoints, curves, rundir
 from shitate.train.losses import AnswerLoss
@@ -48,6 +48,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     from accelerate import Accelerator
     from transformers import get_scheduler
 
+    bound_kernel_caches()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if dry_run:
         run_dir, resume, force = Path(tempfile.mkdtemp(prefix="shitate-dry-run-")), False, True
