@@ -64,7 +64,7 @@ def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = 
         "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
                   "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
                   "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing,
-                  "micro_batch_tokens": micro_batch_tokens},
+                  "micro_batch_tokens": micro_batch_tokens or "auto"},
     })
     started = time.perf_counter()
     run_dir = sft.run(recipe, out=out / "run", force=True)

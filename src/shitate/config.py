@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,14 +37,19 @@ class AdapterSpec(Spec):
     )
 
 
+CPU_MICRO_BATCH_TOKENS = 256
+
+
 class TrainSpec(Spec):
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (per device)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    micro_batch_tokens: int | None = Field(
-        None, ge=8, description="split each step further into micro-batches of at most this many tokens "
-                                "(gradients are accumulated: the same step with less memory)")
+    micro_batch_tokens: Annotated[int, Field(ge=8)] | Literal["auto"] | None = Field(
+        "auto", description="split each step further into micro-batches of at most this many tokens "
+                                  "(gradients are accumulated: the same step with less memory); auto: "
+                                  f"{CPU_MICRO_BATCH_TOKENS} on a CPU, where it halves peak memory for ~10% of the "
+                                  "speed, none on a GPU; null: never")
     learning_rate: float = Field(2.0e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)

@@ -73,3 +73,11 @@ def test_split_by_tokens_keeps_order_and_budget():
     groups = split_by_tokens(examples, 60)
     assert [[len(e["input_ids"]) for e in g] for g in groups] == [[10, 30], [20], [50], [5]]
     assert split_by_tokens(examples[:1], 4) == [examples[:1]]  # an example longer than the budget still trains
+
+
+def test_packed_split_evens_out_the_groups():
+    examples = [{"input_ids": [0] * 65, "labels": [0] * 65} for _ in range(8)]  # 520 tokens
+    sizes = [sum(len(e["input_ids"]) for e in g) for g in split_by_tokens(examples, 256, packed=True)]
+    assert sizes == [195, 195, 130]  # three groups, as 520/256 needs; not 195 + 195 + 65 + 65
+    sizes = [sum(len(e["input_ids"]) for e in g) for g in split_by_tokens(examples, 300, packed=True)]
+    assert sizes == [260, 260]

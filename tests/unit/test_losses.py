@@ -48,7 +48,7 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
 
 def test_vocabulary_slices_give_the_same_loss_and_gradients(monkeypatch):
     # Slices of 16 words over a 50-word vocabulary: targets fall in every slice, the last one short.
-    import shitate.train.losses as losses
+    from shitate.train import losses
 
     torch.manual_seed(2)
     hidden = torch.randn(21, 16, dtype=torch.float64, requires_grad=True)

@@ -9,6 +9,8 @@ see an earlier one.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -32,17 +34,27 @@ def pad_batch(examples: list[Example], pad_id: int, device: Any) -> dict[str, An
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def split_by_tokens(examples: list[Example], max_tokens: int) -> list[list[Example]]:
-    """Consecutive groups whose padded size (count × longest) stays within max_tokens; at least one example each."""
+def split_by_tokens(examples: list[Example], max_tokens: int, packed: bool = False) -> list[list[Example]]:
+    """Consecutive groups of at most max_tokens each, at least one example each.
+
+    A group's size is its tokens end to end when it will be packed, else count × longest. Packed
+    groups are also evened out: 518 tokens under a 256 budget become three groups of ~173, not
+    256 + 256 + 6, since a step costs most when one micro-batch is tiny and memory follows the largest.
+    """
+    def size(group: list[Example]) -> int:
+        lengths = [len(e["input_ids"]) for e in group]
+        return sum(lengths) if packed else len(lengths) * max(lengths)
+
+    target = max_tokens
+    if packed:
+        total = sum(len(e["input_ids"]) for e in examples)
+        target = math.ceil(total / math.ceil(total / max_tokens))
     groups: list[list[Example]] = []
     for example in examples:
-        if groups:
-            group = groups[-1]
-            longest = max(len(example["input_ids"]), *(len(e["input_ids"]) for e in group))
-            if (len(group) + 1) * longest <= max_tokens:
-                group.append(example)
-                continue
-        groups.append([example])
+        if groups and size(groups[-1]) < target and size(groups[-1] + [example]) <= max_tokens:
+            groups[-1].append(example)
+        else:
+            groups.append([example])
     return groups
 
 

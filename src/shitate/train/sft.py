@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from shitate.config import Recipe
+from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe
 from shitate.data.collate import pack_batch, pad_batch, split_by_tokens
 from shitate.data.formats import conversation, read_chat
 from shitate.data.templates import IGNORE_INDEX, encode_chat, end_marker_is_one_token, get_template
@@ -170,7 +170,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
 
     if dry_run:
         shutil.rmtree(run_dir, ignore_errors=True)
-        _report_dry_run(recipe, config, precision, train_set, validation_set, tokens_seen, step_seconds, trainable)
+        _report_dry_run(recipe, config, precision, device.type, train_set, validation_set, tokens_seen, step_seconds,
+                        trainable)
         return run_dir
     if accelerator.is_main_process:
         curves.plot_loss(metrics_path, run_dir / "loss.png")
@@ -182,22 +183,31 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     return run_dir
 
 
-def micro_batches(examples: list[dict[str, list[int]]], spec: Any) -> list[list[dict[str, list[int]]]]:
+def micro_batches(examples: list[dict[str, list[int]]], spec: Any, device_type: str) -> list[list[dict[str, list[int]]]]:
     """A step's examples in grad_accum groups, each cut further to micro_batch_tokens if set."""
     size = math.ceil(len(examples) / spec.grad_accum)
     groups = [examples[i:i + size] for i in range(0, len(examples), size)]
-    if spec.micro_batch_tokens:
-        groups = [part for group in groups for part in split_by_tokens(group, spec.micro_batch_tokens)]
+    budget = micro_batch_budget(spec, device_type)
+    if budget:
+        groups = [part for group in groups for part in split_by_tokens(group, budget, packed=spec.packing is not False)]
     return groups
 
 
-def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]]) -> int:
+def micro_batch_budget(spec: Any, device_type: str) -> int | None:
+    """Tokens per micro-batch: the recipe's number, or for auto a CPU default (GPUs take whole steps)."""
+    if spec.micro_batch_tokens == "auto":
+        return CPU_MICRO_BATCH_TOKENS if device_type == "cpu" else None
+    return spec.micro_batch_tokens
+
+
+def _micro_batch_tokens(spec: Any, examples: list[dict[str, list[int]]], device_type: str) -> int:
     """The most tokens one micro-batch can hold: padded to its longest, or packed end to end."""
     micro = math.ceil(spec.batch_size / spec.grad_accum)
     longest = sorted((len(e["input_ids"]) for e in examples), reverse=True)[:micro]
     padded = micro * longest[0]
-    if spec.micro_batch_tokens:
-        padded = max(longest[0], min(padded, spec.micro_batch_tokens))
+    budget = micro_batch_budget(spec, device_type)
+    if budget:
+        padded = max(longest[0], min(padded, budget))
     return min(padded, sum(longest)) if spec.packing is True else padded
 
 
@@ -205,18 +215,19 @@ def _check_memory(recipe: Recipe, config: Any, precision: str, device: str, exam
                   trainable: int) -> None:
     """Refuse a run that would not fit, before it spends any time."""
     spec = recipe.train
-    needed = training_bytes(config, precision, _micro_batch_tokens(spec, examples), trainable,
-                            recipe.adapter.method == "full", loss_chunk=64, checkpointing=spec.activation_checkpointing)
+    needed = training_bytes(config, precision, _micro_batch_tokens(spec, examples, device), trainable,
+                            recipe.adapter.method == "full", loss_chunk=AnswerLoss.chunk_size,
+                            checkpointing=spec.activation_checkpointing)
     free = available_bytes(device)
     if needed > free:
         raise ConfigError(
             f"this run needs about {needed / 1e9:.1f} GB more memory but {free / 1e9:.1f} GB is free on {device}. "
-            f"Lower train.batch_size (now {spec.batch_size}) or raise train.grad_accum (now {spec.grad_accum}) to "
-            f"split each step, or lower train.max_length (now {spec.max_length}); `shitate train RECIPE --dry-run` "
-            "measures a setting in two steps.")
+            f"Lower train.micro_batch_tokens (now {spec.micro_batch_tokens}) to split each step into smaller passes, "
+            f"or train.batch_size (now {spec.batch_size}) or train.max_length (now {spec.max_length}); "
+            "`shitate train RECIPE --dry-run` measures a setting in two steps.")
 
 
-def _report_dry_run(recipe: Recipe, config: Any, precision: str, train_set: list[dict[str, list[int]]],
+def _report_dry_run(recipe: Recipe, config: Any, precision: str, device_type: str, train_set: list[dict[str, list[int]]],
                     validation_set: list[dict[str, list[int]]], tokens: int, step_seconds: list[float],
                     trainable: int) -> None:
     """Measured speed and memory of the first steps, and what the whole run would take."""
@@ -228,8 +239,9 @@ def _report_dry_run(recipe: Recipe, config: Any, precision: str, train_set: list
     steps = min(spec.max_steps or 10**12, math.ceil(len(train_set) / spec.batch_size) * spec.epochs)
     validation_tokens = sum(len(e["input_ids"]) for e in validation_set) * spec.epochs
     projected = steps * per_step + validation_tokens / (3 * tokens_per_s)  # no backward pass in validation
-    estimate = training_bytes(config, precision, _micro_batch_tokens(spec, train_set), trainable,
-                              recipe.adapter.method == "full", loss_chunk=64, checkpointing=spec.activation_checkpointing)
+    estimate = training_bytes(config, precision, _micro_batch_tokens(spec, train_set, device_type), trainable,
+                              recipe.adapter.method == "full", loss_chunk=AnswerLoss.chunk_size,
+                              checkpointing=spec.activation_checkpointing)
     say(f"Dry run of {recipe.name} ({len(step_seconds)} steps, {precision}):\n"
         f"  speed          {tokens_per_s:,.0f} tokens/s ({per_step:.2f} s a step)\n"
         f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share {estimate / 1e9:.2f} GB)\n"
@@ -279,7 +291,7 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
     examples = examples[accelerator.process_index::accelerator.num_processes] or examples[:1]
     answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
     total_loss, real_tokens = 0.0, 0
-    for chunk in micro_batches(examples, spec):
+    for chunk in micro_batches(examples, spec, device.type):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss_sum, _ = loss_model(**make_batch(chunk, spec, pad_id, device))
         accelerator.backward(loss_sum / answer_tokens)
@@ -299,9 +311,11 @@ def _validation_loss(loss_model: Any, examples: list[dict[str, list[int]]], spec
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
     total, count = 0.0, 0
     for start in range(0, len(ordered), spec.batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_sum, n = loss_model(**make_batch(ordered[start:start + spec.batch_size], spec, pad_id, device))
-        total, count = total + loss_sum.item(), count + int(n)
+        # The same micro-batches as training, so validation never needs more memory than a step.
+        for chunk in micro_batches(ordered[start:start + spec.batch_size], spec, device.type):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss_sum, n = loss_model(**make_batch(chunk, spec, pad_id, device))
+            total, count = total + loss_sum.item(), count + int(n)
     return total / max(count, 1)
 
 
