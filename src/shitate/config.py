@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shitate.errors import ConfigError
 
@@ -45,7 +45,7 @@ class TrainSpec(Spec):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (per device)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    micro_batch_tokens: Annotated[int, Field(ge=8)] | Literal["auto"] | None = Field(
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
         "auto", description="split each step further into micro-batches of at most this many tokens "
                                   "(gradients are accumulated: the same step with less memory); auto: "
                                   f"{CPU_MICRO_BATCH_TOKENS} on a CPU, where it halves peak memory for ~10% of the "
@@ -70,6 +70,14 @@ class TrainSpec(Spec):
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+
+    @field_validator("micro_batch_tokens", mode="before")
+    @classmethod
+    def _tokens_auto_or_null(cls, value: Any) -> Any:
+        # One plain sentence instead of pydantic's report for each member of the union.
+        if value is None or value == "auto" or (type(value) is int and value >= 8):
+            return value
+        raise ValueError("use a number of tokens (at least 8), auto, or null")
 
 
 class GenerateSpec(Spec):
@@ -136,7 +144,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{field}: required but missing"
     if error["type"] == "literal_error" and loc == ("stage",):
         return f"stage: {error['input']!r} is not available yet; this version trains stage `sft`"
-    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")  # our own validators' sentences stand alone
+    return f"{field}: {message} (got {error.get('input')!r})"
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -55,6 +55,16 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_recipe(path, ["adapter.method=qlora2"])
 
 
+def test_micro_batch_tokens_takes_a_number_auto_or_null(tmp_path):
+    path = write_recipe(tmp_path, "name: x\ndata: {train: train.jsonl}\n")
+    assert load_recipe(path).train.micro_batch_tokens == "auto"
+    assert load_recipe(path, ["train.micro_batch_tokens=300"]).train.micro_batch_tokens == 300
+    assert load_recipe(path, ["train.micro_batch_tokens=null"]).train.micro_batch_tokens is None
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, ["train.micro_batch_tokens=4"])
+    assert "train.micro_batch_tokens: use a number of tokens (at least 8), auto, or null (got 4)" in str(err.value)
+
+
 def test_broken_yaml_names_the_line(tmp_path):
     path = write_recipe(tmp_path, "name: x\ndata:\n  train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"recipe.yaml:\d+: not valid YAML"):
