@@ -8,7 +8,7 @@ would cost alone (no attention over the whole row, no row-sized mask).
 
 Chat examples are short, and for short sequences torch's CPU flash-attention kernel is slow:
 forward and backward of one 65-token Gemma 3 example take 1.7 ms against 0.7 ms for plain
-matmuls and a softmax. Examples up to SHORT tokens take that plain path, with the scores in
+matmuls and a softmax. On a CPU, examples up to SHORT tokens take that plain path, with the scores in
 fp32 as flash attention keeps them; longer ones keep SDPA, whose memory does not grow as L².
 """
 
@@ -63,7 +63,7 @@ def _example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     """Attention of one example (1, heads, L, D) against itself."""
     length, heads, kv_heads = q.shape[2], q.shape[1], k.shape[1]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if length <= SHORT and dropout == 0.0:
+    if q.device.type == "cpu" and length <= SHORT and dropout == 0.0:  # GPUs' SDPA kernels are fast at any length
         grouped = q.reshape(1, kv_heads, heads // kv_heads, length, q.shape[-1])
         out = _ShortAttention.apply(grouped, k.unsqueeze(2), v.unsqueeze(2),
                                     _allowed(length, sliding_window, q.device), scale)
