@@ -25,14 +25,33 @@ def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
 
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so peak memory reflects what is in use."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by the process instead
-        pass
+    return_free_heap()
+
+
+def return_free_heap() -> None:
+    """Give glibc's free heap pages back to the OS.
+
+    glibc keeps up to 64 MB at the heap's top and every free hole inside it resident; after a
+    training step that is much of the step's churn. Trimming between steps lowered kids_qa's peak
+    by 0.01-0.03 GB, within the noise of its speed.
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - fails on a libc without it (musl, macOS)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 # Activation bytes a decoder layer keeps per token in bf16, per unit of width, fitted on Gemma 3 270M

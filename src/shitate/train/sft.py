@@ -32,7 +32,8 @@ from shitate.models.attention import use_packed_attention
 from shitate.models.inference import LoadedModel
 from shitate.models.lean import make_lean
 from shitate.models.load import load_config, load_model, load_tokenizer, pick_precision, resolve
-from shitate.memory import available_bytes, bound_kernel_caches, peak_rss_bytes, release_memory, training_bytes
+from shitate.memory import (available_bytes, bound_kernel_caches, peak_rss_bytes, release_memory, return_free_heap,
+                            training_bytes)
 from shitate.progress import say, status, training_bar
 from shitate.train import checkpoints, curves, rundir
 from shitate.train.losses import AnswerLoss
@@ -301,6 +302,7 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return_free_heap()
     return total_loss / answer_tokens, real_tokens
 
 
