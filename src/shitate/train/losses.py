@@ -85,6 +85,8 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor, row_max
                             softcap: float | None) -> None:
     """Overwrite logits with d(loss)/d(logits): softmax − one-hot, times the soft-cap's derivative."""
     rows = torch.arange(targets.shape[0], device=targets.device)
+    # exp is taken again here rather than kept from the sum pass: keeping it would mean a chunk-sized fp32
+    # buffer, or rounding it to bf16 before normalising; a second exp of a cached slice costs less.
     width = _vocab_slice(logits.shape[0])
     for start in range(0, logits.shape[1], width):
         raw = logits[:, start:start + width].float()

@@ -291,19 +291,19 @@ def _train_step(loss_model: Any, accelerator: Any, optimizer: Any, scheduler: An
     # Under accelerate launch each process takes its share of the step's examples; DDP averages the gradients.
     examples = examples[accelerator.process_index::accelerator.num_processes] or examples[:1]
     answer_tokens = sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)
-    total_loss, real_tokens = 0.0, 0
+    total_loss, real_tokens = torch.zeros((), device=device), 0
     for chunk in micro_batches(examples, spec, device.type):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss_sum, _ = loss_model(**make_batch(chunk, spec, pad_id, device))
         accelerator.backward(loss_sum / answer_tokens)
-        total_loss += loss_sum.item()
+        total_loss += loss_sum.detach()  # read once per step: on a GPU each .item() waits for the device
         real_tokens += sum(len(e["input_ids"]) for e in chunk)
     torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return_free_heap()
-    return total_loss / answer_tokens, real_tokens
+    return total_loss.item() / answer_tokens, real_tokens
 
 
 @torch.no_grad()
