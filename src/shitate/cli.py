@@ -122,6 +122,11 @@ def train(
     from shitate.config import load_recipe
 
     loaded = load_recipe(recipe, set_)
+    if loaded.stage == "pretrain":
+        from shitate.train import pretrain
+
+        pretrain.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
+        return
     from shitate.train import sft
 
     check = None
@@ -197,7 +202,10 @@ def compare(
     from shitate.evals.compare import compare as run_compare
     from shitate.evals.compare import print_comparison
 
-    recipe_path = recipe or (Path(tuned) / "recipe.yaml" if (Path(tuned) / "recipe.yaml").is_file() else None)
+    from shitate.runs import find_run
+
+    tuned_run = find_run(tuned)
+    recipe_path = recipe or (tuned_run.recipe_file if tuned_run else None)
     loaded_recipe = load_recipe(recipe_path, check_files=False) if recipe_path else None
     spec = loaded_recipe.generate if loaded_recipe else GenerateSpec()
     if max_new_tokens:
@@ -232,10 +240,10 @@ def evaluate(
     from shitate.data.formats import read_questions
     from shitate.errors import ShitateError
     from shitate.evals.evaluate import run
-    from shitate.models.load import is_run_folder
+    from shitate.runs import RunFolder
 
-    run_folder = Path(target) if is_run_folder(Path(target)) else None
-    recipe = load_recipe(run_folder / "recipe.yaml", check_files=False) if run_folder else None
+    run_folder = RunFolder(target) if RunFolder(target).is_finished() else None
+    recipe = run_folder.recipe() if run_folder else None
     if run_folder and recipe:
         sides = [("base", recipe.model), ("tuned", target)]
         test = test or recipe.data.test
@@ -246,7 +254,7 @@ def evaluate(
         raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli) or a --test file, "
                            "or a run folder whose recipe has data.test")
     items = read_questions(test, recipe.data.system if recipe else None) if test else []
-    out_dir = out or (run_folder / "eval" if run_folder else Path("eval"))
+    out_dir = out or (run_folder.eval_dir if run_folder else Path("eval"))
     if judge_mode not in ("pairwise", "score", "likert"):
         raise ShitateError(f"--judge-mode {judge_mode!r}: expected pairwise, score or likert")
     from shitate.evals.evaluate import general_questions
@@ -273,7 +281,7 @@ def _model_type(folder: str) -> str | None:
 
 def main() -> None:
     """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
-    from shitate.errors import ShitateError
+    from shitate.errors import ShitateError, TrainingInterrupted
     from shitate.memory import bound_kernel_caches
 
     bound_kernel_caches()
@@ -285,6 +293,11 @@ def main() -> None:
         console.print("[bold red]error:[/] ", end="")
         console.print(str(err), highlight=False, markup=False)
         sys.exit(1)
+    except TrainingInterrupted as stopped:
+        from shitate.progress import console
+
+        console.print(str(stopped), highlight=False, markup=False)
+        sys.exit(130)  # what a shell reports for a program ended by SIGINT
 
 
 if __name__ == "__main__":

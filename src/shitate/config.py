@@ -20,21 +20,50 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataSource(Spec):
+    path: Path = Field(description="a data file (or, for stage pretrain, a folder of .txt/.md files)")
+    weight: float = Field(1.0, gt=0, description="how many times each record is used an epoch: 0.1 takes a seeded "
+                                                 "tenth of the file, 2 takes every record twice")
+
+
 class DataSpec(Spec):
-    train: Path = Field(description="canonical chat JSONL used for training")
-    validation: Path | None = Field(None, description="chat JSONL for the validation loss each epoch")
+    train: Path | list[DataSource] = Field(
+        description="training data: one file, or a list of {path, weight} sources mixed by the seed (for example "
+                    "your own pairs plus a share of a general chat set, so the model keeps its everyday manners)")
+    validation: Path | None = Field(None, description="held-out data for the validation loss (perplexity for pretrain)")
     test: Path | None = Field(None, description="chat JSONL of held-out questions for `compare`/`eval`")
     system: str | None = Field(None, description="system prompt added to every conversation that has none")
 
+    def is_mixed(self) -> bool:
+        return isinstance(self.train, list)
+
+    def train_sources(self) -> list[DataSource]:
+        return list(self.train) if isinstance(self.train, list) else [DataSource(path=self.train)]
+
+    def files(self) -> dict[str, list[DataSource]]:
+        """Every data source by split, for checks and the manifest."""
+        found = {"train": self.train_sources()}
+        for split in ("validation", "test"):
+            if getattr(self, split) is not None:
+                found[split] = [DataSource(path=getattr(self, split))]
+        return found
+
+
+ADAPTER_METHODS = ("lora", "dora", "loraplus", "qlora", "full")
+
 
 class AdapterSpec(Spec):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "dora", "loraplus", "qlora", "full"] = Field(
+        "lora", description="lora; dora (weight-decomposed LoRA); loraplus (B matrices learn loraplus_ratio times "
+                            "faster); qlora (LoRA on a 4-bit NF4 base, needs a CUDA GPU and bitsandbytes); full")
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="modules that get adapters; all-linear excludes the output layer"
     )
+    loraplus_ratio: float = Field(16.0, gt=0, description="loraplus: learning rate of B over that of A (the LoRA+ "
+                                                          "paper found 16 a good default)")
 
 
 CPU_MICRO_BATCH_TOKENS = 256
@@ -56,13 +85,9 @@ class TrainSpec(Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8, description="tokens; longer examples are cut on the right")
-    packing: bool | Literal["auto"] = Field(
-        "auto", description="put examples end to end (no padding), each attending only to itself; "
-                            "auto packs a micro-batch when padding it would waste more than a tenth of its tokens")
     activation_checkpointing: bool = Field(
         False, description="keep only each layer's input and recompute the rest in the backward pass: "
                            "far less memory for about a third more time")
-    pack_length: int = Field(4096, ge=8, description="tokens per packed row; a micro-batch longer than this uses several")
     seed: int = 42
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the CPU or GPU supports it, fp32 otherwise"
@@ -78,6 +103,25 @@ class TrainSpec(Spec):
         if value is None or value == "auto" or (type(value) is int and value >= 8):
             return value
         raise ValueError("use a number of tokens (at least 8), auto, or null")
+
+
+class SFTSpec(Spec):
+    """Stage sft: chats in, loss on the assistant turns only."""
+
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="put examples end to end (no padding), each attending only to itself; "
+                            "auto packs a micro-batch when padding it would waste more than a tenth of its tokens")
+    pack_length: int = Field(4096, ge=8, description="tokens per packed row; a micro-batch longer than this uses several")
+
+
+class PretrainSpec(Spec):
+    """Stage pretrain: raw text in, loss on every token."""
+
+    block_size: int = Field(512, ge=8, description="tokens per training row: documents go end to end and are cut into "
+                                                   "rows of this length, each attending only within its own document")
+
+
+STAGES = ("sft", "pretrain")
 
 
 class GenerateSpec(Spec):
@@ -114,10 +158,13 @@ class Recipe(Spec):
     name: str = Field(pattern=r"^[\w.\-]+$", description="run name; the run folder is runs/<name>")
     model: str = Field(DEFAULT_MODEL, description="gemma-3-270m, a local folder, a .gguf file, a run folder, or a hub id")
     template: Literal["auto", "gemma", "chatml", "llama3", "plain"] = "auto"
-    stage: Literal["sft"] = "sft"
+    stage: Literal["sft", "pretrain"] = Field("sft", description="sft (chats, loss on the answers) or pretrain "
+                                                                  "(raw text, loss on every token)")
     data: DataSpec
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    sft: SFTSpec = Field(default_factory=SFTSpec, description="settings of stage sft")
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="settings of stage pretrain")
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
@@ -133,19 +180,41 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields) if current else []
 
 
+# Sections whose settings a misplaced key may belong to: `train.packing` is `sft.packing`.
+_SECTIONS: dict[str, type[BaseModel]] = {"train": TrainSpec, "sft": SFTSpec, "pretrain": PretrainSpec,
+                                         "adapter": AdapterSpec}
+
+
+def _home_of(key: str, not_in: str) -> str | None:
+    homes = [name for name, spec in _SECTIONS.items() if name != not_in and key in spec.model_fields]
+    return homes[0] if homes else None
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     field = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
+        home = _home_of(str(loc[-1]), str(loc[0])) if len(loc) == 2 else None
+        if home:
+            owner = f"stage {home}" if home in STAGES else f"`{home}:`"
+            return f"{field}: unknown setting here; {loc[-1]} belongs to {owner} ({home}.{loc[-1]})"
         close = difflib.get_close_matches(str(loc[-1]), _known_fields(Recipe, loc), n=1)
         hint = f"; did you mean `{close[0]}`?" if close else "; remove it"
         return f"{field}: unknown setting{hint}"
     if error["type"] == "missing":
         return f"{field}: required but missing"
     if error["type"] == "literal_error" and loc == ("stage",):
-        return f"stage: {error['input']!r} is not available yet; this version trains stage `sft`"
+        return f"stage: {error['input']!r} is not available yet; this version trains stages {', '.join(STAGES)}"
     message = error["msg"].removeprefix("Value error, ")  # our own validators' sentences stand alone
     return f"{field}: {message} (got {error.get('input')!r})"
+
+
+def _stage_section_problems(raw: dict[str, Any]) -> list[str]:
+    """A section of settings for a stage other than the recipe's own is a mistake, not something to ignore."""
+    stage = raw.get("stage", "sft")
+    return [f"{section}: settings for stage {section}, but this recipe's stage is {stage}; "
+            f"set `stage: {section}` or remove the `{section}:` section"
+            for section in STAGES if section in raw and section != stage and stage in STAGES]
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -176,10 +245,20 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str((base / value).resolve())
+        return value
+
     for split in ("train", "validation", "test"):
-        value = data.get(split)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[split] = str((base / value).resolve())
+        data[split] = resolved(data.get(split)) if split in data else None
+        if data[split] is None:
+            data.pop(split)
+    if isinstance(data.get("train"), list):
+        for source in data["train"]:
+            if isinstance(source, dict) and "path" in source:
+                source["path"] = resolved(source["path"])
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
@@ -209,11 +288,13 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bo
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         problems.extend(_describe(e) for e in err.errors())
+    problems.extend(_stage_section_problems(raw))
     if recipe is not None and check_files:
-        for split in ("train", "validation", "test"):
-            file = getattr(recipe.data, split)
-            if file is not None and not Path(file).is_file():
-                problems.append(f"data.{split}: file {file} does not exist")
+        for split, sources in recipe.data.files().items():
+            for source in sources:
+                folder_allowed = recipe.stage == "pretrain" and split != "test"
+                if not (source.path.is_file() or folder_allowed and source.path.is_dir()):
+                    problems.append(f"data.{split}: file {source.path} does not exist")
         if recipe.train.batch_size % recipe.train.grad_accum:
             problems.append("train.batch_size must be a multiple of train.grad_accum")
     if problems:
@@ -223,6 +304,11 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bo
     return recipe
 
 
+def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Every setting with its default filled in, without the sections of stages the recipe does not run."""
+    return recipe.model_dump(mode="json", exclude={stage for stage in STAGES if stage != recipe.stage})
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, as saved in a run folder."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+    return yaml.safe_dump(resolved_recipe(recipe), allow_unicode=True, sort_keys=False)

@@ -48,3 +48,10 @@ class DataError(ShitateError):
         if more > 0:
             shown.append(f"… and {more} more problems")
         super().__init__("\n".join(shown))
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (Ctrl-C) after saving a checkpoint; the CLI exits 130, as a shell does for SIGINT.
+
+    Not a ShitateError: nothing went wrong, and the message says how to continue.
+    """

@@ -143,9 +143,9 @@ def test_dry_run_reports_speed_memory_and_time_and_keeps_nothing(tmp_path, tiny_
 
 
 def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model, monkeypatch):
-    from shitate.train import sft
+    from shitate.train import session
 
-    monkeypatch.setattr(sft, "available_bytes", lambda device: 1_000)
+    monkeypatch.setattr(session, "available_bytes", lambda device: 1_000)
     result = train(make_recipe(tmp_path, tiny_model), tmp_path / "run")
     assert isinstance(result.exception, ConfigError)
     message = str(result.exception)

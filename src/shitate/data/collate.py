@@ -77,17 +77,22 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_batch(examples: list[Example], capacity: int, pad_id: int, device: Any) -> dict[str, Any]:
     """Pack examples into rows; the result carries `packed_lengths` (example lengths per row)."""
     rows = best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
-    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    return rows_batch([[examples[i] for i in row] for row in rows], pad_id, device)
+
+
+def rows_batch(rows: list[list[Example]], pad_id: int, device: Any) -> dict[str, Any]:
+    """Each row's examples end to end, position ids restarting at each, padded to the widest row."""
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     packed_lengths = []
     for r, row in enumerate(rows):
         start, lengths = 0, []
-        for i in row:
-            n = len(examples[i]["input_ids"])
-            ids[r, start:start + n] = torch.tensor(examples[i]["input_ids"])
-            labels[r, start:start + n] = torch.tensor(examples[i]["labels"])
+        for example in row:
+            n = len(example["input_ids"])
+            ids[r, start:start + n] = torch.tensor(example["input_ids"])
+            labels[r, start:start + n] = torch.tensor(example["labels"])
             positions[r, start:start + n] = torch.arange(n)
             lengths.append(n)
             start += n
@@ -97,3 +102,54 @@ def pack_batch(examples: list[Example], capacity: int, pad_id: int, device: Any)
         packed_lengths.append(lengths)
     return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device),
             "packed_lengths": packed_lengths}
+
+
+def loss_positions(example: Example) -> int:
+    """Positions whose next token carries a label: the terms a loss over this example averages."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
+
+
+def documents_to_rows(documents: list[list[int]], block_size: int) -> list[Example]:
+    """Token streams of documents end to end, cut into rows of block_size; each row lists its pieces' lengths.
+
+    Every token is labelled except the first of each piece, which no earlier token of the same
+    document precedes within the row (attention does not cross pieces).
+    """
+    rows: list[Example] = []
+    ids: list[int] = []
+    segments: list[int] = []
+    for document in documents:
+        start = 0
+        while start < len(document):
+            piece = document[start:start + block_size - len(ids)]
+            ids += piece
+            segments.append(len(piece))
+            start += len(piece)
+            if len(ids) == block_size:
+                rows.append(_row(ids, segments))
+                ids, segments = [], []
+    if ids:
+        rows.append(_row(ids, segments))
+    return rows
+
+
+def _row(ids: list[int], segments: list[int]) -> Example:
+    labels = list(ids)
+    start = 0
+    for length in segments:
+        labels[start] = IGNORE_INDEX
+        start += length
+    return {"input_ids": ids, "labels": labels, "segments": segments}
+
+
+def segments_batch(rows: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
+    """A batch of rows made by documents_to_rows, attending piece by piece."""
+    pieces = []
+    for row in rows:
+        start, split = 0, []
+        for length in row["segments"]:
+            split.append({"input_ids": row["input_ids"][start:start + length],
+                          "labels": row["labels"][start:start + length]})
+            start += length
+        pieces.append(split)
+    return rows_batch(pieces, pad_id, device)

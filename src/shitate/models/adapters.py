@@ -1,10 +1,32 @@
-"""Attach what is trained: a LoRA adapter through PEFT, or every weight for a full fine-tune."""
+"""What is trained: a LoRA-family adapter through PEFT (lora, dora, loraplus, qlora), or every weight.
+
+LoRA+ differs from LoRA only in the optimizer (B matrices learn faster), which the training
+session builds; QLoRA differs in how the base is loaded (4-bit NF4, `load.load_model`).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from shitate.config import AdapterSpec
+from shitate.errors import ConfigError
+from shitate.progress import say
+
+
+def check_supported(spec: AdapterSpec, device_type: str) -> None:
+    """Refuse a method this machine cannot train, before anything loads, naming what is missing."""
+    if spec.method != "qlora":
+        return
+    missing = []
+    if device_type != "cuda":
+        missing.append("a CUDA GPU (this machine trains on the CPU)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install 'shitate[qlora]')")
+    if missing:
+        raise ConfigError("adapter.method qlora loads the base in 4-bit NF4 through bitsandbytes, which needs "
+                          + " and ".join(missing) + ". On this machine use adapter.method: lora — the frozen base is "
+                          "kept in bf16 where the hardware has it, which is what QLoRA's memory saving is measured against.")
 
 
 def attach(model: Any, spec: AdapterSpec) -> Any:
@@ -15,9 +37,32 @@ def attach(model: Any, spec: AdapterSpec) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=spec.targets, task_type="CAUSAL_LM")
+    if spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and enables input gradients, as QLoRA training needs; checkpointing is the recipe's choice.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets,
+                        task_type="CAUSAL_LM", use_dora=spec.method == "dora")
     return get_peft_model(model, config)
+
+
+def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, activation_checkpointing: bool) -> Any:
+    """Packed attention, the adapter, the lean forwards and checkpointing, in the order they must be applied."""
+    from shitate.models.attention import use_packed_attention
+    from shitate.models.lean import make_lean
+
+    if packed_attention:
+        use_packed_attention(model)
+    model = attach(model, spec)
+    lean = make_lean(model)
+    if lean.skipped_adapters:
+        say(f"[yellow]note:[/] {lean.skipped_adapters} adapted layers ({spec.method}) run PEFT's own forward, not "
+            "shitate's lean one (it supports plain LoRA on full-precision linear layers): expect more memory "
+            "per token than with adapter.method lora.")
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def trainable_state(model: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from shitate.config import GenerateSpec
 from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
 from shitate.models.load import ModelSource, load_model, load_tokenizer, pick_precision, resolve
 from shitate.progress import status
+from shitate.runs import RunFolder
 
 
 @dataclass
@@ -32,9 +33,7 @@ def load_for_inference(reference: str, template: str = "auto", dtype: Any = None
     with status(f"Loading {reference}…"):
         source = resolve(reference)
         if source.run is not None and template == "auto":
-            import yaml
-
-            template = yaml.safe_load((source.run / "recipe.yaml").read_text(encoding="utf-8")).get("template", "auto")
+            template = RunFolder(source.run).recipe_setting("template", "auto")
         tokenizer = load_tokenizer(source)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or (torch.bfloat16 if pick_precision("auto", device) == "bf16" else torch.float32)

@@ -16,6 +16,7 @@ their parameters and their saved files are untouched, so PEFT still saves and lo
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,19 +141,30 @@ def _lean_gemma_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_GatedGelu.apply(self.gate_proj(x), self.up_proj(x)))
 
 
-def make_lean(model: nn.Module) -> int:
-    """Swap in the lean forwards where they apply (plain LoRA linear layers, Gemma RMSNorms); return how many."""
+@dataclass(frozen=True)
+class LeanReport:
+    """What make_lean swapped, and how many adapted layers it had to leave to PEFT (DoRA, quantised bases)."""
+
+    swapped: int
+    skipped_adapters: int
+
+
+def make_lean(model: nn.Module) -> LeanReport:
+    """Swap in the lean forwards where they apply (plain LoRA linear layers, Gemma RMSNorms and MLPs)."""
+    from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    swapped = 0
+    swapped = skipped = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and not module.lora_variant and isinstance(module.base_layer, nn.Linear):
+        if isinstance(module, LoraLinear) and not module.lora_variant and type(module.base_layer) is nn.Linear:
             module.forward = types.MethodType(_lean_lora_forward, module)
             swapped += 1
+        elif isinstance(module, LoraLayer):
+            skipped += 1
         elif type(module).__name__ in ("Gemma3RMSNorm", "Gemma2RMSNorm", "GemmaRMSNorm"):
             module.forward = types.MethodType(_lean_gemma_norm_forward, module)
             swapped += 1
         elif type(module).__name__ == "Gemma3MLP" and getattr(module.config, "hidden_activation", None) == "gelu_pytorch_tanh":
             module.forward = types.MethodType(_lean_gemma_mlp_forward, module)
             swapped += 1
-    return swapped
+    return LeanReport(swapped, skipped)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from shitate.errors import ModelError
 from shitate.models.store import DEFAULT_MODEL, convert_gguf, default_model_folder
 from shitate.progress import quiet_libraries
+from shitate.runs import RunFolder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -31,7 +32,8 @@ class ModelSource:
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+    """A finished shitate run (recipe and final weights)."""
+    return RunFolder(path).is_finished()
 
 
 def resolve(reference: str, progress: bool = True) -> ModelSource:
@@ -40,20 +42,17 @@ def resolve(reference: str, progress: bool = True) -> ModelSource:
         return ModelSource("default", reference, str(default_model_folder(progress)))
     path = Path(reference).expanduser()
     if path.is_dir():
-        if is_run_folder(path):
-            from shitate.config import Recipe  # local: config is light, but keep load.py's imports minimal
-            import yaml
-
-            recipe = Recipe.model_validate(yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")))
-            if (path / "model").is_dir():
-                return ModelSource("run", reference, str(path / "model"), run=path)
-            base = resolve(recipe.model, progress)
-            return ModelSource("run", reference, base.folder, adapter=path / "adapter", run=path)
+        run = RunFolder(path)
+        if run.is_finished():
+            final = run.final_dir()
+            if final is not None and final.name == "model":
+                return ModelSource("run", reference, str(final), run=path)
+            base = resolve(run.recipe_setting("model", DEFAULT_MODEL), progress)
+            return ModelSource("run", reference, base.folder, adapter=final, run=path)
         if (path / "config.json").is_file():
             return ModelSource("folder", reference, str(path))
-        if (path / "checkpoints").is_dir():
-            raise ModelError(f"{path}: this run has no final adapter yet (it did not finish). "
-                             f"Resume it with `shitate train {path / 'recipe.yaml'} --resume --out {path}`.")
+        if run.is_started():
+            raise run.unfinished_error()
         raise ModelError(f"{path}: not a model folder (no config.json) and not a finished shitate run folder.")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -104,15 +103,26 @@ def load_config(source: ModelSource) -> Any:
         raise _load_error(source, err) from None
 
 
-def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False) -> Any:
-    """A causal LM from a source; a run folder's adapter is attached (and merged if asked)."""
+def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False, four_bit: bool = False) -> Any:
+    """A causal LM from a source; a run folder's adapter is attached (and merged if asked).
+
+    `four_bit` loads the linear layers as NF4 through bitsandbytes (QLoRA), computing in `dtype`.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
+    extra: dict[str, Any] = {}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+        extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype or torch.float32,
-                                                     local_files_only=source.kind != "hub")
+                                                     local_files_only=source.kind != "hub", **extra)
     except OSError as err:
         raise _load_error(source, err) from None
     if source.adapter is not None:

@@ -1,0 +1,89 @@
+"""Stage pretrain — continued pretraining: raw text in, loss on every token, perplexity before and after.
+
+Reads top to bottom: session → tokenizer and documents → model and adapter → the shared loop
+(train/loop.py), validating once before the first step → save. What the stage brings: its
+record type (text JSONL, .txt/.md files or folders, mixed by weight), its batch builder
+(documents end to end in full rows of pretrain.block_size, each attending only within its own
+document) and the same chunked cross-entropy as sft, over every token.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+from shitate.config import Recipe
+from shitate.data.collate import Example, documents_to_rows, loss_positions, segments_batch
+from shitate.data.mix import mix
+from shitate.data.text import Document, read_documents
+from shitate.memory import release_memory
+from shitate.models.adapters import prepare_for_training
+from shitate.models.load import load_config, load_model, load_tokenizer, resolve
+from shitate.progress import say, status
+from shitate.train.loop import fit
+from shitate.train.losses import AnswerLoss
+from shitate.train.session import Objective, Session
+
+
+def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
+        dry_run: bool = False) -> Path:
+    """Continue pretraining as `recipe` says; return the run folder."""
+    session = Session(recipe, out, resume, force, dry_run)
+    block_size = recipe.pretrain.block_size
+    with status(f"Loading {recipe.model} and the text…"):
+        source = resolve(recipe.model)
+        tokenizer = load_tokenizer(source)
+        config = load_config(source)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        documents, shares = mix(recipe.data.train_sources(), read_documents, recipe.train.seed)
+        train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size)
+        validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size)
+                          if recipe.data.validation else [])
+        del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
+        release_memory()
+        model = load_model(source, dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
+    model = prepare_for_training(model, recipe.adapter, packed_attention=True,
+                                 activation_checkpointing=recipe.train.activation_checkpointing)
+
+    tokens = sum(len(row["input_ids"]) for row in train_set)
+    objective = session.start(
+        model, Objective(AnswerLoss(model, compute_dtype=session.compute_dtype),
+                         make_batch=functools.partial(_make_batch, pad_id=pad_id), loss_terms=loss_positions,
+                         validation_metrics=perplexity_metrics),
+        train_set, config,
+        summary=f"{source.kind} model {recipe.model}, {len(documents)} documents ({tokens:,} tokens) in "
+                f"{len(train_set)} rows of up to {block_size} tokens, {len(validation_set)} validation rows",
+        model_source={"kind": source.kind, "folder": source.folder}, train_tokens=tokens,
+        **({"data_mix": [s.as_dict(len(documents)) for s in shares]} if recipe.data.is_mixed() else {}))
+
+    fitted = fit(session, objective, train_set, validation_set, validate_first=True)
+    if dry_run:
+        return session.report_dry_run(objective, sum(len(r["input_ids"]) for r in validation_set), fitted.tokens,
+                                      fitted.step_seconds)
+    # Read back from metrics.jsonl: a resumed run measured "before" in its first life.
+    perplexities = [r["val_perplexity"] for r in session.run.metrics() if "val_perplexity" in r]
+    facts = {"perplexity": {"before": perplexities[0], "after": perplexities[-1]}} if perplexities else {}
+    if perplexities:
+        say(f"Perplexity on the held-out text: {perplexities[0]:.2f} before, {perplexities[-1]:.2f} after training.")
+
+    return session.finish(model, source, fitted.tokens, fitted.seconds, fitted.steps, **facts)
+
+
+def encode_documents(documents: list[Document], tokenizer: Any) -> list[list[int]]:
+    """Each document as <bos> text <eos>, so the model learns where documents begin and end."""
+    texts = [d.text for d in documents]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [bos + ids + eos for ids in encoded]
+
+
+def perplexity_metrics(loss: float) -> dict[str, float]:
+    """Validation loss per token and its perplexity (exp of it)."""
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _make_batch(rows: list[Example], device: Any, pad_id: int) -> dict[str, Any]:
+    return segments_batch(rows, pad_id, device)

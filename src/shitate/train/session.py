@@ -1,0 +1,310 @@
+"""The training session every stage runs in; the stage brings a model, its examples and an Objective.
+
+A session owns what is the same for every stage: the run folder (created, resumed, never
+overwritten without --force), accelerate (device, data-parallel wrapping), precision, the
+optimizer and schedule, checkpoints with every random state, the interrupt request, metrics,
+the memory check before a run starts, and the dry-run report. The step loop that drives it is
+`train/loop.py`; a stage (`train/sft.py`, `train/pretrain.py`) reads top to bottom and calls both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe
+from shitate.data.collate import Example, split_by_tokens
+from shitate.errors import ConfigError, TrainingInterrupted
+from shitate.memory import available_bytes, bound_kernel_caches, peak_rss_bytes, training_bytes
+from shitate.models.adapters import check_supported, count_parameters, trainable_state
+from shitate.models.load import ModelSource, load_tokenizer, pick_precision
+from shitate.progress import say
+from shitate.runs import RunFolder
+from shitate.train.losses import AnswerLoss
+
+
+@dataclass
+class Objective:
+    """What a stage contributes to the shared loop.
+
+    `module(**make_batch(examples, device))` returns (summed loss, number of loss terms) for one
+    micro-batch; it is what accelerate wraps, so data-parallel gradients sync as usual. A step's
+    loss is the sum over its micro-batches divided by the loss terms of all its examples.
+    """
+
+    module: torch.nn.Module
+    make_batch: Callable[[list[Example], Any], dict[str, Any]]
+    loss_terms: Callable[[Example], int]
+    packed: bool = True  # micro-batches are sized by tokens end to end (packed) or count × longest (padded)
+    validation_metrics: Callable[[float], dict[str, float]] = field(default=lambda loss: {"val_loss": loss})
+
+
+class Session:
+    """One run of one stage: set up with the recipe, driven by `loop.fit`, closed with `finish`."""
+
+    def __init__(self, recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
+                 dry_run: bool = False) -> None:
+        from accelerate import Accelerator
+
+        bound_kernel_caches()
+        self.recipe, self.spec, self.dry_run = recipe, recipe.train, dry_run
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        check_supported(recipe.adapter, self.device.type)  # before anything is written or loaded
+        self.precision = pick_precision(self.spec.precision, self.device.type)
+        self.bf16 = self.precision == "bf16"
+        self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        if dry_run:
+            self.run = RunFolder(tempfile.mkdtemp(prefix="shitate-dry-run-"))
+            resume, force = False, True
+        else:
+            self.run = RunFolder(out or Path("runs") / recipe.name)
+        # Checked now, changed in start(): a mistake found while reading the data must not cost the old run.
+        self.resume, self.resume_from = resume, self.run.check_start(recipe, resume, force) if self.is_main else None
+        torch.manual_seed(self.spec.seed)
+        random.seed(self.spec.seed)
+        self.start_step = 0
+        self.stop_requested: Callable[[], bool] = lambda: False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --- before the loop ------------------------------------------------------------------------
+    def base_dtype(self) -> torch.dtype:
+        """A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters."""
+        return torch.bfloat16 if self.bf16 and self.recipe.adapter.method != "full" else torch.float32
+
+    def start(self, model: torch.nn.Module, objective: Objective, train_set: list[Example], config: Any,
+              summary: str, **manifest_facts: Any) -> Objective:
+        """Check memory, build optimizer and schedule, restore a checkpoint, wrap for the device; return the
+        objective with its module ready to train."""
+        self.model, self.config, self.train_set = model, config, train_set
+        self.trainable, self.total = count_parameters(model)
+        self._check_memory(objective)
+        # One process owns the run folder; the others wait until it is ready.
+        if self.is_main and not self.resume:
+            self.run.create(self.recipe)
+        self.accelerator.wait_for_everyone()
+        if self.resume and not self.is_main:
+            self.resume_from = self.run.latest_checkpoint()
+        self.steps_per_epoch = math.ceil(len(train_set) / self.spec.batch_size)
+        self.planned_steps = min(self.spec.max_steps or 10**12, self.steps_per_epoch * self.spec.epochs)
+        self.total_steps = min(self.planned_steps, 2) if self.dry_run else self.planned_steps
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = self._optimizer(model)
+        self.scheduler = self._scheduler()
+        if self.resume_from is not None:
+            self.start_step = self._restore(self.resume_from)
+            if self.is_main:
+                self.run.forget_metrics_after(self.start_step)
+            say(f"Resuming {self.run.path} from {self.resume_from.name}.")
+        module, self.optimizer = self.accelerator.prepare(objective.module, self.optimizer)
+        say(f"[bold]{self.recipe.name}[/]: {summary}, {self.precision}, {self.recipe.adapter.method} "
+            f"({self.trainable:,} of {self.total:,} parameters trained), {self.planned_steps} steps on {self.device}.")
+        if self.is_main:
+            self.run.write_manifest(self.recipe, precision=self.precision, device=str(self.device),
+                                    processes=self.accelerator.num_processes,
+                                    parameters={"trainable": self.trainable, "total": self.total},
+                                    total_steps=self.planned_steps, **manifest_facts)
+        return dataclasses.replace(objective, module=module)
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        adapter = self.recipe.adapter
+        if adapter.method == "loraplus":
+            # PEFT's LoRA+ optimizer: the same AdamW, with B matrices in a group of ratio × the learning rate.
+            from peft.optimizers import create_loraplus_optimizer
+
+            return create_loraplus_optimizer(model, torch.optim.AdamW, lr=self.spec.learning_rate,
+                                             loraplus_lr_ratio=adapter.loraplus_ratio,
+                                             weight_decay=self.spec.weight_decay)
+        return torch.optim.AdamW(self.parameters, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
+
+    def _scheduler(self) -> Any:
+        from transformers import get_scheduler
+
+        return get_scheduler(self.spec.lr_scheduler, self.optimizer,
+                             num_warmup_steps=round(self.spec.warmup_ratio * self.planned_steps),
+                             num_training_steps=self.planned_steps)
+
+    # --- micro-batches and memory ---------------------------------------------------------------
+    def micro_batch_budget(self) -> int | None:
+        """Tokens per micro-batch: the recipe's number, or for auto a CPU default (GPUs take whole steps)."""
+        if self.spec.micro_batch_tokens == "auto":
+            return CPU_MICRO_BATCH_TOKENS if self.device.type == "cpu" else None
+        return self.spec.micro_batch_tokens
+
+    def micro_batches(self, examples: list[Example], packed: bool) -> list[list[Example]]:
+        """A step's examples in grad_accum groups, each cut further to the micro-batch budget if there is one."""
+        size = math.ceil(len(examples) / self.spec.grad_accum)
+        groups = [examples[i:i + size] for i in range(0, len(examples), size)]
+        budget = self.micro_batch_budget()
+        if budget:
+            groups = [part for group in groups for part in split_by_tokens(group, budget, packed=packed)]
+        return groups
+
+    def _largest_micro_batch(self, examples: list[Example], packed: bool) -> int:
+        """The most tokens one micro-batch can hold: padded to its longest, or end to end."""
+        micro = math.ceil(self.spec.batch_size / self.spec.grad_accum)
+        longest = sorted((len(e["input_ids"]) for e in examples), reverse=True)[:micro]
+        padded = micro * longest[0]
+        budget = self.micro_batch_budget()
+        if budget:
+            padded = max(longest[0], min(padded, budget))
+        return min(padded, sum(longest)) if packed else padded
+
+    def _training_bytes(self, objective: Objective) -> int:
+        return training_bytes(self.config, self.precision, self._largest_micro_batch(self.train_set, objective.packed),
+                              self.trainable, self.recipe.adapter.method == "full", loss_chunk=AnswerLoss.chunk_size,
+                              checkpointing=self.spec.activation_checkpointing)
+
+    def _check_memory(self, objective: Objective) -> None:
+        """Refuse a run that would not fit, before it spends any time."""
+        needed, free = self._training_bytes(objective), available_bytes(self.device.type)
+        if needed > free:
+            spec = self.spec
+            raise ConfigError(
+                f"this run needs about {needed / 1e9:.1f} GB more memory but {free / 1e9:.1f} GB is free on "
+                f"{self.device.type}. Lower train.micro_batch_tokens (now {spec.micro_batch_tokens}) to split each "
+                f"step into smaller passes, or train.batch_size (now {spec.batch_size}) or train.max_length "
+                f"(now {spec.max_length}); `shitate train RECIPE --dry-run` measures a setting in two steps.")
+
+    # --- during the loop ------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            self.run.append_metrics(record)
+
+    def checkpoint(self, step: int, epoch: int) -> None:
+        """Save everything needed to continue exactly from `step`, random states included."""
+        if not self.is_main:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "random": random_states()}
+        self.run.save_checkpoint(step, trainable_state(self.model), state, {"epoch": epoch},
+                                 keep=self.spec.keep_checkpoints)
+
+    def _restore(self, folder: Path) -> int:
+        tensors, state, progress = self.run.read_checkpoint(folder)
+        parameters = dict(self.model.named_parameters())
+        missing = [name for name in tensors if name not in parameters]
+        if missing:
+            raise ConfigError(f"{folder}: checkpoint tensors {missing[:3]} are not in the model; was it written by "
+                              "another recipe? Start again with --force.")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_random_states(state["random"])
+        return int(progress["step"])
+
+    @contextlib.contextmanager
+    def interrupts(self) -> Iterator[None]:
+        """First Ctrl-C: finish the step, checkpoint and stop. Second: stop at once."""
+        requested = {"stop": False}
+
+        def handler(signum: int, frame: Any) -> None:
+            if requested["stop"]:
+                raise KeyboardInterrupt
+            requested["stop"] = True
+            say("[yellow]Stopping after this step and saving a checkpoint (Ctrl-C again to abort now)…")
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        self.stop_requested = lambda: requested["stop"]
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def stop(self, step: int) -> None:
+        raise TrainingInterrupted(f"Stopped at step {step}; checkpoint saved. Continue with: "
+                                  f"shitate train RECIPE --resume --out {self.run.path}")
+
+    # --- after the loop -------------------------------------------------------------------------
+    def unwrapped(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(module)
+
+    def finish(self, model: torch.nn.Module, source: ModelSource, tokens: int, seconds: float, steps: int,
+               **facts: Any) -> Path:
+        """Loss plot, final weights (adapter/, or model/ with its tokenizer; written atomically), closing manifest."""
+        kind = "model" if self.recipe.adapter.method == "full" else "adapter"
+        if self.is_main:
+            self.run.plot_loss()
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("sdpa")  # packed attention is a training device; the saved model is plain
+
+            def save(folder: Path) -> None:
+                model.save_pretrained(folder, safe_serialization=True)
+                if kind == "model":
+                    load_tokenizer(source).save_pretrained(folder)
+
+            self.run.publish_final(kind, save)
+            self.run.write_manifest(self.recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                    steps=steps, train_tokens_per_s=round(tokens / max(seconds, 1e-9), 1),
+                                    peak_rss_gb=round(peak_rss_bytes() / 1e9, 2), **facts)
+        say(f"Done: {self.run.path} ({kind}, metrics.jsonl, loss.png).")
+        return self.run.path
+
+    def report_dry_run(self, objective: Objective, validation_tokens: int, tokens: int,
+                       step_seconds: list[float]) -> Path:
+        """Measured speed and memory of the first steps, and what the whole run would take; keep nothing."""
+        import shutil
+
+        shutil.rmtree(self.run.path, ignore_errors=True)
+        # The first step pays one-off costs (allocations, kernel choice); judge speed by the steps after it.
+        measured = step_seconds[1:] or step_seconds
+        per_step = sum(measured) / len(measured)
+        tokens_per_s = tokens / sum(step_seconds)
+        projected = self.planned_steps * per_step + validation_tokens * self.spec.epochs / (3 * tokens_per_s)
+        say(f"Dry run of {self.recipe.name} ({len(step_seconds)} steps, {self.precision}):\n"
+            f"  speed          {tokens_per_s:,.0f} tokens/s ({per_step:.2f} s a step)\n"
+            f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share "
+            f"{self._training_bytes(objective) / 1e9:.2f} GB)\n"
+            f"  whole run      {self.planned_steps} steps, about {_duration(projected)} including validation")
+        return self.run.path
+
+
+def random_states() -> dict[str, Any]:
+    """Every random generator a stage may draw from: torch's CPU and CUDA generators, Python's, NumPy's."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        states["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy
+
+        numpy.random.set_state(states["numpy"])
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
