@@ -18,23 +18,30 @@ MODEL_HELP = "gemma-3-270m (the default), a model folder, a .gguf file, a run fo
 
 @data_app.command("import")
 def data_import(
-    source: Path = typer.Argument(..., help="CSV/TSV, or JSONL in chat, alpaca, dolly, sharegpt or prompt/completion form"),
+    source: Path = typer.Argument(..., help="CSV/TSV; JSONL in chat, alpaca, dolly, sharegpt or prompt/completion "
+                                            "form; or a .txt/.md file or folder (→ text JSONL for stage pretrain)"),
     out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),
-    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv"),
+    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text"),
     system: Optional[str] = typer.Option(None, help="system prompt to put before every conversation"),
     question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
     answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
     skip_bad: bool = typer.Option(False, help="write the good records and list the bad ones instead of stopping"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
-    """Convert a data file to shitate's chat JSONL."""
+    """Convert a data file to shitate's chat JSONL, or .txt/.md files and folders to text JSONL (for pretrain)."""
     from shitate.data.formats import FORMATS, import_records, write_jsonl
+    from shitate.data.text import is_text_source, read_documents
     from shitate.errors import ShitateError
     from shitate.progress import say
 
-    if format not in FORMATS:
-        raise ShitateError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if format not in FORMATS + ("text",):
+        raise ShitateError(f"--format {format!r}: expected one of {', '.join(FORMATS + ('text',))}")
     _refuse_overwrite(out, force)
+    if format == "text" or (format == "auto" and is_text_source(source)):
+        documents = read_documents(source)
+        count = write_jsonl(out, ({"text": d.text, "source": d.source} for d in documents))
+        say(f"Wrote {count} text records to {out} (for stage pretrain).")
+        return
     records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad)
     for problem in skipped:
         say(f"[yellow]skipped[/] {problem}")
@@ -44,17 +51,18 @@ def data_import(
 
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="chat JSONL to validate"),
+    file: Path = typer.Argument(..., help="chat JSONL, or raw text (text JSONL, a .txt/.md file or folder) to validate"),
     model: str = typer.Option("gemma-3-270m", help=f"tokenizer for token counts and length checks: {MODEL_HELP}"),
     template: str = typer.Option("auto", help="chat template: auto, gemma, chatml, llama3, plain"),
-    max_length: int = typer.Option(512, help="warn about examples longer than this many tokens"),
+    max_length: int = typer.Option(512, help="warn about examples (or documents: the block size) longer than this"),
     system: Optional[str] = typer.Option(None, help="system prompt that training will add"),
     tokens: bool = typer.Option(True, help="count tokens (loads the model's tokenizer)"),
 ) -> None:
-    """List every problem of a data file (file:line: field: what — fix) and its statistics."""
-    from shitate.data.validate import check_file, histogram
+    """List every problem of a data file (file:line: field: what — fix) and its statistics; chats or raw text."""
+    from shitate.data.validate import check_file, check_text_file, histogram, is_text_data
     from shitate.progress import console
 
+    text = is_text_data(file)
     tokenizer = chat_template = None
     if tokens:
         from shitate.data.templates import get_template
@@ -62,13 +70,17 @@ def data_check(
 
         source = resolve(model)
         tokenizer = load_tokenizer(source)
-        chat_template = get_template(template, tokenizer, _model_type(source.folder))
-    report = check_file(file, tokenizer, chat_template, max_length, system)
+        chat_template = None if text else get_template(template, tokenizer, _model_type(source.folder))
+    if text:
+        report = check_text_file(file, tokenizer, max_length)
+    else:
+        report = check_file(file, tokenizer, chat_template, max_length, system)
     for problem in report.errors:
         console.print(f"[red]error[/] {problem}", highlight=False)
     for problem in report.warnings:
         console.print(f"[yellow]warning[/] {problem}", highlight=False)
-    console.print(f"\n[bold]{file}[/]: {report.records} valid conversations, {len(report.errors)} errors, "
+    console.print(f"\n[bold]{file}[/]: {report.records} valid {'documents' if text else 'conversations'}, "
+                  f"{len(report.errors)} errors, "
                   f"{len(report.warnings)} warnings, {report.duplicates} repeated.")
     if report.turns:
         console.print("turns by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.turns.items())))

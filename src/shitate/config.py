@@ -209,6 +209,22 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field}: {message} (got {error.get('input')!r})"
 
 
+def _one_error_per_union(errors: list[Any]) -> list[dict[str, Any]]:
+    """pydantic reports a union (`data.train`: a path or a list of sources) once per member; keep the one meant."""
+    cleaned = [{**e, "loc": tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))} for e in errors]
+    kept = []
+    for error in cleaned:
+        deeper = any(len(o["loc"]) > len(error["loc"]) and o["loc"][:len(error["loc"])] == error["loc"] for o in cleaned)
+        if error["type"] == "path_type" and (deeper or isinstance(error.get("input"), (list, int, float))):
+            if deeper:
+                continue
+            error = {**error, "msg": "give a file path, or a list of {path, weight} sources"}
+        if error["type"] == "list_type" and any(o["type"] == "path_type" and o["loc"] == error["loc"] for o in cleaned):
+            continue
+        kept.append(error)
+    return kept
+
+
 def _stage_section_problems(raw: dict[str, Any]) -> list[str]:
     """A section of settings for a stage other than the recipe's own is a mistake, not something to ignore."""
     stage = raw.get("stage", "sft")
@@ -284,10 +300,11 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bo
     """Validate a recipe mapping, collecting schema and file problems together."""
     problems: list[str] = []
     recipe: Recipe | None = None
+    raw = {key: value for key, value in raw.items() if not (key in STAGES and value is None)}  # `--set pretrain=null`
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_describe(e) for e in err.errors())
+        problems.extend(dict.fromkeys(_describe(e) for e in _one_error_per_union(err.errors())))
     problems.extend(_stage_section_problems(raw))
     if recipe is not None and check_files:
         for split, sources in recipe.data.files().items():

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -194,3 +195,100 @@ def test_answers_are_checked_during_training(tmp_path, tiny_model):
     checks = [m for m in metrics(tmp_path / "run") if "eval_chrF" in m]
     assert [m["step"] for m in checks] == [4, 8]
     assert all(0 <= m["eval_rubric/yo"] <= 1 and m["eval_chrF"] >= 0 for m in checks)
+
+
+def test_each_adapter_method_trains_with_a_falling_loss(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    for method, learning_rate in (("dora", 3e-2), ("loraplus", 3e-3), ("full", 1e-3)):
+        run = tmp_path / method
+        result = train(recipe, run, "--set", f"adapter.method={method}", "--set", f"train.learning_rate={learning_rate}")
+        assert result.exit_code == 0, result.output
+        losses = [m["loss"] for m in metrics(run) if "loss" in m]
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, (method, losses)
+        if method == "dora":
+            # DoRA layers run PEFT's forward; training says so instead of pretending to be lean.
+            assert "run PEFT's own forward" in " ".join(result.output.split())
+            assert "lora_magnitude_vector" in "".join(load_file(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_loraplus_trains_the_b_matrices_at_ratio_times_the_learning_rate(tmp_path, tiny_model):
+    from shitate.runs import RunFolder
+
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, tiny_model), run, "--set", "adapter.method=loraplus", "--set",
+                 "adapter.loraplus_ratio=8", "--set", "train.max_steps=1", "--set", "train.checkpoint_every=1").exit_code == 0
+    _, state, _ = RunFolder.read_checkpoint(RunFolder(run).latest_checkpoint())
+    groups = [g for g in state["optimizer"]["param_groups"] if g["params"]]
+    rates = sorted({g["initial_lr"] for g in groups})  # the schedule scales every group alike from here
+    assert len(rates) == 2 and rates[1] == pytest.approx(8 * rates[0])
+    # 2 layers × 7 adapted linears: 14 A matrices at the base rate, 14 B matrices at 8 times it.
+    assert [sum(len(g["params"]) for g in groups if g["initial_lr"] == rate) for rate in rates] == [14, 14]
+
+
+def test_qlora_without_a_gpu_is_refused_before_anything_loads(tmp_path, tiny_model):
+    import torch as torch_module
+
+    if torch_module.cuda.is_available():
+        return  # the refusal is for machines without CUDA; on a GPU the method trains
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model), run, "--set", "adapter.method=qlora")
+    assert isinstance(result.exception, ConfigError)
+    assert "needs a CUDA GPU (this machine trains on the CPU)" in str(result.exception)
+    assert "adapter.method: lora" in str(result.exception) and not run.exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_same_run(tmp_path, tiny_model, monkeypatch):
+    import contextlib
+    import sys
+
+    from shitate import cli
+    from shitate.train.session import Session
+
+    recipe = make_recipe(tmp_path, tiny_model)
+    assert train(recipe, tmp_path / "full").exit_code == 0
+    original = Session.interrupts
+
+    @contextlib.contextmanager
+    def interrupted_at_step_5(self):
+        with original(self):
+            self.stop_requested = lambda: sum("loss" in r for r in self.run.metrics()) >= 5  # five steps logged
+            yield
+
+    monkeypatch.setattr(Session, "interrupts", interrupted_at_step_5)
+    monkeypatch.setattr(sys, "argv", ["shitate", "train", str(recipe), "--out", str(tmp_path / "stopped")])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["step-3", "step-5"]
+    monkeypatch.setattr(Session, "interrupts", original)
+    assert train(recipe, tmp_path / "stopped", "--resume").exit_code == 0
+    expected = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
+    for name in expected:  # dropout draws included: the random states came back with the checkpoint
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_checkpoints_keep_every_random_state(tmp_path, tiny_model):
+    from shitate.runs import RunFolder
+
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, tiny_model), run, "--set", "train.max_steps=3").exit_code == 0
+    _, state, progress = RunFolder.read_checkpoint(RunFolder(run).latest_checkpoint())
+    assert {"torch", "python"} <= state["random"].keys() and progress["step"] == 3
+    assert {"optimizer", "scheduler"} <= state.keys()
+
+
+def test_mixed_sources_are_drawn_by_weight_and_reported_in_the_manifest(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    general = [{"messages": [{"role": "user", "content": f"こんにちは{i}"}, {"role": "assistant", "content": "こんにちは。"}]}
+               for i in range(40)]
+    write_jsonl(tmp_path / "general.jsonl", general)
+    result = train(recipe, tmp_path / "run", "--set", "data.train=[{path: train.jsonl}, {path: general.jsonl, weight: 0.2}]",
+                   "--set", "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    mix = {Path(s["path"]).name: s for s in manifest["data_mix"]}
+    assert mix["train.jsonl"]["used"] == 24 and mix["general.jsonl"]["used"] == 8
+    assert mix["general.jsonl"]["share"] == 0.25 and [Path(s["path"]).name for s in manifest["data"]["train"]] == [
+        "train.jsonl", "general.jsonl"]
+    assert "data mix: train.jsonl 24 (75%), general.jsonl 8 (25%)" in " ".join(result.output.split())

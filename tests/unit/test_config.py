@@ -29,7 +29,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
         load_recipe(path)
     message = str(err.value)
     assert "3 problem(s)" in message
-    assert "stage: 'dpo' is not available yet" in message
+    assert "stage: 'dpo' is not available yet; this version trains stages sft, pretrain" in message
     assert "train.epochs" in message and "train.batchsize: unknown setting; did you mean `batch_size`?" in message
 
 
@@ -71,7 +71,51 @@ def test_broken_yaml_names_the_line(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("recipe", sorted(REPO.glob("examples/*/recipe.yaml")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("recipe", sorted(REPO.glob("examples/*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_example_recipe_parses(recipe):
     loaded = load_recipe(recipe, check_files=False)
     assert loaded.name == yaml.safe_load(recipe.read_text(encoding="utf-8"))["name"]
+
+
+def test_a_stage_section_takes_only_its_own_settings(tmp_path):
+    path = write_recipe(tmp_path, "name: x\nstage: pretrain\ndata: {train: train.jsonl}\npretrain: {block_size: 128}\n")
+    assert load_recipe(path).pretrain.block_size == 128
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, ["pretrain.blok_size=64", "train.packing=true", "sft.packing=false"])
+    message = str(err.value)
+    assert "pretrain.blok_size: unknown setting; did you mean `block_size`?" in message
+    assert "train.packing: unknown setting here; packing belongs to stage sft (sft.packing)" in message
+    assert "sft: settings for stage sft, but this recipe's stage is pretrain" in message
+
+
+def test_a_setting_of_another_stage_is_named_with_its_home(tmp_path):
+    path = write_recipe(tmp_path, "name: x\ndata: {train: train.jsonl}\nsft: {block_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"sft.block_size: unknown setting here; block_size belongs to stage pretrain"):
+        load_recipe(path)
+
+
+def test_the_saved_recipe_holds_only_its_own_stage_section(tmp_path):
+    from shitate.config import dump_recipe
+
+    saved = yaml.safe_load(dump_recipe(load_recipe(write_recipe(tmp_path, "name: x\ndata: {train: train.jsonl}\n"))))
+    assert "sft" in saved and "pretrain" not in saved and saved["sft"]["packing"] == "auto"
+
+
+def test_mixed_training_sources_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "general.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
+    path = write_recipe(tmp_path, "name: x\ndata:\n  train:\n    - {path: train.jsonl}\n"
+                                  "    - {path: general.jsonl, weight: 0.5}\n    - {path: gone.jsonl, weight: 0}\n")
+    with pytest.raises(ConfigError, match=r"data.train.2.weight: Input should be greater than 0 \(got 0\)"):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match=r"data.train: file .*gone.jsonl does not exist"):
+        load_recipe(path, ["data.train=[{path: train.jsonl}, {path: gone.jsonl, weight: 2}]"])
+    recipe = load_recipe(path, ["data.train=[{path: train.jsonl}, {path: general.jsonl, weight: 0.5}]"])
+    assert [(s.path, s.weight) for s in recipe.data.train_sources()] == [
+        ((tmp_path / "train.jsonl").resolve(), 1.0), ((tmp_path / "general.jsonl").resolve(), 0.5)]
+
+
+def test_adapter_methods_are_the_five_the_docs_name(tmp_path):
+    path = write_recipe(tmp_path, "name: x\ndata: {train: train.jsonl}\n")
+    for method in ("lora", "dora", "loraplus", "qlora", "full"):
+        assert load_recipe(path, [f"adapter.method={method}"]).adapter.method == method
+    assert load_recipe(path, ["adapter.method=loraplus", "adapter.loraplus_ratio=8"]).adapter.loraplus_ratio == 8

@@ -210,6 +210,10 @@ def read_chat(path: Path) -> list[dict[str, Any]]:
         if isinstance(obj, Problem):
             problems.append(obj)
             continue
+        if isinstance(obj, dict) and "text" in obj and "messages" not in obj:
+            problems.append(Problem(path, line, "messages", "missing: this is a raw-text record, and stage sft trains "
+                                    "on chats", "for continued pretraining on text set `stage: pretrain` in the recipe"))
+            continue
         try:
             records.append(_chat(obj if isinstance(obj, dict) else {}))
         except RecordError as err:

@@ -47,17 +47,31 @@ def decode(path: Path) -> tuple[str, str]:
     if b"\x00" in raw[:8192]:
         raise DataError([Problem(path, None, None, "is a binary file, not text",
                                  "give a .txt/.md file or a {\"text\": …} JSONL; convert PDF or Word files to text first")])
+    decoded = {}
     for encoding in ENCODINGS:
         try:
-            text = raw.decode(encoding)
+            decoded[encoding] = raw.decode(encoding)
         except UnicodeDecodeError:
             continue
+        if encoding == "utf-8-sig":
+            break  # valid UTF-8 is taken as UTF-8
+    if decoded:
+        # EUC-JP bytes often decode as cp932 too, as half-width katakana and rare kanji: keep the reading
+        # with the most hiragana, katakana and common kanji.
+        encoding = max(decoded, key=lambda e: _japanese_score(decoded[e]))
+        text = decoded[encoding]
         if looks_binary(text):
             raise DataError([Problem(path, None, None, "is a binary file, not text (many control characters)",
                                      "give a .txt/.md file or a {\"text\": …} JSONL")])
         return text.replace("\r\n", "\n"), encoding
     raise DataError([Problem(path, None, None, f"is not text in any of {', '.join(ENCODINGS)}",
                              "re-save it as UTF-8 (e.g. `iconv -f ENCODING -t UTF-8`)")])
+
+
+def _japanese_score(text: str) -> int:
+    common = sum(1 for c in text if "\u3041" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff")
+    halfwidth_katakana = sum(1 for c in text if "\uff61" <= c <= "\uff9f")
+    return common - 2 * halfwidth_katakana
 
 
 def text_files(folder: Path) -> list[Path]:

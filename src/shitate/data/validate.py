@@ -129,3 +129,92 @@ def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
     width = max(1, -(-(high - low + 1) // bins))
     counts = Counter((n - low) // width for n in lengths)
     return [(low + b * width, low + (b + 1) * width - 1, counts.get(b, 0)) for b in range(-(-(high - low + 1) // width))]
+
+
+def check_text_file(path: Path, tokenizer: Any = None, max_length: int | None = None) -> FileReport:
+    """Validate raw text for stage pretrain: a {"text": …} JSONL, a .txt/.md file or a folder of them.
+
+    Errors: lines that are not JSON, records without text, empty or binary records or files.
+    Warnings: repeated documents, and (with a tokenizer) documents longer than max_length tokens,
+    which training cuts into pieces that do not attend to each other.
+    """
+    import json
+
+    from shitate.data.text import decode, is_text_source, text_files, text_record_problem
+    from shitate.errors import DataError
+
+    path = Path(path)
+    report = FileReport(path)
+    documents: list[tuple[Path, int | None, str]] = []
+    files = (text_files(path) if path.is_dir() else [path]) if is_text_source(path) else []
+    for file in files:
+        try:
+            text = decode(file)[0]
+        except DataError as err:
+            report.errors.extend(err.problems)
+            continue
+        if not text.strip():
+            report.errors.append(Problem(file, None, None, "is empty", "remove it or give it some text"))
+            continue
+        documents.append((file, None, text))
+    if not is_text_source(path):
+        try:
+            text = decode(path)[0]
+        except DataError as err:
+            report.errors.extend(err.problems)
+            text = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                report.errors.append(Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
+                                             'each line must be one JSON object such as {"text": "…"}'))
+                continue
+            problem = text_record_problem(path, number, record)
+            if problem:
+                report.errors.append(problem)
+            else:
+                documents.append((path, number, record["text"]))
+    seen: set[str] = set()
+    for file, line, text in documents:
+        report.records += 1
+        key = text.strip()
+        if key in seen:
+            report.duplicates += 1
+            report.warnings.append(Problem(file, line, None, "repeats an earlier document", "remove the copy"))
+        seen.add(key)
+        if tokenizer is not None:
+            count = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 2  # with <bos> and <eos>
+            report.lengths.append(count)
+            if max_length is not None and count > max_length:
+                report.warnings.append(Problem(
+                    file, line, None, f"is {count} tokens, longer than the block size {max_length}",
+                    f"training cuts it into {-(-count // max_length)} pieces that do not see each other; raise "
+                    "pretrain.block_size or split it at headings"))
+    if report.records == 0 and not report.errors:
+        report.errors.append(Problem(path, None, None, "has no text"))
+    return report
+
+
+def is_text_data(path: Path) -> bool:
+    """Whether a data file holds raw text (a .txt/.md file, a folder, or JSONL whose first record has "text")."""
+    import json
+
+    from shitate.data.text import is_text_source
+
+    path = Path(path)
+    if is_text_source(path):
+        return True
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(first, dict) and "text" in first and "messages" not in first
+    return False
