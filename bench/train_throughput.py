@@ -1,14 +1,22 @@
-"""Training throughput: shitate's SFT against TRL's SFTTrainer, same model, data and LoRA settings.
+"""Training throughput: shitate against TRL's SFTTrainer, same model, data and LoRA settings.
 
-Each side runs in its own process (so peak RSS is its own) on the same examples, rendered
-with the same Gemma template: shitate with answer-only chunked logits and packing, TRL 1.x
-`SFTTrainer` with completion-only loss, once padding to the longest example and once with
-`packing=True` (BFD). Prints real (non-padding) tokens/s, peak RSS, final validation loss,
-model-FLOPs utilisation against a bf16 matmul measured in the same run, and the ratios.
+Each side runs in its own process (so peak RSS is its own) on the same examples. For SFT
+(kids_qa, dolly-ja) the chats are rendered with the same Gemma template: shitate's sft stage
+against TRL 1.x `SFTTrainer` with completion-only loss. For continued pretraining (`text`:
+RealPersonaChat dialogues) shitate's pretrain stage against `SFTTrainer` on a language-modelling
+dataset (`{"text": …}`, loss on every token). TRL runs as its users run it, each way twice:
+with its defaults (the base in fp32 under bf16 autocast) and with the frozen base loaded in
+bf16, as TRL's LoRA examples do; padding to the longest example, and `packing=True` (BFD).
+
+Both sides are timed on the same basis: the wall time of the training steps alone (TRL: from
+each step's begin to its end, by a callback; shitate: its own step timer), over the real
+(non-padding) tokens of the data set. The wall time of the whole train() call is printed too.
+Also printed: peak RSS, final validation loss, model-FLOPs utilisation against a bf16 matmul
+measured in the same run, the CPU model, and the ratios against the fastest and the leanest TRL side.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/train_throughput.py                 # kids_qa and dolly-ja, all sides
-    .venv/bin/python bench/train_throughput.py --data kids --sides shitate,trl-pad
+    .venv/bin/python bench/train_throughput.py                 # kids_qa, dolly-ja and text, all sides
+    .venv/bin/python bench/train_throughput.py --data kids --sides shitate,trl-pad-bf16
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
+PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogues-2000.jsonl"
 # shitate: the defaults (on a CPU, each step of 8 examples in micro-batches of at most 256 tokens);
 # shitate-whole: each step in one pass (faster, more memory); shitate-ckpt: activation checkpointing.
-SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack")
+# trl-*: TRL's defaults (fp32 base); trl-*-bf16: the frozen base loaded in bf16.
+SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16", "trl-pack-bf16")
+TRL_SIDES = tuple(side for side in SIDES if side.startswith("trl"))
 SETTINGS = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.05, "seed": 42}
 
 
@@ -39,6 +50,15 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
     if name == "kids":
         train = read_chat(REPO / "examples/kids_qa/data/train.jsonl")[:train_count]
         validation = read_chat(REPO / "examples/kids_qa/data/validation.jsonl")[:validation_count]
+    elif name == "text":
+        # Dialogues of RealPersonaChat as plain text, six utterances a document (about 100-200 tokens).
+        documents = []
+        for line in PERSONA_CHAT.open(encoding="utf-8"):
+            utterances = [u["text"] for u in json.loads(line)["utterances"]]
+            documents += [{"text": "\n".join(utterances[i:i + 6])} for i in range(0, len(utterances) - 5, 6)]
+            if len(documents) >= train_count + validation_count:
+                break
+        train, validation = documents[:train_count], documents[train_count:train_count + validation_count]
     else:
         # The first dolly-ja records (no context passage) that fit max_length: short Japanese chats of varied length.
         tokenizer = load_tokenizer(resolve("gemma-3-270m", progress=False))
@@ -53,13 +73,14 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
     return paths
 
 
-def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = False,
+def run_shitate(train: Path, validation: Path, out: Path, text: bool, checkpointing: bool = False,
                 micro_batch_tokens: int | str | None = "auto") -> dict:
     from shitate.config import Recipe
-    from shitate.train import sft
+    from shitate.train import pretrain, sft
 
+    stage = {"stage": "pretrain", "pretrain": {"block_size": SETTINGS["max_length"]}} if text else {"stage": "sft"}
     recipe = Recipe.model_validate({
-        "name": "bench", "model": "gemma-3-270m", "template": "gemma",
+        "name": "bench", "model": "gemma-3-270m", "template": "gemma", **stage,
         "data": {"train": str(train), "validation": str(validation)},
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
         "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
@@ -67,8 +88,9 @@ def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = 
                   "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing,
                   "micro_batch_tokens": micro_batch_tokens},
     })
+    stage_module = pretrain if text else sft
     started = time.perf_counter()
-    run_dir = sft.run(recipe, out=out / "run", force=True)
+    run_dir = stage_module.run(recipe, out=out / "run", force=True)
     wall = time.perf_counter() - started
     manifest = json.loads((run_dir / "manifest.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,11 +98,11 @@ def run_shitate(train: Path, validation: Path, out: Path, checkpointing: bool = 
             "wall_s": wall}
 
 
-def run_trl(train: Path, validation: Path, out: Path, packing: bool) -> dict:
+def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool, bf16_base: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from shitate.data.formats import read_chat
@@ -91,30 +113,44 @@ def run_trl(train: Path, validation: Path, out: Path, packing: bool) -> dict:
     tokenizer = load_tokenizer(source)
     template = get_template("gemma", tokenizer)
 
-    def as_prompt_completion(path: Path) -> Dataset:
+    def as_dataset(path: Path) -> Dataset:
+        if text:  # a language-modelling dataset: loss on every token
+            return Dataset.from_list([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
         # The same rendered text shitate trains on, split where the answer starts.
         rows = [{"prompt": template(r["messages"][:-1], add_generation_prompt=True),
                  "completion": r["messages"][-1]["content"] + template.end_of_turn} for r in read_chat(path)]
         return Dataset.from_list(rows)
 
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, local_files_only=True)
+    class StepTimer(TrainerCallback):
+        """Wall time from each optimizer step's begin to its end: the same basis as shitate's step timer."""
+
+        seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            StepTimer.seconds += time.perf_counter() - self.started
+
+    dtype = torch.bfloat16 if bf16_base else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, local_files_only=True)
     config = SFTConfig(
         output_dir=str(out / "trl"), num_train_epochs=1, per_device_train_batch_size=SETTINGS["batch_size"],
         per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],
         lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True, use_cpu=True,
         seed=SETTINGS["seed"], logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
-        completion_only_loss=True, eos_token=template.end_of_turn, packing=packing,
-        dataloader_num_workers=0, disable_tqdm=True,
+        packing=packing, dataloader_num_workers=0, disable_tqdm=True,
+        **({"dataset_text_field": "text"} if text else {"completion_only_loss": True, "eos_token": template.end_of_turn}),
     )
     lora = LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"], lora_dropout=SETTINGS["dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=as_prompt_completion(train),
-                         eval_dataset=as_prompt_completion(validation), processing_class=tokenizer, peft_config=lora)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=as_dataset(train), eval_dataset=as_dataset(validation),
+                         processing_class=tokenizer, peft_config=lora, callbacks=[StepTimer()])
     real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
-    return {"tokens_per_s": real_tokens / seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": seconds}
+    wall = time.perf_counter() - started
+    return {"tokens_per_s": real_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall}
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:
@@ -130,7 +166,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def flops_per_token(train: Path) -> float:
+def flops_per_token(train: Path, text: bool) -> float:
     """LoRA training FLOPs per token: 4 × body parameters for every token, 4 × output layer for labelled tokens."""
     from shitate.data.formats import read_chat
     from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
@@ -138,32 +174,35 @@ def flops_per_token(train: Path) -> float:
 
     source = resolve("gemma-3-270m", progress=False)
     config = json.loads((Path(source.folder) / "config.json").read_text())
+    head = config["vocab_size"] * config["hidden_size"]
+    layer = (config["hidden_size"] * config["head_dim"] * (config["num_attention_heads"] * 2 + config["num_key_value_heads"] * 2)
+             + 3 * config["hidden_size"] * config["intermediate_size"])
+    body = layer * config["num_hidden_layers"]
+    if text:  # every token is labelled
+        return 4 * body + 4 * head
     tokenizer = load_tokenizer(source)
     template = get_template("gemma", tokenizer)
     examples = [encode_chat(r["messages"], tokenizer, template, SETTINGS["max_length"]) for r in read_chat(train)]
     tokens = sum(len(e["input_ids"]) for e in examples)
     labelled = sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples)
-    head = config["vocab_size"] * config["hidden_size"]
-    layer = (config["hidden_size"] * config["head_dim"] * (config["num_attention_heads"] * 2 + config["num_key_value_heads"] * 2)
-             + 3 * config["hidden_size"] * config["intermediate_size"])
-    body = layer * config["num_hidden_layers"]
     return 4 * body + 4 * head * labelled / tokens
 
 
-def child(side: str, train: Path, validation: Path, result: Path) -> None:
+def child(side: str, train: Path, validation: Path, result: Path, text: bool) -> None:
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):
-            figures = run_shitate(train, validation, Path(folder), checkpointing=side == "shitate-ckpt",
+            figures = run_shitate(train, validation, Path(folder), text, checkpointing=side == "shitate-ckpt",
                                   micro_batch_tokens=None if side == "shitate-whole" else "auto")
         else:
-            figures = run_trl(train, validation, Path(folder), packing=side == "trl-pack")
+            figures = run_trl(train, validation, Path(folder), text, packing="pack" in side,
+                              bf16_base=side.endswith("-bf16"))
     figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result.write_text(json.dumps(figures))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="kids,dolly", help="comma-separated: kids, dolly")
+    parser.add_argument("--data", default="kids,dolly,text", help="comma-separated: kids, dolly (sft), text (pretrain)")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--train-examples", type=int, default=80, help="examples trained on (one epoch)")
     parser.add_argument("--validation-examples", type=int, default=30)
@@ -171,47 +210,62 @@ def main() -> None:
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--validation", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--text", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        child(args.side, args.train, args.validation, args.result)
+        child(args.side, args.train, args.validation, args.result, args.text)
         return
 
     peak = matmul_peak_gflops()
-    print(f"bf16 2048×2048 matmul: {peak:.0f} GFLOP/s; settings: {SETTINGS}, {args.train_examples} examples, 1 epoch",
-          flush=True)
+    print(f"CPU: {cpu_model()}; bf16 2048×2048 matmul: {peak:.0f} GFLOP/s; settings: {SETTINGS}, "
+          f"{args.train_examples} examples, 1 epoch", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for data in args.data.split(","):
             train, validation = prepare_data(data, Path(folder), args.train_examples, args.validation_examples)
-            per_token = flops_per_token(train)
+            text = data == "text"
+            per_token = flops_per_token(train, text)
             results = {}
             for side in args.sides.split(","):
+                if text and side in ("shitate-whole",):
+                    continue  # pretraining rows are one block each: whole steps and micro-batches are the same passes
                 result = Path(folder) / f"{data}-{side}.json"
                 subprocess.run([sys.executable, __file__, "--side", side, "--train", str(train), "--validation",
-                                str(validation), "--result", str(result)], check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                                str(validation), "--result", str(result), *(["--text"] if text else [])], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[side] = json.loads(result.read_text())
+                print(f"  {data} {side}: {results[side]['tokens_per_s']:.1f} tokens/s", flush=True)
             _print_table(data, results, per_token, peak)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu gives it: figures differ across CPUs with the same matmul peak."""
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def _print_table(data: str, results: dict, per_token: float, peak: float) -> None:
     print(f"\n{data}: {per_token / 1e6:.0f} MFLOP per token (4 × body, plus 4 × output layer where labelled)")
-    print(f"{'side':<13} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'MFU':>6}")
+    print(f"{'side':<14} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'MFU':>6} {'train() s':>9}")
     for side, r in results.items():
         mfu = r["tokens_per_s"] * per_token / (peak * 1e9)
-        print(f"{side:<13} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%}")
-    trl = {s: results[s] for s in ("trl-pad", "trl-pack") if s in results}
+        print(f"{side:<14} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%} "
+              f"{r['wall_s']:>9.1f}")
+    trl = {s: results[s] for s in TRL_SIDES if s in results}
     if not trl:
         return
-    fastest = max(trl.values(), key=lambda r: r["tokens_per_s"])
-    leanest = min(trl.values(), key=lambda r: r["peak_rss_gb"])
+    fastest_side = max(trl, key=lambda s: trl[s]["tokens_per_s"])
+    leanest_side = min(trl, key=lambda s: trl[s]["peak_rss_gb"])
+    fastest, leanest = trl[fastest_side], trl[leanest_side]
     for side in ("shitate", "shitate-whole", "shitate-ckpt"):
         if side in results:
             ours = results[side]
             # Validation loss is compared with TRL padding to the longest: the same examples in the same steps.
-            same_steps = trl.get("trl-pad", fastest)
-            print(f"{side}: tokens/s {ours['tokens_per_s'] / fastest['tokens_per_s']:.2f}× the faster TRL mode, "
-                  f"peak RSS {ours['peak_rss_gb'] / leanest['peak_rss_gb']:.2f}× the leaner, "
-                  f"val loss {ours['val_loss'] - same_steps['val_loss']:+.4f} against TRL (pad)")
+            same_steps = trl.get("trl-pad-bf16", trl.get("trl-pad", fastest))
+            print(f"{side}: tokens/s {ours['tokens_per_s'] / fastest['tokens_per_s']:.2f}× the fastest TRL side "
+                  f"({fastest_side}), peak RSS {ours['peak_rss_gb'] / leanest['peak_rss_gb']:.2f}× the leanest "
+                  f"({leanest_side}), val loss {ours['val_loss'] - same_steps['val_loss']:+.4f} against TRL (pad)")
 
 
 if __name__ == "__main__":

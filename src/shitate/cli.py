@@ -155,13 +155,16 @@ def generate(
     prompt: str = typer.Argument(..., help="text to continue"),
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
+    repetition_penalty: float = typer.Option(1.0, help="above 1 discourages repeating tokens: small models loop "
+                                                       "under greedy decoding; 1.3 often stops it"),
 ) -> None:
     """Continue a text as the model sees it, with no chat template (how a base model answers)."""
     from shitate.config import GenerateSpec
     from shitate.models.inference import continue_text, load_for_inference
 
     loaded = load_for_inference(model)
-    text = continue_text(loaded, prompt, GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature))
+    spec = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature, repetition_penalty=repetition_penalty)
+    text = continue_text(loaded, prompt, spec)
     typer.echo(prompt + text)
 
 

@@ -1,4 +1,4 @@
-"""Imports point one way: cli → train | evals → models, data → config, errors, progress, memory."""
+"""Imports point one way: cli → train | evals → models, data → config, errors, progress, memory, runs."""
 
 import ast
 from pathlib import Path
@@ -33,6 +33,6 @@ def test_a_layer_imports_nothing_above_it(layer):
 
 
 def test_the_core_imports_no_stage():
-    for core in ("config.py", "errors.py", "progress.py", "memory.py"):
+    for core in ("config.py", "errors.py", "progress.py", "memory.py", "runs.py"):
         assert not [n for n in imported_modules(PACKAGE / core)
                     if n.startswith(("shitate.data", "shitate.models", "shitate.train", "shitate.evals", "shitate.cli"))]
