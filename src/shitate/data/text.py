@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,25 +103,27 @@ def read_documents(path: Path) -> list[Document]:
 
 
 def _read_text_jsonl(path: Path) -> list[Document]:
-    text, _ = decode(path)
     documents, problems = [], []
+    for item in text_jsonl_records(path):
+        (problems if isinstance(item, Problem) else documents).append(item)
+    if problems:
+        raise DataError(problems)
+    return documents
+
+
+def text_jsonl_records(path: Path) -> Iterator[Document | Problem]:
+    """Each record of a {"text": …} JSONL as a Document, or the Problem that keeps it from being one."""
+    text, _ = decode(path)
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            problems.append(Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
-                                    "each line must be one JSON object such as {\"text\": \"…\"}"))
+            yield Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
+                          'each line must be one JSON object such as {"text": "…"}')
             continue
-        problem = text_record_problem(path, number, record)
-        if problem:
-            problems.append(problem)
-        else:
-            documents.append(Document(record["text"].strip(), str(path), number))
-    if problems:
-        raise DataError(problems)
-    return documents
+        yield text_record_problem(path, number, record) or Document(record["text"].strip(), str(path), number)
 
 
 def text_record_problem(path: Path, line: int, record: object) -> Problem | None:

@@ -138,9 +138,7 @@ def check_text_file(path: Path, tokenizer: Any = None, max_length: int | None = 
     Warnings: repeated documents, and (with a tokenizer) documents longer than max_length tokens,
     which training cuts into pieces that do not attend to each other.
     """
-    import json
-
-    from shitate.data.text import decode, is_text_source, text_files, text_record_problem
+    from shitate.data.text import decode, is_text_source, text_files, text_jsonl_records
     from shitate.errors import DataError
 
     path = Path(path)
@@ -159,24 +157,13 @@ def check_text_file(path: Path, tokenizer: Any = None, max_length: int | None = 
         documents.append((file, None, text))
     if not is_text_source(path):
         try:
-            text = decode(path)[0]
-        except DataError as err:
+            for item in text_jsonl_records(path):
+                if isinstance(item, Problem):
+                    report.errors.append(item)
+                else:
+                    documents.append((path, item.line, item.text))
+        except DataError as err:  # the file as a whole: binary, or in no known encoding
             report.errors.extend(err.problems)
-            text = ""
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.errors.append(Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
-                                             'each line must be one JSON object such as {"text": "…"}'))
-                continue
-            problem = text_record_problem(path, number, record)
-            if problem:
-                report.errors.append(problem)
-            else:
-                documents.append((path, number, record["text"]))
     seen: set[str] = set()
     for file, line, text in documents:
         report.records += 1
