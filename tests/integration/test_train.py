@@ -292,3 +292,39 @@ def test_mixed_sources_are_drawn_by_weight_and_reported_in_the_manifest(tmp_path
     assert mix["general.jsonl"]["share"] == 0.25 and [Path(s["path"]).name for s in manifest["data"]["train"]] == [
         "train.jsonl", "general.jsonl"]
     assert "data mix: train.jsonl 24 (75%), general.jsonl 8 (25%)" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("stage", ["sft", "pretrain"])
+def test_no_tokenizer_is_kept_alive_while_training(tmp_path, tiny_model, monkeypatch, stage):
+    # Gemma 3's tokenizer holds ~0.4 GB that a training step never uses: it must be gone by the first step.
+    import gc
+    import importlib
+    import weakref
+
+    from shitate.train import loop
+
+    if stage == "sft":
+        recipe = make_recipe(tmp_path, tiny_model)
+    else:
+        from test_pretrain import make_pretrain_recipe
+
+        recipe = make_pretrain_recipe(tmp_path, tiny_model)
+    stage_module = importlib.import_module(f"shitate.train.{stage}")
+    loaded, alive_at_steps = [], []
+    original_load, original_step = stage_module.load_tokenizer, loop.train_step
+
+    def recorded_load(source):
+        tokenizer = original_load(source)
+        loaded.append(weakref.ref(tokenizer))
+        return tokenizer
+
+    def counting_step(*args, **kwargs):
+        gc.collect()
+        alive_at_steps.append(sum(ref() is not None for ref in loaded))
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "load_tokenizer", recorded_load)
+    monkeypatch.setattr(loop, "train_step", counting_step)
+    result = train(recipe, tmp_path / "run", "--set", "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    assert len(loaded) == 1 and alive_at_steps == [0, 0]

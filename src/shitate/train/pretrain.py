@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shitate.config import Recipe
 from shitate.data.collate import Example, documents_to_rows, loss_positions, segments_batch
-from shitate.data.mix import mix
+from shitate.data.mix import SourceShare, mix
 from shitate.data.text import Document, read_documents
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
-from shitate.models.load import load_config, load_model, load_tokenizer, resolve
+from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
@@ -34,33 +35,27 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     block_size = recipe.pretrain.block_size
     with status(f"Loading {recipe.model} and the text…"):
         source = resolve(recipe.model)
-        tokenizer = load_tokenizer(source)
         config = load_config(source)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        documents, shares = mix(recipe.data.train_sources(), read_documents, recipe.train.seed)
-        train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size)
-        validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size)
-                          if recipe.data.validation else [])
-        del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
-        release_memory()
+        data = read_data(recipe, source)
+        release_memory()  # the tokenizer went with read_data's frame: ~0.4 GB for a 262k-word vocabulary
         model = load_model(source, dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
     model = prepare_for_training(model, recipe.adapter, packed_attention=True,
                                  activation_checkpointing=recipe.train.activation_checkpointing)
 
-    tokens = sum(len(row["input_ids"]) for row in train_set)
+    tokens = sum(len(row["input_ids"]) for row in data.train)
     objective = session.start(
         model, Objective(AnswerLoss(model, compute_dtype=session.compute_dtype),
-                         make_batch=functools.partial(_make_batch, pad_id=pad_id), loss_terms=loss_positions,
+                         make_batch=functools.partial(_make_batch, pad_id=data.pad_id), loss_terms=loss_positions,
                          validation_metrics=perplexity_metrics),
-        train_set, config,
-        summary=f"{source.kind} model {recipe.model}, {len(documents)} documents ({tokens:,} tokens) in "
-                f"{len(train_set)} rows of up to {block_size} tokens, {len(validation_set)} validation rows",
+        data.train, config,
+        summary=f"{source.kind} model {recipe.model}, {data.documents} documents ({tokens:,} tokens) in "
+                f"{len(data.train)} rows of up to {block_size} tokens, {len(data.validation)} validation rows",
         model_source={"kind": source.kind, "folder": source.folder}, train_tokens=tokens,
-        **({"data_mix": [s.as_dict(len(documents)) for s in shares]} if recipe.data.is_mixed() else {}))
+        **({"data_mix": [s.as_dict(data.documents) for s in data.shares]} if recipe.data.is_mixed() else {}))
 
-    fitted = fit(session, objective, train_set, validation_set, validate_first=True)
+    fitted = fit(session, objective, data.train, data.validation, validate_first=True)
     if dry_run:
-        return session.report_dry_run(objective, sum(len(r["input_ids"]) for r in validation_set), fitted.tokens,
+        return session.report_dry_run(objective, sum(len(r["input_ids"]) for r in data.validation), fitted.tokens,
                                       fitted.step_seconds)
     # Read back from metrics.jsonl: a resumed run measured "before" in its first life.
     perplexities = [r["val_perplexity"] for r in session.run.metrics() if "val_perplexity" in r]
@@ -69,6 +64,29 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         say(f"Perplexity on the held-out text: {perplexities[0]:.2f} before, {perplexities[-1]:.2f} after training.")
 
     return session.finish(model, source, fitted.tokens, fitted.seconds, fitted.steps, **facts)
+
+
+@dataclass
+class TextData:
+    """Documents as rows of token ids, and what training needs of the tokenizer, without the tokenizer itself."""
+
+    train: list[Example]
+    validation: list[Example]
+    documents: int
+    shares: list[SourceShare]
+    pad_id: int
+
+
+def read_data(recipe: Recipe, source: ModelSource) -> TextData:
+    """Read, encode and pack the recipe's text. The tokenizer lives only in this frame."""
+    tokenizer = load_tokenizer(source)
+    block_size = recipe.pretrain.block_size
+    documents, shares = mix(recipe.data.train_sources(), read_documents, recipe.train.seed)
+    train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size)
+    validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size)
+                      if recipe.data.validation else [])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TextData(train_set, validation_set, len(documents), shares, pad_id)
 
 
 def encode_documents(documents: list[Document], tokenizer: Any) -> list[list[int]]:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shitate.config import Recipe, SFTSpec
 from shitate.data.collate import Example, loss_positions, pack_batch, pad_batch
 from shitate.data.formats import conversation, read_chat
-from shitate.data.mix import mix
+from shitate.data.mix import SourceShare, mix
 from shitate.data.templates import IGNORE_INDEX, ChatTemplate, encode_chat, end_marker_is_one_token, get_template
 from shitate.errors import DataError, Problem
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
 from shitate.models.inference import LoadedModel
-from shitate.models.load import load_config, load_model, load_tokenizer, resolve
+from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
@@ -39,33 +40,24 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     session = Session(recipe, out, resume, force, dry_run)
     with status(f"Loading {recipe.model} and the data…"):
         source = resolve(recipe.model)
-        tokenizer = load_tokenizer(source)
         config = load_config(source)
-        template = get_template(recipe.template, tokenizer, config.model_type)
-        if not end_marker_is_one_token(tokenizer, template):
-            say(f"[yellow]warning:[/] this tokenizer does not know {template.end_of_turn!r} as one token, so the "
-                f"{template.name} template's turns may blur into each other; prefer the model's own template (auto).")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        encode = functools.partial(encode_chats, recipe=recipe, tokenizer=tokenizer, template=template)
-        train_set, shares = mix(recipe.data.train_sources(), encode, recipe.train.seed)
-        validation_set = encode(recipe.data.validation) if recipe.data.validation else []
-        del tokenizer  # a 262k-word tokenizer holds ~0.4 GB that training does not need
-        release_memory()
+        data = read_data(recipe, source, config.model_type)
+        release_memory()  # the tokenizer went with read_data's frame: ~0.4 GB for a 262k-word vocabulary
         model = load_model(source, dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
     model = prepare_for_training(model, recipe.adapter, packed_attention=recipe.sft.packing is not False,
                                  activation_checkpointing=recipe.train.activation_checkpointing)
 
     objective = session.start(
         model, Objective(AnswerLoss(model, compute_dtype=session.compute_dtype),
-                         make_batch=functools.partial(make_batch, spec=recipe.sft, pad_id=pad_id),
+                         make_batch=functools.partial(make_batch, spec=recipe.sft, pad_id=data.pad_id),
                          loss_terms=loss_positions, packed=recipe.sft.packing is not False),
-        train_set, config,
-        summary=f"{source.kind} model {recipe.model}, template {template.name}, {len(train_set)} train / "
-                f"{len(validation_set)} validation examples",
-        template=template.name, model_source={"kind": source.kind, "folder": source.folder},
-        **({"data_mix": [s.as_dict(len(train_set)) for s in shares]} if recipe.data.is_mixed() else {}))
+        data.train, config,
+        summary=f"{source.kind} model {recipe.model}, template {data.template}, {len(data.train)} train / "
+                f"{len(data.validation)} validation examples",
+        template=data.template, model_source={"kind": source.kind, "folder": source.folder},
+        **({"data_mix": [s.as_dict(len(data.train)) for s in data.shares]} if recipe.data.is_mixed() else {}))
     if recipe.data.is_mixed():
-        say("data mix: " + ", ".join(f"{s.path.name} {s.used} ({s.used / len(train_set):.0%})" for s in shares))
+        say("data mix: " + ", ".join(f"{s.path.name} {s.used} ({s.used / len(data.train):.0%})" for s in data.shares))
 
     checker: list[LoadedModel] = []  # the model as it trains, for eval.every_steps; made on first use
 
@@ -73,19 +65,46 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         if not (answers_check and recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and session.is_main):
             return
         if not checker:
-            checker.append(LoadedModel(recipe.model, model, load_tokenizer(source), template, source))
+            tokenizer = load_tokenizer(source)
+            template = get_template(recipe.template, tokenizer, config.model_type)
+            checker.append(LoadedModel(recipe.model, model, tokenizer, template, source))
         model.eval()
         scores = answers_check(checker[0])
         model.train()
         session.log({"step": step, **scores})
         say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    fitted = fit(session, objective, train_set, validation_set, on_step=check_answers)
+    fitted = fit(session, objective, data.train, data.validation, on_step=check_answers)
     if dry_run:
-        return session.report_dry_run(objective, sum(len(e["input_ids"]) for e in validation_set), fitted.tokens,
+        return session.report_dry_run(objective, sum(len(e["input_ids"]) for e in data.validation), fitted.tokens,
                                       fitted.step_seconds)
 
     return session.finish(model, source, fitted.tokens, fitted.seconds, fitted.steps)
+
+
+@dataclass
+class ChatData:
+    """The encoded examples and what training needs of the tokenizer, without the tokenizer itself."""
+
+    train: list[Example]
+    validation: list[Example]
+    shares: list[SourceShare]
+    template: str
+    pad_id: int
+
+
+def read_data(recipe: Recipe, source: ModelSource, model_type: str | None) -> ChatData:
+    """Encode the recipe's chats. The tokenizer lives only in this frame: training never needs it again."""
+    tokenizer = load_tokenizer(source)
+    template = get_template(recipe.template, tokenizer, model_type)
+    if not end_marker_is_one_token(tokenizer, template):
+        say(f"[yellow]warning:[/] this tokenizer does not know {template.end_of_turn!r} as one token, so the "
+            f"{template.name} template's turns may blur into each other; prefer the model's own template (auto).")
+    encode = functools.partial(encode_chats, recipe=recipe, tokenizer=tokenizer, template=template)
+    train_set, shares = mix(recipe.data.train_sources(), encode, recipe.train.seed)
+    validation_set = encode(recipe.data.validation) if recipe.data.validation else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ChatData(train_set, validation_set, shares, template.name, pad_id)
 
 
 def encode_chats(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTemplate) -> list[Example]:
