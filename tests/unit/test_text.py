@@ -71,16 +71,16 @@ def test_check_reports_empty_binary_and_over_long_records_by_line(tmp_path, toke
     assert report.records == 3
 
 
-def test_documents_fill_rows_and_no_piece_is_predicted_from_another():
-    documents = [[1, 10, 11, 12, 2], [1, 20, 21, 2], [1, 30, 31, 32, 33, 34, 2]]
-    rows = documents_to_rows(documents, block_size=6)
-    assert [r["input_ids"] for r in rows] == [[1, 10, 11, 12, 2, 1], [20, 21, 2, 1, 30, 31], [32, 33, 34, 2]]
-    assert [r["segments"] for r in rows] == [[5, 1], [3, 3], [4]]
-    # The first token of each piece has no label: its predecessor in the row belongs to another document.
-    assert rows[0]["labels"] == [IGNORE_INDEX, 10, 11, 12, 2, IGNORE_INDEX]
-    assert rows[1]["labels"] == [IGNORE_INDEX, 21, 2, IGNORE_INDEX, 30, 31]
-    assert [loss_positions(r) for r in rows] == [4, 4, 3]
+def test_documents_are_packed_whole_and_a_long_one_restarts_with_bos():
+    documents = [[1, 10, 11, 12, 2], [1, 20, 21, 2], [1, 30, 31, 32, 33, 34, 35, 2]]
+    rows = documents_to_rows(documents, block_size=7, bos_id=1)
+    # Only the document longer than a row is cut; its second piece starts again with <bos>.
+    assert [r["input_ids"] for r in rows] == [[1, 30, 31, 32, 33, 34, 35], [1, 10, 11, 12, 2, 1, 2], [1, 20, 21, 2]]
+    assert [r["segments"] for r in rows] == [[7], [5, 2], [4]]
+    # The first token of each piece has no label: nothing of its document precedes it in the row.
+    assert rows[1]["labels"] == [IGNORE_INDEX, 10, 11, 12, 2, IGNORE_INDEX, 2]
+    assert [loss_positions(r) for r in rows] == [6, 5, 3]
     batch = segments_batch(rows, pad_id=0, device="cpu")
-    assert batch["packed_lengths"] == [[5, 1], [3, 3], [4, 2]]
-    assert batch["position_ids"][1].tolist() == [0, 1, 2, 0, 1, 2]
-    assert torch.equal(batch["labels"][2], torch.tensor([IGNORE_INDEX, 33, 34, 2, IGNORE_INDEX, IGNORE_INDEX]))
+    assert batch["packed_lengths"] == [[7], [5, 2], [4, 3]]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert batch["labels"][2].tolist() == [IGNORE_INDEX, 20, 21, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]

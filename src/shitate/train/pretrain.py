@@ -82,9 +82,10 @@ def read_data(recipe: Recipe, source: ModelSource) -> TextData:
     tokenizer = load_tokenizer(source)
     block_size = recipe.pretrain.block_size
     documents, shares = mix(recipe.data.train_sources(), read_documents, recipe.train.seed)
-    train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size)
-    validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size)
-                      if recipe.data.validation else [])
+    bos = tokenizer.bos_token_id
+    train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size, bos)
+    validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size,
+                                        bos) if recipe.data.validation else [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TextData(train_set, validation_set, len(documents), shares, pad_id)
 
