@@ -117,8 +117,9 @@ class SFTSpec(Spec):
 class PretrainSpec(Spec):
     """Stage pretrain: raw text in, loss on every token."""
 
-    block_size: int = Field(512, ge=8, description="tokens per training row: documents go end to end and are cut into "
-                                                   "rows of this length, each attending only within its own document")
+    block_size: int = Field(512, ge=8, description="tokens per training row: whole documents are packed into rows of "
+                                                   "this length, each attending only within itself; a longer document "
+                                                   "is cut, each later piece starting again with <bos>")
 
 
 STAGES = ("sft", "pretrain")

@@ -9,8 +9,8 @@ see an earlier one.
 
 from __future__ import annotations
 
+import heapq
 import math
-
 from typing import Any
 
 import torch
@@ -59,18 +59,24 @@ def split_by_tokens(examples: list[Example], max_tokens: int, packed: bool = Fal
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Group indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."""
+    """Group indices into rows of at most `capacity` tokens: longest first, each into the fullest row it fits.
+
+    Rows wait in buckets by the room they have left (ties go to the earliest row), so a corpus of
+    a hundred thousand documents packs in seconds rather than comparing every document with every row.
+    """
     rows: list[list[int]] = []
-    room: list[int] = []
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # heaps of row numbers
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = [r for r in range(len(rows)) if room[r] >= lengths[index]]
-        if fits:
-            best = min(fits, key=lambda r: room[r])
-            rows[best].append(index)
-            room[best] -= lengths[index]
-        else:
+        length = lengths[index]
+        room = next((r for r in range(length, capacity + 1) if by_room[r]), None)
+        if room is None:
             rows.append([index])
-            room.append(capacity - lengths[index])
+            row, room = len(rows) - 1, capacity
+        else:
+            row = heapq.heappop(by_room[room])
+            rows[row].append(index)
+        if length <= room:  # a longer example keeps a row of its own
+            heapq.heappush(by_room[room - length], row)
     return rows
 
 

@@ -3,8 +3,8 @@
 Reads top to bottom: session → tokenizer and documents → model and adapter → the shared loop
 (train/loop.py), validating once before the first step → save. What the stage brings: its
 record type (text JSONL, .txt/.md files or folders, mixed by weight), its batch builder
-(documents end to end in full rows of pretrain.block_size, each attending only within its own
-document) and the same chunked cross-entropy as sft, over every token.
+(whole documents packed into rows of pretrain.block_size, each attending only within itself;
+only a document longer than a row is cut) and the same chunked cross-entropy as sft, over every token.
 """
 
 from __future__ import annotations
