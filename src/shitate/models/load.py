@@ -31,11 +31,6 @@ class ModelSource:
     run: Path | None = None
 
 
-def is_run_folder(path: Path) -> bool:
-    """A finished shitate run (recipe and final weights)."""
-    return RunFolder(path).is_finished()
-
-
 def resolve(reference: str, progress: bool = True) -> ModelSource:
     """Turn a user's model reference into a loadable source, converting GGUF files once."""
     if reference == DEFAULT_MODEL:

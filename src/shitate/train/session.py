@@ -236,9 +236,6 @@ class Session:
                                   f"shitate train RECIPE --resume --out {self.run.path}")
 
     # --- after the loop -------------------------------------------------------------------------
-    def unwrapped(self, module: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(module)
-
     def finish(self, model: torch.nn.Module, source: ModelSource, tokens: int, seconds: float, steps: int,
                **facts: Any) -> Path:
         """Loss plot, final weights (adapter/, or model/ with its tokenizer; written atomically), closing manifest."""
