@@ -19,24 +19,45 @@ MODEL_HELP = "gemma-3-270m (the default), a model folder, a .gguf file, a run fo
 @data_app.command("import")
 def data_import(
     source: Path = typer.Argument(..., help="CSV/TSV; JSONL in chat, alpaca, dolly, sharegpt or prompt/completion "
-                                            "form; or a .txt/.md file or folder (→ text JSONL for stage pretrain)"),
+                                            "form; or a .txt/.md file or folder (→ text JSONL for stage pretrain); "
+                                            "or preference data: prompt/chosen/rejected, ranked answers, pairwise "
+                                            "judgment files or a folder of them (→ preference JSONL)"),
     out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),
-    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text"),
+    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text; "
+                                             "preference pairs: preference, ranked, judgment"),
     system: Optional[str] = typer.Option(None, help="system prompt to put before every conversation"),
     question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
     answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
     skip_bad: bool = typer.Option(False, help="write the good records and list the bad ones instead of stopping"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
-    """Convert a data file to shitate's chat JSONL, or .txt/.md files and folders to text JSONL (for pretrain)."""
+    """Convert a data file to shitate's chat JSONL, .txt/.md files and folders to text JSONL (for pretrain), or
+    preference data to prompt/chosen/rejected pairs (for reward, dpo, orpo)."""
     from shitate.data.formats import FORMATS, import_records, write_jsonl
     from shitate.data.text import is_text_source, read_documents
     from shitate.errors import ShitateError
     from shitate.progress import say
 
-    if format not in FORMATS + ("text",):
-        raise ShitateError(f"--format {format!r}: expected one of {', '.join(FORMATS + ('text',))}")
+    from shitate.data.preference import PREFERENCE_FORMATS, import_preferences, looks_like_preferences
+
+    known = FORMATS + ("text",) + PREFERENCE_FORMATS
+    if format not in known:
+        raise ShitateError(f"--format {format!r}: expected one of {', '.join(known)}")
     _refuse_overwrite(out, force)
+    if format in PREFERENCE_FORMATS or (format == "auto" and looks_like_preferences(source)):
+        pairs, problems, without_pair = import_preferences(source, format)
+        if problems and not skip_bad:
+            raise DataError(problems)
+        for problem in problems:
+            say(f"[yellow]skipped[/] {problem}")
+        if not pairs:
+            raise ShitateError(f"{source}: no preference pairs found ({without_pair} records gave none, e.g. ties or "
+                               "judgments whose two answer orders disagree)")
+        count = write_jsonl(out, pairs)
+        say(f"Wrote {count} preference pairs to {out}" + (f"; {without_pair} records gave no pair (a tie, or the "
+                                                          "two judgment orders disagree)" if without_pair else "")
+            + (f"; {len(problems)} skipped" if problems else "") + ".")
+        return
     if format == "text" or (format == "auto" and is_text_source(source)):
         documents = read_documents(source)
         count = write_jsonl(out, ({"text": d.text, "source": d.source} for d in documents))
@@ -51,7 +72,8 @@ def data_import(
 
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="chat JSONL, or raw text (text JSONL, a .txt/.md file or folder) to validate"),
+    file: Path = typer.Argument(..., help="chat JSONL, preference JSONL (prompt/chosen/rejected), or raw text (text "
+                                          "JSONL, a .txt/.md file or folder) to validate"),
     model: str = typer.Option("gemma-3-270m", help=f"tokenizer for token counts and length checks: {MODEL_HELP}"),
     template: str = typer.Option("auto", help="chat template: auto, gemma, chatml, llama3, plain"),
     max_length: int = typer.Option(512, help="warn about examples (or documents: the block size) longer than this"),
@@ -62,7 +84,9 @@ def data_check(
     from shitate.data.validate import check_file, check_text_file, histogram, is_text_data
     from shitate.progress import console
 
-    text = is_text_data(file)
+    from shitate.data.preference import check_preference_file, looks_like_preferences
+
+    text, pairs = is_text_data(file), looks_like_preferences(file)
     tokenizer = chat_template = None
     if tokens:
         from shitate.data.templates import get_template
@@ -73,13 +97,15 @@ def data_check(
         chat_template = None if text else get_template(template, tokenizer, _model_type(source.folder))
     if text:
         report = check_text_file(file, tokenizer, max_length)
+    elif pairs:
+        report = check_preference_file(file, tokenizer, chat_template, max_length, system)
     else:
         report = check_file(file, tokenizer, chat_template, max_length, system)
     for problem in report.errors:
         console.print(f"[red]error[/] {problem}", highlight=False)
     for problem in report.warnings:
         console.print(f"[yellow]warning[/] {problem}", highlight=False)
-    console.print(f"\n[bold]{file}[/]: {report.records} valid {'documents' if text else 'conversations'}, "
+    console.print(f"\n[bold]{file}[/]: {report.records} valid {'documents' if text else 'pairs' if pairs else 'conversations'}, "
                   f"{len(report.errors)} errors, "
                   f"{len(report.warnings)} warnings, {report.duplicates} repeated.")
     if report.turns:
@@ -87,7 +113,7 @@ def data_check(
     if report.tokens:
         console.print("tokens by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.tokens.items())))
         lengths = report.lengths
-        console.print(f"tokens per example (with template): min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, "
+        console.print(f"tokens per {'pair' if pairs else 'example'} (with template): min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, "
                       f"max {max(lengths)}, total {sum(lengths)}")
         peak = max(count for _, _, count in histogram(lengths))
         for low, high, count in histogram(lengths):
@@ -98,21 +124,23 @@ def data_check(
 
 @data_app.command("split")
 def data_split(
-    file: Path = typer.Argument(..., help="chat JSONL to split"),
+    file: Path = typer.Argument(..., help="chat or preference JSONL to split"),
     sizes: str = typer.Option("0.8/0.1/0.1", help="train/validation/test as counts (70/30/30) or fractions"),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="folder for train.jsonl, validation.jsonl, test.jsonl"),
     seed: int = typer.Option(42, help="shuffle seed: the same seed gives the same split"),
     force: bool = typer.Option(False, help="overwrite existing split files"),
 ) -> None:
-    """Seeded train/validation/test split; a repeated question never lands in two splits."""
+    """Seeded train/validation/test split; a repeated question (or a prompt's pairs) never lands in two splits."""
     from shitate.data.formats import read_chat, write_jsonl
     from shitate.data.split import SPLITS, parse_sizes, split_records
     from shitate.progress import say
 
     for name in SPLITS:
         _refuse_overwrite(out_dir / f"{name}.jsonl", force)
+    from shitate.data.preference import looks_like_preferences, read_preferences
+
     wanted = parse_sizes(sizes)
-    records = read_chat(file)
+    records = [pair for _, pair in read_preferences(file)] if looks_like_preferences(file) else read_chat(file)
     parts = split_records(records, wanted, seed)
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", parts[name])
@@ -131,9 +159,14 @@ def train(
     dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
 ) -> None:
     """Fine-tune a model as the recipe says; writes a run folder."""
-    from shitate.config import load_recipe
+    from shitate.config import PAIR_STAGES, load_recipe
 
     loaded = load_recipe(recipe, set_)
+    if loaded.stage in PAIR_STAGES:
+        from shitate.train import preference
+
+        preference.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
+        return
     if loaded.stage == "pretrain":
         from shitate.train import pretrain
 

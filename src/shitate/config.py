@@ -122,7 +122,37 @@ class PretrainSpec(Spec):
                                                    "is cut, each later piece starting again with <bos>")
 
 
-STAGES = ("sft", "pretrain")
+class PairsSpec(Spec):
+    """What the preference stages share: pairs packed into rows, the prompt once per pair."""
+
+    pack_length: int = Field(4096, ge=8, description="tokens per packed row; each pair is its prompt once, then "
+                                                     "both answers, each answer seeing only the prompt and itself")
+
+
+class RewardSpec(PairsSpec):
+    """Stage reward: a reward model (a scalar head on the last answer token) from preference pairs."""
+
+    margin: float = Field(0.0, ge=0.0, description="Bradley–Terry loss −log σ(r(chosen) − r(rejected) − margin): "
+                                                   "0 is the plain loss; a margin asks for a clearer gap")
+
+
+class DPOSpec(PairsSpec):
+    """Stage dpo: direct preference optimisation against the starting model (the base with the adapter off)."""
+
+    beta: float = Field(0.1, gt=0.0, description="how far the tuned model may move from the reference; smaller "
+                                                 "moves further")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's −log σ(β·margin); ipo: "
+                                                                   "(margin − 1/(2β))² on mean per-token log-probs")
+
+
+class ORPOSpec(PairsSpec):
+    """Stage orpo: tuning and preference in one stage, from the base model, with no reference model."""
+
+    odds_ratio_weight: float = Field(0.1, gt=0.0, description="λ: loss = NLL(chosen) − λ·log σ(log odds ratio)")
+
+
+STAGES = ("sft", "pretrain", "reward", "dpo", "orpo")
+PAIR_STAGES = ("reward", "dpo", "orpo")
 
 
 class GenerateSpec(Spec):
@@ -159,13 +189,17 @@ class Recipe(Spec):
     name: str = Field(pattern=r"^[\w.\-]+$", description="run name; the run folder is runs/<name>")
     model: str = Field(DEFAULT_MODEL, description="gemma-3-270m, a local folder, a .gguf file, a run folder, or a hub id")
     template: Literal["auto", "gemma", "chatml", "llama3", "plain"] = "auto"
-    stage: Literal["sft", "pretrain"] = Field("sft", description="sft (chats, loss on the answers) or pretrain "
-                                                                  "(raw text, loss on every token)")
+    stage: Literal["sft", "pretrain", "reward", "dpo", "orpo"] = Field(
+        "sft", description="sft (chats, loss on the answers); pretrain (raw text, loss on every token); reward, dpo, "
+                           "orpo (preference pairs)")
     data: DataSpec
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     sft: SFTSpec = Field(default_factory=SFTSpec, description="settings of stage sft")
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="settings of stage pretrain")
+    reward: RewardSpec = Field(default_factory=RewardSpec, description="settings of stage reward")
+    dpo: DPOSpec = Field(default_factory=DPOSpec, description="settings of stage dpo")
+    orpo: ORPOSpec = Field(default_factory=ORPOSpec, description="settings of stage orpo")
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
@@ -183,7 +217,7 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 # Sections whose settings a misplaced key may belong to: `train.packing` is `sft.packing`.
 _SECTIONS: dict[str, type[BaseModel]] = {"train": TrainSpec, "sft": SFTSpec, "pretrain": PretrainSpec,
-                                         "adapter": AdapterSpec}
+                                         "reward": RewardSpec, "dpo": DPOSpec, "orpo": ORPOSpec, "adapter": AdapterSpec}
 
 
 def _home_of(key: str, not_in: str) -> str | None:

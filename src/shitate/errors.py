@@ -55,3 +55,8 @@ class TrainingInterrupted(Exception):
 
     Not a ShitateError: nothing went wrong, and the message says how to continue.
     """
+
+
+class TrainingDiverged(ShitateError):
+    """Training stopped because it diverged (a loss that is not a number, a KL past the recipe's limit); the
+    weights of the last checkpoint are kept and the message says why and what to change."""

@@ -6,6 +6,7 @@
       metrics.jsonl          one record a logged step, validation or in-training check
       loss.png               drawn from metrics.jsonl
       checkpoints/step-N/    trainable.safetensors, state.pt (optimizer, schedule, random states), progress.json
+      reference_logps.json   dpo: each pair's log-probabilities under the reference, taken once before training
       adapter/ | model/      the final weights: a LoRA adapter, or a whole model for a full fine-tune
       eval/                  results.json, report.html, cached answers
 
@@ -174,6 +175,17 @@ class RunFolder:
         figure.savefig(partial, dpi=110)
         plt.close(figure)
         os.replace(partial, self.loss_plot)
+
+    # --- dpo's reference log-probabilities ------------------------------------------------------
+    @property
+    def reference_file(self) -> Path:
+        return self.path / "reference_logps.json"
+
+    def save_reference_logps(self, values: dict[str, list[list[float]]]) -> None:
+        _write_text_atomically(self.reference_file, json.dumps(values))
+
+    def reference_logps(self) -> dict[str, list[list[float]]] | None:
+        return json.loads(self.reference_file.read_text(encoding="utf-8")) if self.reference_file.is_file() else None
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:

@@ -155,3 +155,55 @@ def segments_batch(rows: list[Example], pad_id: int, device: Any) -> dict[str, A
             start += length
         pieces.append(split)
     return rows_batch(pieces, pad_id, device)
+
+
+def tree_batch(examples: list[dict[str, Any]], capacity: int, pad_id: int, device: Any) -> dict[str, Any]:
+    """Tree-shaped examples (a prompt, then answers that each see only the prompt and themselves) packed into rows.
+
+    Each example carries `input_ids` (prompt, then each branch, end to end), `labels` (the same
+    layout, IGNORE_INDEX outside the answers) and `branches` (prompt length, then each answer's).
+    Besides the rows, the batch says for every labelled token which hidden state predicts it
+    (`sources`, flat over rows × width: a branch's first token is predicted by the prompt's last
+    position, not by the token before it in the row), the token (`targets`), whose answer it is
+    (`owners`: example × branches + branch), and the flat index of each answer's last token (`last`).
+    """
+    rows = best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
+    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    sources, targets, owners = [], [], []
+    last = [0] * sum(len(e["branches"]) - 1 for e in examples)
+    packed_lengths = []
+    answers_per_example = len(examples[0]["branches"]) - 1
+    for r, row in enumerate(rows):
+        start, lengths = 0, []
+        for index in row:
+            example = examples[index]
+            shared, *branches = example["branches"]
+            ids[r, start:start + len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            positions[r, start:start + shared] = torch.arange(shared)
+            offset = start + shared
+            for b, length in enumerate(branches):
+                positions[r, offset:offset + length] = torch.arange(shared, shared + length)
+                owner = index * answers_per_example + b
+                for k in range(length):
+                    label = example["labels"][offset - start + k]
+                    if label != IGNORE_INDEX:
+                        previous = start + shared - 1 if k == 0 else offset + k - 1
+                        sources.append(r * width + previous)
+                        targets.append(label)
+                        owners.append(owner)
+                last[owner] = r * width + offset + length - 1
+                offset += length
+            lengths.append(tuple(example["branches"]))
+            start += len(example["input_ids"])
+        if start < width:
+            positions[r, start:] = torch.arange(width - start)
+            lengths.append(width - start)
+        packed_lengths.append(lengths)
+    batch = {"input_ids": ids.to(device), "position_ids": positions.to(device), "packed_lengths": packed_lengths,
+             "sources": torch.tensor(sources, device=device), "targets": torch.tensor(targets, device=device),
+             "owners": torch.tensor(owners, device=device), "last": torch.tensor(last, device=device)}
+    if "reference" in examples[0]:  # log-probabilities under the reference model, computed once before training
+        batch["reference"] = torch.tensor([e["reference"] for e in examples], device=device)
+    return batch

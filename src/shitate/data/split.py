@@ -1,4 +1,4 @@
-"""Seeded train/validation/test split that keeps repeated questions in one split."""
+"""Seeded train/validation/test split that keeps repeated questions (and all pairs of one prompt) in one split."""
 
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ def parse_sizes(spec: str) -> list[float]:
 
 
 def _question_key(record: dict[str, Any]) -> str:
-    # Grouping by the user side means a question asked twice (even with different answers)
-    # cannot be trained on and then "held out".
+    # Grouping by the user side means a question asked twice (even with different answers), or
+    # a prompt with several preference pairs, cannot be trained on and then "held out".
+    if "messages" not in record:
+        from shitate.data.preference import prompt_key
+
+        return hashlib.sha256(prompt_key(record).encode()).hexdigest()
     prompts = [" ".join(m["content"].split()) for m in record["messages"] if m["role"] == "user"]
     return hashlib.sha256("\x1e".join(prompts).encode()).hexdigest()
 
@@ -37,7 +41,8 @@ def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int =
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     total = len(records)
-    if all(s <= 1 for s in sizes) and abs(sum(sizes) - 1) < 1e-6:
+    fractions = all(s <= 1 for s in sizes) and abs(sum(sizes) - 1) < 1e-6
+    if fractions:
         targets = [round(s * total) for s in sizes[:2]]
         targets.append(total - sum(targets))
     elif all(s == int(s) for s in sizes):
@@ -52,4 +57,7 @@ def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int =
             if len(result[name]) + len(group) <= target:
                 result[name].extend(group)
                 break
+        else:
+            if fractions:  # groups that fit nowhere exactly: train rather than nowhere (counts are taken as asked)
+                result["train"].extend(group)
     return result

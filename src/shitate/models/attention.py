@@ -2,7 +2,9 @@
 
 Registered with transformers' attention interface, so any model that routes attention
 through it (Gemma 3, Llama, Qwen, …) gets it. Without packing information it is plain SDPA,
-so the same model can still validate or generate on padded batches. We loop over examples
+so the same model can still validate or generate on padded batches. An example may also be a
+tree (a shared prompt, then branches that each see the prompt and themselves): preference
+pairs are encoded that way, so their prompt is computed once for both answers. We loop over examples
 instead of building one block-diagonal mask because a row's examples then cost what they
 would cost alone (no attention over the whole row, no row-sized mask).
 
@@ -75,11 +77,59 @@ def _example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
                                           scale=scale, enable_gqa=heads != kv_heads)
 
 
+def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared: int, dropout: float,
+                      scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+    """Attention of a later branch's queries (1, heads, B, D) over the shared prefix and the branch itself.
+
+    `k` and `v` are the prefix's keys and values followed by the branch's; positions continue
+    from the prefix, so the branch sees what it would see written right after the prefix.
+    """
+    branch, heads, kv_heads = q.shape[2], q.shape[1], k.shape[1]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    query_positions = torch.arange(shared, shared + branch, device=q.device)
+    key_positions = torch.cat([torch.arange(shared, device=q.device), query_positions])
+    distance = query_positions[:, None] - key_positions[None, :]
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed &= distance < sliding_window
+    if q.device.type == "cpu" and k.shape[2] <= SHORT and dropout == 0.0:
+        grouped = q.reshape(1, kv_heads, heads // kv_heads, branch, q.shape[-1])
+        out = _ShortAttention.apply(grouped, k.unsqueeze(2), v.unsqueeze(2), allowed, scale)
+        return out.reshape(1, heads, branch, q.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
+                                          enable_gqa=heads != kv_heads)
+
+
+def _tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: tuple[int, ...], dropout: float,
+                    scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+    """A shared prefix followed by branches that each see the prefix and themselves, not each other.
+
+    `tree` is (prefix, branch 1, branch 2, …) in tokens: a preference pair is (prompt, chosen,
+    rejected), so the prompt is computed once for both answers. The prefix and the first branch
+    are one plain causal sequence; each later branch attends to the prefix's keys and its own.
+    """
+    shared, first = tree[0], tree[1]
+    pieces = [_example_attention(q[:, :, :shared + first], k[:, :, :shared + first], v[:, :, :shared + first],
+                                 dropout, scaling, sliding_window)]
+    start = shared + first
+    for branch in tree[2:]:
+        end = start + branch
+        keys = torch.cat([k[:, :, :shared], k[:, :, start:end]], dim=2)
+        values = torch.cat([v[:, :, :shared], v[:, :, start:end]], dim=2)
+        pieces.append(_branch_attention(q[:, :, start:end], keys, values, shared, dropout, scaling, sliding_window))
+        start = end
+    return torch.cat(pieces, dim=2)
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                      sliding_window: int | None = None, packed_lengths: list[list[int]] | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA per packed example (causal, with the layer's sliding window); plain SDPA otherwise."""
+    """SDPA per packed example (causal, with the layer's sliding window); plain SDPA otherwise.
+
+    An entry of `packed_lengths` is an example's length, or a tuple (prefix, branch, branch, …)
+    for a tree-shaped example such as a preference pair (`_tree_attention`).
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_lengths is None:
@@ -91,9 +141,13 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for row, lengths in enumerate(packed_lengths):
         pieces, start = [], 0
         for length in lengths:
-            q, k, v = (t[row:row + 1, :, start:start + length] for t in (query, key, value))
-            pieces.append(_example_attention(q, k, v, dropout, scaling, sliding_window))
-            start += length
+            size = sum(length) if isinstance(length, tuple) else length
+            q, k, v = (t[row:row + 1, :, start:start + size] for t in (query, key, value))
+            if isinstance(length, tuple):
+                pieces.append(_tree_attention(q, k, v, length, dropout, scaling, sliding_window))
+            else:
+                pieces.append(_example_attention(q, k, v, dropout, scaling, sliding_window))
+            start += size
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

@@ -7,6 +7,7 @@ it had done and sees no example twice in an epoch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shitate.data.collate import Example
+from shitate.errors import TrainingDiverged
 from shitate.memory import return_free_heap
 from shitate.progress import say, training_bar
 from shitate.train.session import Objective, Session
@@ -89,37 +91,47 @@ def train_step(session: Session, objective: Objective, examples: list[Example]) 
     total_loss, real_tokens = torch.zeros((), device=device), 0
     for chunk in session.micro_batches(examples, objective.packed):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
-            loss_sum, _ = module(**objective.make_batch(chunk, device))
+            loss_sum = module(**objective.make_batch(chunk, device))[0]
         accelerator.backward(loss_sum / terms)
         total_loss += loss_sum.detach()  # read once per step: on a GPU each .item() waits for the device
         real_tokens += sum(len(e["input_ids"]) for e in chunk)
+    loss = total_loss.item() / terms
+    if not math.isfinite(loss):  # before the update: the weights and the last checkpoint stay good
+        session.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"the loss became {loss} at step {session.scheduler.last_epoch + 1}, so training stopped "
+                               "before that step changed the weights. The last checkpoint in "
+                               f"{session.run.path / 'checkpoints'} is good: lower train.learning_rate (now "
+                               f"{session.spec.learning_rate}) and resume with --resume, or start again.")
     torch.nn.utils.clip_grad_norm_(session.parameters, session.spec.max_grad_norm)
     session.optimizer.step()
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     return_free_heap()
-    return total_loss.item() / terms, real_tokens
+    return loss, real_tokens
 
 
 @torch.no_grad()
-def validation_loss(session: Session, objective: Objective, examples: list[Example]) -> float:
-    """Mean loss per loss term over `examples`, in the same micro-batches as training (never more memory)."""
+def validation_loss(session: Session, objective: Objective, examples: list[Example]) -> tuple[float, dict[str, float]]:
+    """Mean loss per loss term over `examples`, in the same micro-batches as training (never more memory), and
+    the mean per loss term of each statistic the objective's module returns beside its loss (accuracy, margin)."""
     module = objective.module
     was_training = module.training
     module.eval()
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, {}
     for start in range(0, len(ordered), session.spec.batch_size):
         for chunk in session.micro_batches(ordered[start:start + session.spec.batch_size], objective.packed):
             with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
-                loss_sum, n = module(**objective.make_batch(chunk, session.device))
+                loss_sum, n, *extra = module(**objective.make_batch(chunk, session.device))
             total, count = total + loss_sum.item(), count + int(n)
+            for name, value in (extra[0] if extra else {}).items():
+                sums[name] = sums.get(name, 0.0) + float(value)
     module.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), {name: value / max(count, 1) for name, value in sums.items()}
 
 
 def _validate(session: Session, objective: Objective, examples: list[Example], fitted: Fitted, epoch: int) -> None:
-    metrics = objective.validation_metrics(validation_loss(session, objective, examples))
+    metrics = objective.validation_metrics(*validation_loss(session, objective, examples))
     fitted.validations.append(metrics)
     session.log({"step": fitted.steps, "epoch": epoch, **metrics})
     shown = ", ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}" for name, value in metrics.items())

@@ -14,22 +14,30 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shitate.data.templates import IGNORE_INDEX
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(softcap(h_i W^T), y_i), with the gradient taken chunk by chunk in forward."""
+    """CE(softcap(h_i W^T), y_i) for every row i — summed, or per row — with the gradient taken chunk by chunk
+    in forward.
+
+    Per row (what sequence log-probabilities need), each row's gradient is scaled by its own
+    upstream gradient in backward: exact for the hidden states, whose gradient is row by row; the
+    output layer's gradient mixes rows, so it is computed in backward instead, one more pass over
+    the output layer, and only when the output layer trains (full fine-tuning).
+    """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, softcap: float | None) -> torch.Tensor:
+                compute_dtype: torch.dtype, softcap: float | None, per_row: bool) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight and not per_row else None
         w = weight.to(compute_dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         # Even chunks (130 rows in two of 65, not 128 + 2): each chunk streams the whole output layer.
         chunk_size = math.ceil(hidden.shape[0] / max(1, math.ceil(hidden.shape[0] / chunk_size)))
         for start in range(0, hidden.shape[0], chunk_size):
@@ -40,23 +48,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = h @ w.T
             row_max, sums = _row_max_and_sum_exp(logits, softcap)
             target_logits = _softcapped(logits.gather(1, y[:, None]).squeeze(1).float(), softcap)
-            total += (sums.log() + row_max - target_logits).sum()
-            if need_hidden or need_weight:
+            losses[start:start + chunk_size] = sums.log() + row_max - target_logits
+            if need_hidden or grad_weight is not None:
                 _softmax_minus_one_hot_(logits, y, row_max, sums, softcap)
                 if need_hidden:
                     grad_hidden[start:start + chunk_size] = (logits @ w).to(hidden.dtype)
-                if need_weight:
+                if grad_weight is not None:
                     grad_weight += (logits.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
+        ctx.save_for_backward(grad_hidden, grad_weight, *((hidden, weight, targets) if need_weight and per_row else ()))
+        ctx.weight_dtype, ctx.per_row, ctx.need_weight = weight.dtype, per_row, need_weight
+        ctx.settings = (chunk_size, compute_dtype, softcap)
+        return losses if per_row else losses.sum()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None, None)
+        grad_hidden, grad_weight, *inputs = ctx.saved_tensors
+        scale = grad_output[:, None] if ctx.per_row else grad_output
+        if ctx.per_row and ctx.need_weight:
+            grad_weight = _weighted_weight_grad(*inputs, grad_output, *ctx.settings)
+            scale_weight = 1.0
+        else:
+            scale_weight = grad_output
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale_weight).to(ctx.weight_dtype),
+                None, None, None, None, None)
+
+
+def _weighted_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
+                          chunk_size: int, compute_dtype: torch.dtype, softcap: float | None) -> torch.Tensor:
+    """sum_i w_i d CE_i / dW, recomputing each chunk's logits (see _LinearCrossEntropy)."""
+    w = weight.to(compute_dtype)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start:start + chunk_size].to(compute_dtype)
+        logits = h @ w.T
+        row_max, sums = _row_max_and_sum_exp(logits, softcap)
+        _softmax_minus_one_hot_(logits, targets[start:start + chunk_size], row_max, sums, softcap)
+        logits.mul_(row_weights[start:start + chunk_size, None].to(logits.dtype))
+        grad_weight += (logits.T @ h).float()
+    return grad_weight
 
 
 _SLICE_ELEMENTS = 2**19  # 2 MB of fp32 per vocabulary slice: its work stays in a core's cache
@@ -100,9 +130,10 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor, row_max
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128,
-                         compute_dtype: torch.dtype = torch.float32, softcap: float | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap)
+                         compute_dtype: torch.dtype = torch.float32, softcap: float | None = None,
+                         per_row: bool = False) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows: summed, or one value per row."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
 
 
 class AnswerLoss(nn.Module):
@@ -122,19 +153,77 @@ class AnswerLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 packed_lengths: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self.causal_lm.get_base_model() if hasattr(self.causal_lm, "get_base_model") else self.causal_lm
-        extra: dict[str, Any] = {}
-        if packed_lengths is not None:
-            extra["packed_lengths"] = packed_lengths
-            layer_types = getattr(base.config, "layer_types", None)
-            if layer_types:  # a per-layer-type mapping tells the model its masks are handled: none are built
-                attention_mask = {layer_type: None for layer_type in set(layer_types)}
-        outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False, **extra)
+        base, states = decoder_states(self.causal_lm, input_ids, attention_mask, position_ids, packed_lengths)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        hidden = outputs.last_hidden_state[:, :-1][keep]
+        hidden = states[:, :-1][keep]
         softcap = getattr(base.config, "final_logit_softcapping", None)
         total = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets[keep], self.chunk_size,
                                      self.compute_dtype, softcap)
         return total, keep.sum()
+
+
+def decoder_states(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None,
+                   packed_lengths: list[list[Any]] | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """(the bare causal LM, the decoder's last hidden states): every loss projects only the positions it needs."""
+    base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    extra: dict[str, Any] = {}
+    if packed_lengths is not None:
+        extra["packed_lengths"] = packed_lengths
+        layer_types = getattr(base.config, "layer_types", None)
+        if layer_types:  # a per-layer-type mapping tells the model its masks are handled: none are built
+            attention_mask = {layer_type: None for layer_type in set(layer_types)}
+    outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, **extra)
+    return base, outputs.last_hidden_state
+
+
+class AnswerLogProbs(nn.Module):
+    """Summed log-probability and token count of each answer in a tree batch (data/collate.tree_batch)."""
+
+    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.compute_dtype = compute_dtype
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
+                sources: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
+                answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        base, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
+        hidden = states.reshape(-1, states.shape[-1])[sources]
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        token_losses = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
+                                            AnswerLoss.chunk_size, self.compute_dtype, softcap, per_row=True)
+        logps = torch.zeros(answers, dtype=torch.float32, device=hidden.device).index_add(0, owners, -token_losses)
+        return logps, torch.bincount(owners, minlength=answers)
+
+
+# --- preference losses: per pair, on summed (or mean) answer log-probabilities -------------------------------------
+
+def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+               reference_rejected: torch.Tensor, beta: float, kind: str = "sigmoid") -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): −log σ(β·h); IPO (Azar et al. 2023): (h − 1/(2β))²; h is the log-ratio margin.
+
+    h = (log π(chosen) − log π(rejected)) − (log π_ref(chosen) − log π_ref(rejected)).
+    """
+    margin = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if kind == "ipo":
+        return (margin - 1.0 / (2.0 * beta)) ** 2
+    return -F.logsigmoid(beta * margin)
+
+
+def orpo_losses(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, weight: float) -> torch.Tensor:
+    """ORPO (Hong et al. 2024): NLL of the chosen answer − λ·log σ(log odds ratio), on mean per-token log-probs.
+
+    odds(y) = p / (1 − p) with p = exp(mean log-prob); log(1 − p) is taken as log(−expm1(log p)),
+    which stays finite and accurate as p approaches 1 where log1p(−exp(·)) loses digits.
+    """
+    chosen, rejected = chosen_mean_logp.clamp(max=-1e-7), rejected_mean_logp.clamp(max=-1e-7)
+    log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
+    return -chosen_mean_logp - weight * F.logsigmoid(log_odds)
+
+
+def bradley_terry_losses(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Reward-model loss: −log σ(r(chosen) − r(rejected) − margin) (Bradley–Terry; margin as in Llama 2)."""
+    return -F.logsigmoid(chosen_reward - rejected_reward - margin)

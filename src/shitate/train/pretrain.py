@@ -99,7 +99,7 @@ def encode_documents(documents: list[Document], tokenizer: Any) -> list[list[int
     return [bos + ids + eos for ids in encoded]
 
 
-def perplexity_metrics(loss: float) -> dict[str, float]:
+def perplexity_metrics(loss: float, stats: dict[str, float]) -> dict[str, float]:
     """Validation loss per token and its perplexity (exp of it)."""
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 

@@ -39,15 +39,18 @@ class Objective:
     """What a stage contributes to the shared loop.
 
     `module(**make_batch(examples, device))` returns (summed loss, number of loss terms) for one
-    micro-batch; it is what accelerate wraps, so data-parallel gradients sync as usual. A step's
-    loss is the sum over its micro-batches divided by the loss terms of all its examples.
+    micro-batch, and optionally a third item, a dict of statistics summed over the loss terms
+    (validation reports their means: pairwise accuracy, reward margin); it is what accelerate
+    wraps, so data-parallel gradients sync as usual. A step's loss is the sum over its
+    micro-batches divided by the loss terms of all its examples.
     """
 
     module: torch.nn.Module
     make_batch: Callable[[list[Example], Any], dict[str, Any]]
     loss_terms: Callable[[Example], int]
     packed: bool = True  # micro-batches are sized by tokens end to end (packed) or count × longest (padded)
-    validation_metrics: Callable[[float], dict[str, float]] = field(default=lambda loss: {"val_loss": loss})
+    validation_metrics: Callable[..., dict[str, float]] = field(
+        default=lambda loss, stats: {"val_loss": loss, **{f"val_{name}": value for name, value in stats.items()}})
 
 
 class Session:

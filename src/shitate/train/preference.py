@@ -1,0 +1,321 @@
+"""Stages reward, dpo and orpo — preference pairs in; a reward model, or a model that prefers the chosen answers.
+
+Reads top to bottom: session → tokenizer, template and pairs → model and adapter → (dpo) the
+reference log-probabilities, once → the shared loop (train/loop.py), validating before the
+first step → save. What the stages bring: one record type (prompt/chosen/rejected pairs), one
+batch builder (each pair one tree-shaped example: the prompt once, then both answers, each
+seeing only the prompt and itself — data/collate.tree_batch), and an objective each:
+
+- reward: a scalar head on the last token of each answer, Bradley–Terry loss; pairwise accuracy.
+- dpo: sigmoid DPO or IPO against the starting model. With an adapter that is the base with the
+  adapter off, and since it never changes its log-probabilities are computed once per pair
+  before training (and kept in the run folder for a resume), not again every epoch.
+- orpo: the chosen answer's NLL plus λ times the odds-ratio loss, from the base, no reference.
+
+Every stage validates the share of held-out pairs whose chosen answer the model finds likelier
+(mean log-probability per token), before and after, so a run shows whether it moved the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shitate.config import Recipe
+from shitate.data.collate import Example, split_by_tokens, tree_batch
+from shitate.data.mix import SourceShare, mix
+from shitate.data.preference import answer_messages, conversation_prompt, read_preferences
+from shitate.data.templates import IGNORE_INDEX, ChatTemplate, encode_chat, get_template
+from shitate.errors import ConfigError, DataError, Problem
+from shitate.memory import release_memory
+from shitate.models.adapters import prepare_for_training
+from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
+from shitate.progress import say, status
+from shitate.train.loop import fit
+from shitate.train.losses import AnswerLogProbs, bradley_terry_losses, dpo_losses, orpo_losses
+from shitate.train.session import Objective, Session
+
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+
+def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
+        dry_run: bool = False) -> Path:
+    """Train stage reward, dpo or orpo as `recipe` says; return the run folder."""
+    session = Session(recipe, out, resume, force, dry_run)
+    spec = getattr(recipe, recipe.stage)
+    with status(f"Loading {recipe.model} and the preference pairs…"):
+        source = resolve(recipe.model)
+        config = load_config(source)
+        data = read_data(recipe, source, config.model_type)
+        release_memory()  # the tokenizer went with read_data's frame
+        model = load_model(source, dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
+    model = prepare_for_training(model, recipe.adapter, packed_attention=True,
+                                 activation_checkpointing=recipe.train.activation_checkpointing)
+
+    logprobs = AnswerLogProbs(model, compute_dtype=session.compute_dtype)
+    if recipe.stage == "reward":
+        model = RewardModel(model)
+        module: nn.Module = RewardLoss(model, spec.margin)
+    elif recipe.stage == "dpo":
+        attach_reference(session, logprobs, data, spec.pack_length)
+        module = DPOLoss(logprobs, spec.beta, spec.loss)
+    else:
+        module = ORPOLoss(logprobs, spec.odds_ratio_weight)
+
+    objective = session.start(
+        model, Objective(module, make_batch=lambda pairs, device: tree_batch(pairs, spec.pack_length, data.pad_id, device),
+                         loss_terms=lambda pair: 1),
+        data.train, config,
+        summary=f"{source.kind} model {recipe.model}, template {data.template}, {len(data.train)} train / "
+                f"{len(data.validation)} validation pairs",
+        template=data.template, model_source={"kind": source.kind, "folder": source.folder},
+        **({"data_mix": [s.as_dict(len(data.train)) for s in data.shares]} if recipe.data.is_mixed() else {}))
+    if recipe.stage == "dpo" and session.is_main and not dry_run:
+        session.run.save_reference_logps({"train": [e["reference"] for e in data.train],
+                                          "validation": [e["reference"] for e in data.validation]})
+
+    fitted = fit(session, objective, data.train, data.validation, validate_first=True)
+    if dry_run:
+        return session.report_dry_run(objective, sum(len(e["input_ids"]) for e in data.validation), fitted.tokens,
+                                      fitted.step_seconds)
+    facts = before_and_after(session.run.metrics())
+    for name, values in facts.items():
+        say(f"{name.replace('_', ' ')} on the validation pairs: {values['before']:.3f} before, "
+            f"{values['after']:.3f} after training.")
+    return session.finish(model, source, fitted.tokens, fitted.seconds, fitted.steps, **facts)
+
+
+def before_and_after(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """First and last value of each validation statistic (read back from metrics.jsonl, so a resume keeps
+    the "before" of its first life)."""
+    found: dict[str, dict[str, float]] = {}
+    for record in metrics:
+        for name, value in record.items():
+            if name.startswith("val_") and name != "val_loss":
+                found.setdefault(name[4:], {"before": value})["after"] = value
+    return found
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PairData:
+    """Pairs as tree-shaped token rows, and what training needs of the tokenizer, without the tokenizer itself."""
+
+    train: list[Example]
+    validation: list[Example]
+    shares: list[SourceShare]
+    template: str
+    pad_id: int
+
+
+def read_data(recipe: Recipe, source: ModelSource, model_type: str | None) -> PairData:
+    """Encode the recipe's pairs. The tokenizer lives only in this frame."""
+    tokenizer = load_tokenizer(source)
+    template = get_template(recipe.template, tokenizer, model_type)
+    encode = functools.partial(encode_pairs, recipe=recipe, tokenizer=tokenizer, template=template)
+    train_set, shares = mix(recipe.data.train_sources(), encode, recipe.train.seed)
+    validation_set = encode(recipe.data.validation) if recipe.data.validation else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PairData(train_set, validation_set, shares, template.name, pad_id)
+
+
+def encode_pairs(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTemplate) -> list[Example]:
+    """A preference JSONL as tree-shaped examples; every problem of the file is raised at once."""
+    examples, problems = [], []
+    for line, pair in read_preferences(Path(path)):
+        example = encode_pair(pair, tokenizer, template, recipe.train.max_length, recipe.data.system)
+        if example is None:
+            problems.append(Problem(path, line, None, f"no answer tokens left within max_length "
+                                    f"{recipe.train.max_length}", "raise train.max_length or shorten the prompt"))
+        else:
+            examples.append(example)
+    if problems:
+        raise DataError(problems)
+    return examples
+
+
+def encode_pair(pair: dict[str, Any], tokenizer: Any, template: ChatTemplate, max_length: int,
+                system: str | None) -> Example | None:
+    """{input_ids: prompt + chosen + rejected, labels, branches: [prompt, chosen, rejected] lengths}.
+
+    Each side is rendered whole through the template, as training and inference render a chat,
+    and the prompt is the tokens both renderings share before their answers begin. Past
+    max_length a long prompt keeps its first token (<bos>) and its end, and answers are cut on the right.
+    """
+    prompt = conversation_prompt(pair, system)
+    sides = [encode_chat(prompt + answer_messages(pair[side], side), tokenizer, template, 10**9)
+             for side in ("chosen", "rejected")]
+    firsts = [next((i for i, label in enumerate(s["labels"]) if label != IGNORE_INDEX), len(s["labels"])) for s in sides]
+    chosen_ids, rejected_ids = sides[0]["input_ids"], sides[1]["input_ids"]
+    common = next((i for i, (a, b) in enumerate(zip(chosen_ids, rejected_ids)) if a != b),
+                  min(len(chosen_ids), len(rejected_ids)))
+    shared = max(1, min(common, *firsts))
+    prompt_ids = chosen_ids[:shared]
+    branches = [(s["input_ids"][shared:], s["labels"][shared:]) for s in sides]
+    longest = max(len(ids) for ids, _ in branches)
+    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_length // 2:
+        keep = max(1, max_length // 2 - 1)
+        prompt_ids = prompt_ids[:1] + prompt_ids[-keep:]
+    room = max_length - len(prompt_ids)
+    branches = [(ids[:room], labels[:room]) for ids, labels in branches]
+    if any(all(label == IGNORE_INDEX for label in labels) for _, labels in branches):
+        return None
+    return {"input_ids": prompt_ids + branches[0][0] + branches[1][0],
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + branches[0][1] + branches[1][1],
+            "branches": [len(prompt_ids), len(branches[0][0]), len(branches[1][0])]}
+
+
+# --- the reference (dpo) ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_logps(logprobs: AnswerLogProbs, examples: list[Example], capacity: int, pad_id: int, device: Any,
+                    bf16: bool) -> list[list[float]]:
+    """Summed log-probability of each pair's chosen and rejected answer under the model as it is now, without
+    its adapter: the reference DPO measures against."""
+    causal_lm = logprobs.causal_lm
+    was_training = causal_lm.training
+    causal_lm.eval()
+    adapter_off = causal_lm.disable_adapter() if hasattr(causal_lm, "disable_adapter") else _nothing()
+    values: list[list[float]] = []
+    with adapter_off:
+        for group in split_by_tokens(examples, capacity, packed=True):
+            batch = tree_batch(group, capacity, pad_id, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logps, _ = logprobs(**_logprob_inputs(batch))
+            values.extend(logps.view(-1, 2).tolist())
+    causal_lm.train(was_training)
+    return values
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def attach_reference(session: Session, logprobs: AnswerLogProbs, data: PairData, capacity: int) -> None:
+    """Put each pair's reference log-probabilities on it: read back on a resume, else computed once now."""
+    saved = session.run.reference_logps() if session.resume else None
+    if saved is not None and [len(saved["train"]), len(saved["validation"])] == [len(data.train), len(data.validation)]:
+        train, validation = saved["train"], saved["validation"]
+    else:
+        if session.resume and session.recipe.adapter.method == "full":
+            raise ConfigError(f"{session.run.path}: the reference log-probabilities of this full fine-tuning run are "
+                              "missing, and the weights have moved since they were taken; start again with --force.")
+        with status(f"Reference log-probabilities of {len(data.train) + len(data.validation)} pairs (once)…"):
+            train, validation = (reference_logps(logprobs, examples, capacity, data.pad_id, session.device, session.bf16)
+                                 if examples else [] for examples in (data.train, data.validation))
+    for example, values in zip(data.train + data.validation, list(train) + list(validation)):
+        example["reference"] = values
+
+
+def _logprob_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("input_ids", "position_ids", "packed_lengths", "sources", "targets", "owners")
+    return {**{key: batch[key] for key in keys}, "answers": batch["last"].shape[0]}
+
+
+# --- objectives ---------------------------------------------------------------------------------------------------
+
+def _preferred(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where the chosen answer has the higher mean log-probability per token, ½ for a tie, else 0."""
+    mean = (logps / counts.clamp(min=1)).view(-1, 2)
+    return (mean[:, 0] > mean[:, 1]).float() + 0.5 * (mean[:, 0] == mean[:, 1]).float()
+
+
+class DPOLoss(nn.Module):
+    """DPO (or IPO) per pair against cached reference log-probabilities; returns (sum, pairs, statistics)."""
+
+    def __init__(self, logprobs: AnswerLogProbs, beta: float, kind: str = "sigmoid") -> None:
+        super().__init__()
+        self.logprobs, self.beta, self.kind = logprobs, beta, kind
+
+    def forward(self, reference: torch.Tensor, last: torch.Tensor, **batch: Any) -> tuple[torch.Tensor, int, dict]:
+        logps, counts = self.logprobs(**_logprob_inputs({**batch, "last": last}))
+        policy, counts = logps.view(-1, 2), counts.view(-1, 2)
+        if self.kind == "ipo":  # IPO compares mean log-probabilities per token
+            policy, reference = policy / counts, reference / counts
+        losses = dpo_losses(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.beta, self.kind)
+        rewards = self.beta * (policy - reference).detach()  # DPO's implicit reward of each answer
+        margin = rewards[:, 0] - rewards[:, 1]
+        stats = {"reward_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).sum(),
+                 "reward_margin": margin.sum(), "preference_accuracy": _preferred(logps.detach(), counts.flatten()).sum()}
+        return losses.sum(), losses.shape[0], stats
+
+
+class ORPOLoss(nn.Module):
+    """ORPO per pair on mean per-token log-probabilities; returns (sum, pairs, statistics)."""
+
+    def __init__(self, logprobs: AnswerLogProbs, weight: float) -> None:
+        super().__init__()
+        self.logprobs, self.weight = logprobs, weight
+
+    def forward(self, last: torch.Tensor, **batch: Any) -> tuple[torch.Tensor, int, dict]:
+        logps, counts = self.logprobs(**_logprob_inputs({**batch, "last": last}))
+        mean = (logps / counts.clamp(min=1)).view(-1, 2)
+        losses = orpo_losses(mean[:, 0], mean[:, 1], self.weight)
+        stats = {"preference_accuracy": _preferred(logps.detach(), counts).sum(),
+                 "chosen_nll": -mean[:, 0].detach().sum()}
+        return losses.sum(), losses.shape[0], stats
+
+
+class RewardModel(nn.Module):
+    """A causal LM's decoder with a scalar head read at an answer's last token: how good the answer is."""
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        width = causal_lm.config.hidden_size
+        self.head = nn.Linear(width, 1, device=next(causal_lm.parameters()).device)
+        nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)  # as TRL and InstructGPT start the head
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
+                last: torch.Tensor, **_: Any) -> torch.Tensor:
+        from shitate.train.losses import decoder_states
+
+        _, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
+        hidden = states.reshape(-1, states.shape[-1])[last]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.causal_lm.set_attn_implementation(name)
+
+    def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
+        """The adapter (or model) as PEFT or transformers saves it, and the head beside it."""
+        from safetensors.torch import save_file
+
+        self.causal_lm.save_pretrained(folder, safe_serialization=safe_serialization)
+        save_file({name: p.detach().float().cpu().contiguous() for name, p in self.head.state_dict().items()},
+                  str(Path(folder) / REWARD_HEAD_FILE))
+
+    def load_head(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        file = Path(folder) / REWARD_HEAD_FILE
+        if not file.is_file():
+            raise ConfigError(f"{folder}: no {REWARD_HEAD_FILE}; this run is not a reward model (train one with "
+                              "`stage: reward`).")
+        self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in load_file(str(file)).items()})
+
+
+class RewardLoss(nn.Module):
+    """Bradley–Terry loss per pair on the reward model's scores; returns (sum, pairs, statistics)."""
+
+    def __init__(self, reward_model: RewardModel, margin: float = 0.0) -> None:
+        super().__init__()
+        self.reward_model, self.margin = reward_model, margin
+
+    def forward(self, **batch: Any) -> tuple[torch.Tensor, int, dict]:
+        rewards = self.reward_model(**batch).view(-1, 2)
+        losses = bradley_terry_losses(rewards[:, 0], rewards[:, 1], self.margin)
+        gap = (rewards[:, 0] - rewards[:, 1]).detach()
+        stats = {"accuracy": ((gap > 0).float() + 0.5 * (gap == 0).float()).sum(), "reward_margin": gap.sum()}
+        return losses.sum(), losses.shape[0], stats
