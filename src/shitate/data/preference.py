@@ -175,8 +175,14 @@ def read_preferences(path: Path) -> list[tuple[int, dict[str, Any]]]:
             problems.append(obj)
         elif not is_preference_record(obj):
             kind = detect_preference_format(obj)
-            fix = (f"this looks like {kind} data: convert it with `shitate data import --format {kind}`" if kind else
-                   'write {"prompt": …, "chosen": …, "rejected": …} on each line')
+            if kind:
+                fix = f"this looks like {kind} data: convert it with `shitate data import --format {kind}`"
+            elif isinstance(obj, dict) and ("messages" in obj or "text" in obj):
+                fix = ("this is a chat record (for stage sft)" if "messages" in obj else "this is raw text (for stage "
+                       "pretrain)") + '; the preference stages train on {"prompt": …, "chosen": …, "rejected": …}'
+            else:
+                fix = 'write {"prompt": …, "chosen": …, "rejected": …} on each line'
+
             problems.append(Problem(path, line, None, "not a preference pair", fix))
         else:
             try:

@@ -1,0 +1,121 @@
+"""Stages reward, dpo and orpo end to end on a tiny Gemma 3: each moves the model towards the chosen answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from shitate.cli import app
+from shitate.errors import TrainingDiverged
+
+runner = CliRunner()
+
+QUESTIONS = ["空はなぜ青いの?", "海はなぜしょっぱいの?", "雨はどこから来るの?", "虹はなぜできるの?", "夜はなぜ暗いの?",
+             "風はなぜふくの?", "雪はなぜ白いの?", "月はなぜ光るの?", "星はなぜ光るの?", "雷はなぜ鳴るの?"]
+
+
+def make_recipe(folder: Path, model: Path, stage: str, extra: str = "") -> Path:
+    # A checkable preference: answers that end with 〜だよ。 are chosen over curt ones.
+    pairs = [{"prompt": q, "chosen": f"{q[:2]}のことはね、ひかりのせいだよ。", "rejected": "しらない。"} for q in QUESTIONS]
+    write_jsonl(folder / "train.jsonl", pairs[:8] * 2)
+    write_jsonl(folder / "validation.jsonl", pairs[8:])
+    recipe = folder / f"{stage}.yaml"
+    recipe.write_text(f"""
+name: tiny-{stage}
+model: {model}
+template: gemma
+stage: {stage}
+data: {{train: train.jsonl, validation: validation.jsonl}}
+adapter: {{method: lora, r: 4, alpha: 8, dropout: 0.0}}
+train: {{epochs: 3, batch_size: 4, learning_rate: 1.0e-2, max_length: 64, precision: fp32, checkpoint_every: 4, warmup_ratio: 0.0}}
+{extra}""", encoding="utf-8")
+    return recipe
+
+
+def train(recipe: Path, out: Path, *args: str):
+    return runner.invoke(app, ["train", str(recipe), "--out", str(out), *args])
+
+
+def validations(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "val_loss" in r]
+
+
+@pytest.mark.parametrize("stage, statistic", [("dpo", "val_reward_margin"), ("orpo", "val_chosen_nll"),
+                                              ("reward", "val_reward_margin")])
+def test_each_preference_stage_moves_the_model_towards_the_chosen_answers(tmp_path, tiny_model, stage, statistic):
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model, stage), run)
+    assert result.exit_code == 0, result.output
+    before, after = validations(run)[0], validations(run)[-1]
+    assert after["val_loss"] < before["val_loss"]
+    if stage == "orpo":
+        assert after[statistic] < before[statistic] - 0.5
+    else:
+        assert after[statistic] > before[statistic] + 0.5
+    accuracy = "val_accuracy" if stage == "reward" else "val_preference_accuracy"
+    assert after[accuracy] == 1.0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stage"] == stage and manifest[accuracy[4:]]["after"] == 1.0
+    if stage == "reward":
+        assert (run / "adapter" / "reward_head.safetensors").is_file()
+
+
+def test_dpo_reference_is_computed_once_and_resume_is_exact(tmp_path, tiny_model, monkeypatch):
+    from shitate.train import preference
+
+    calls = []
+    original = preference.reference_logps
+    monkeypatch.setattr(preference, "reference_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    recipe = make_recipe(tmp_path, tiny_model, "dpo")
+    full = tmp_path / "full"
+    assert train(recipe, full).exit_code == 0
+    assert len(calls) == 2  # train and validation pairs, once each, for 3 epochs
+    saved = json.loads((full / "reference_logps.json").read_text())
+    assert len(saved["train"]) == 16 and len(saved["validation"]) == 2
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "adapter")
+    shutil.rmtree(crashed / "checkpoints" / "step-12")
+    result = train(recipe, crashed, "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2  # read back from the run folder, not recomputed
+    expected = load_file(full / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_a_loss_that_is_not_a_number_stops_training_and_keeps_the_last_checkpoint(tmp_path, tiny_model, monkeypatch):
+    from shitate.train import preference
+
+    original, steps = preference.dpo_losses, []
+
+    def diverging(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        if torch.is_grad_enabled():
+            steps.append(1)
+        return losses * float("nan") if len(steps) > 5 else losses
+
+    monkeypatch.setattr(preference, "dpo_losses", diverging)
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model, "dpo"), run)
+    assert isinstance(result.exception, TrainingDiverged), result.output
+    assert "nan" in str(result.exception) and "--resume" in str(result.exception)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-4"] and not (run / "adapter").exists()
+
+
+def test_a_chat_file_given_to_a_preference_stage_is_refused_with_its_line(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model, "dpo")
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                                          {"role": "assistant", "content": "A"}]}])
+    result = train(recipe, tmp_path / "run")
+    message = str(result.exception)
+    assert result.exit_code == 1 and "train.jsonl:1: not a preference pair" in message and "chat record" in message
