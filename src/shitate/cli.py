@@ -266,6 +266,42 @@ def compare(
     typer.echo(f"Saved {len(rows)} rows to {out}", err=True)
 
 
+@app.command()
+def score(
+    model: str = typer.Argument(..., help="a reward model: a finished run folder of stage reward"),
+    file: Path = typer.Argument(..., help='JSONL of {"prompt": …, "answer": …} (or preference pairs, or chats '
+                                          "ending with the answer)"),
+    out: Optional[Path] = typer.Option(None, help="also write the scores as JSONL here"),
+) -> None:
+    """Score prompt/answer pairs with a reward model and print them, highest first."""
+    from rich.table import Table
+
+    from shitate.data.formats import write_jsonl
+    from shitate.data.preference import answer_text
+    from shitate.errors import ShitateError
+    from shitate.evals.preference import read_answers_to_score, reward_scores
+    from shitate.models.inference import load_for_inference
+    from shitate.progress import console
+    from shitate.runs import find_run
+
+    run = find_run(model)
+    if run is None or run.recipe_setting("stage") != "reward":
+        raise ShitateError(f"{model}: not a reward model. Give the run folder of a finished `stage: reward` run.")
+    items = read_answers_to_score(file)
+    loaded = load_for_inference(model)
+    recipe = run.recipe()
+    scores = reward_scores(loaded, items, recipe.data.system, recipe.train.max_length)
+    rows = [{"prompt": prompt[-1]["content"], "answer": answer_text(answer), "score": value}
+            for (prompt, answer), value in zip(items, scores)]
+    table = Table("score", "prompt", "answer", show_lines=True)
+    for row in sorted(rows, key=lambda r: -1e30 if r["score"] is None else -r["score"]):
+        shown = "—" if row["score"] is None else f"{row['score']:.3f}"
+        table.add_row(shown, row["prompt"][:60], row["answer"][:120])
+    console.print(table)
+    if out:
+        write_jsonl(out, rows)
+
+
 @app.command("eval")
 def evaluate(
     target: str = typer.Argument(..., help=f"a run folder (base vs tuned), or one model: {MODEL_HELP}"),
@@ -282,6 +318,9 @@ def evaluate(
     general: int = typer.Option(0, help="general-ability check: this many everyday prompts, judged pairwise"),
     chat_bench: Path = typer.Option(Path("../shared/data/chat-bench/rakuda-v2-ja.jsonl"),
                                     help="everyday prompts for --general (JSONL with turns or prompt)"),
+    pairs: Optional[Path] = typer.Option(None, help="preference pairs (prompt/chosen/rejected JSONL): how often each "
+                                                    "model finds the chosen answer likelier (default: a reward, dpo "
+                                                    "or orpo run's data.test)"),
 ) -> None:
     """Evaluate base and tuned (or one model): reference metrics, rubric, JGLUE, judges; writes report.html."""
     from shitate.config import load_recipe
@@ -290,6 +329,8 @@ def evaluate(
     from shitate.evals.evaluate import run
     from shitate.runs import RunFolder
 
+    from shitate.data.preference import looks_like_preferences, read_preferences
+
     run_folder = RunFolder(target) if RunFolder(target).is_finished() else None
     recipe = run_folder.recipe() if run_folder else None
     if run_folder and recipe:
@@ -297,11 +338,14 @@ def evaluate(
         test = test or recipe.data.test
     else:
         sides = [("model", target)]
+    if test and looks_like_preferences(test):  # a preference stage's test file is pairs, not questions
+        pairs, test = pairs or test, None
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not chosen and not test and not general:
-        raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli) or a --test file, "
+    if not chosen and not test and not general and not pairs:
+        raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli), a --test file or --pairs, "
                            "or a run folder whose recipe has data.test")
     items = read_questions(test, recipe.data.system if recipe else None) if test else []
+    preference_pairs = [pair for _, pair in read_preferences(pairs)] if pairs else []
     out_dir = out or (run_folder.eval_dir if run_folder else Path("eval"))
     if judge_mode not in ("pairwise", "score", "likert"):
         raise ShitateError(f"--judge-mode {judge_mode!r}: expected pairwise, score or likert")
@@ -309,7 +353,7 @@ def evaluate(
 
     everyday = general_questions(chat_bench, general) if general else []
     run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto",
-        judges=judge, judge_mode=judge_mode, judge_prompts=judge_prompt, general=everyday)
+        judges=judge, judge_mode=judge_mode, judge_prompts=judge_prompt, general=everyday, pairs=preference_pairs)
     typer.echo(f"Report: {out_dir / 'report.html'}", err=True)
 
 

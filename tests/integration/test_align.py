@@ -119,3 +119,29 @@ def test_a_chat_file_given_to_a_preference_stage_is_refused_with_its_line(tmp_pa
     result = train(recipe, tmp_path / "run")
     message = str(result.exception)
     assert result.exit_code == 1 and "train.jsonl:1: not a preference pair" in message and "chat record" in message
+
+
+def test_score_ranks_answers_with_a_trained_reward_model(tmp_path, tiny_model):
+    run = tmp_path / "reward"
+    assert train(make_recipe(tmp_path, tiny_model, "reward"), run).exit_code == 0
+    write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "雪はなぜ白いの?", "answer": "しらない。"},
+                                             {"prompt": "雪はなぜ白いの?", "answer": "雪はのことはね、ひかりのせいだよ。"}])
+    result = runner.invoke(app, ["score", str(run), str(tmp_path / "answers.jsonl"), "--out", str(tmp_path / "s.jsonl")])
+    assert result.exit_code == 0, result.output
+    curt, kind = [json.loads(line)["score"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert kind > curt
+    refused = runner.invoke(app, ["score", str(tiny_model), str(tmp_path / "answers.jsonl")])
+    assert refused.exit_code == 1 and "not a reward model" in str(refused.exception)
+
+
+def test_eval_reports_preference_accuracy_before_and_after(tmp_path, tiny_model):
+    run = tmp_path / "dpo"
+    recipe = make_recipe(tmp_path, tiny_model, "dpo")
+    assert train(recipe, run).exit_code == 0
+    result = runner.invoke(app, ["eval", str(run), "--pairs", str(tmp_path / "validation.jsonl"), "--out",
+                                 str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert found["tuned"]["preference accuracy"] == 1.0
+    assert found["tuned"]["log-prob margin per token"] > found["base"]["log-prob margin per token"] + 0.5
+    assert found["tuned"]["implicit reward accuracy"] == 1.0 and "implicit reward accuracy" not in found["base"]

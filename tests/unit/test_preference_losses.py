@@ -61,7 +61,7 @@ def pair_model(tiny_model, tokenizer):
 
     from shitate.data.templates import get_template
     from shitate.models.attention import use_packed_attention
-    from shitate.train.preference import encode_pair
+    from shitate.data.preference import encode_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     use_packed_attention(model)

@@ -165,16 +165,18 @@ def tree_batch(examples: list[dict[str, Any]], capacity: int, pad_id: int, devic
     Besides the rows, the batch says for every labelled token which hidden state predicts it
     (`sources`, flat over rows × width: a branch's first token is predicted by the prompt's last
     position, not by the token before it in the row), the token (`targets`), whose answer it is
-    (`owners`: example × branches + branch), and the flat index of each answer's last token (`last`).
+    (`owners`: answers numbered example by example), and the flat index of each answer's last token (`last`).
     """
     rows = best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
     width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     sources, targets, owners = [], [], []
-    last = [0] * sum(len(e["branches"]) - 1 for e in examples)
+    first_answer = [0]  # answers are numbered example by example, in the order given
+    for example in examples:
+        first_answer.append(first_answer[-1] + len(example["branches"]) - 1)
+    last = [0] * first_answer[-1]
     packed_lengths = []
-    answers_per_example = len(examples[0]["branches"]) - 1
     for r, row in enumerate(rows):
         start, lengths = 0, []
         for index in row:
@@ -185,7 +187,7 @@ def tree_batch(examples: list[dict[str, Any]], capacity: int, pad_id: int, devic
             offset = start + shared
             for b, length in enumerate(branches):
                 positions[r, offset:offset + length] = torch.arange(shared, shared + length)
-                owner = index * answers_per_example + b
+                owner = first_answer[index] + b
                 for k in range(length):
                     label = example["labels"][offset - start + k]
                     if label != IGNORE_INDEX:

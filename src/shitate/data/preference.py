@@ -277,3 +277,42 @@ def conversation_prompt(pair: dict[str, Any], system: str | None) -> Messages:
 def prompt_key(record: dict[str, Any]) -> str:
     """What makes two pairs share a prompt, for `data split` (every pair of one prompt in one split)."""
     return " ".join(_side_text(record["prompt"]).split())
+
+
+def encode_pair(pair: dict[str, Any], tokenizer: Any, template: Any, max_length: int,
+                system: str | None) -> dict[str, list[int]] | None:
+    """{input_ids: prompt + chosen + rejected, labels, branches: [prompt, chosen, rejected] lengths}; None when
+    an answer has no token left within max_length."""
+    answers = [answer_messages(pair[side], side) for side in ("chosen", "rejected")]
+    return encode_answers(conversation_prompt(pair, system), answers, tokenizer, template, max_length)
+
+
+def encode_answers(prompt: Messages, answers: list[Messages], tokenizer: Any, template: Any,
+                   max_length: int) -> dict[str, list[int]] | None:
+    """One prompt and its answers as a tree-shaped example: the prompt once, then each answer (collate.tree_batch).
+
+    Each answer is rendered with the prompt whole through the template, as training and inference
+    render a chat, and the prompt is the tokens all renderings share before their answers begin. Past
+    max_length a long prompt keeps its first token (<bos>) and its end, and answers are cut on the right.
+    """
+    from shitate.data.templates import IGNORE_INDEX, encode_chat
+
+    sides = [encode_chat(prompt + answer, tokenizer, template, 10**9) for answer in answers]
+    firsts = [next((i for i, label in enumerate(s["labels"]) if label != IGNORE_INDEX), len(s["labels"])) for s in sides]
+    first_ids = sides[0]["input_ids"]
+    common = min(next((i for i, (a, b) in enumerate(zip(first_ids, s["input_ids"])) if a != b),
+                      min(len(first_ids), len(s["input_ids"]))) for s in sides)
+    shared = max(1, min(common, *firsts))
+    prompt_ids = first_ids[:shared]
+    branches = [(s["input_ids"][shared:], s["labels"][shared:]) for s in sides]
+    longest = max(len(ids) for ids, _ in branches)
+    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_length // 2:
+        keep = max(1, max_length // 2 - 1)
+        prompt_ids = prompt_ids[:1] + prompt_ids[-keep:]
+    room = max_length - len(prompt_ids)
+    branches = [(ids[:room], labels[:room]) for ids, labels in branches]
+    if any(all(label == IGNORE_INDEX for label in labels) for _, labels in branches):
+        return None
+    return {"input_ids": prompt_ids + [t for ids, _ in branches for t in ids],
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + [t for _, labels in branches for t in labels],
+            "branches": [len(prompt_ids)] + [len(ids) for ids, _ in branches]}

@@ -2,7 +2,8 @@
 
 For a run folder, the two sides are its base model and the tuned run, asked the recipe's
 test questions with the recipe's generation settings and scored by its rubric and by
-reference metrics; `--tasks` adds JGLUE. Answers are cached per side as they are produced,
+reference metrics; `--tasks` adds JGLUE; preference pairs (`--pairs`, or a preference stage's
+data.test) add preference accuracy. Answers are cached per side as they are produced,
 so an interrupted evaluation resumes where it stopped.
 """
 
@@ -120,7 +121,8 @@ def _mean(values: list[Any]) -> float | None:
 
 def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test_items: list[dict[str, Any]],
         tasks: list[str], jglue_folder: Path, limit: int | None, template: str = "auto", judges: list[str] = (),
-        judge_mode: str = "pairwise", judge_prompts: list[Path] = (), general: list[str] = ()) -> dict[str, Any]:
+        judge_mode: str = "pairwise", judge_prompts: list[Path] = (), general: list[str] = (),
+        pairs: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Evaluate each (label, model reference) side; write results.json and report.html into out_dir."""
     from shitate.evals.report import write_report
     from shitate.models.inference import choice_logprobs, continue_texts, load_for_inference
@@ -160,6 +162,14 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
             everyday = [[{"role": "user", "content": q}] for q in general]
             results.setdefault("general_answers", {})[label] = _cached_answers(
                 out_dir / f"general-{label}-{_key(reference, spec, everyday)}.jsonl", everyday, loaded, spec)
+        if pairs:
+            from shitate.evals.preference import answer_logps, preference_metrics
+
+            scores = answer_logps(loaded, list(pairs), recipe.data.system if recipe else None,
+                                  recipe.train.max_length if recipe else 1024)
+            results.setdefault("pair_scores", {})[label] = scores
+            start = results["pair_scores"][sides[0][0]] if label != sides[0][0] else None
+            side_metrics.update(preference_metrics(scores, start))
         for name, rows in task_rows.items():
             with status(f"{label}: {name} ({len(rows)} examples)…"):
                 result = jglue.TASKS[jglue.ALIASES.get(name, name)][1](

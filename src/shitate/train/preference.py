@@ -29,8 +29,8 @@ from torch import nn
 from shitate.config import Recipe
 from shitate.data.collate import Example, split_by_tokens, tree_batch
 from shitate.data.mix import SourceShare, mix
-from shitate.data.preference import answer_messages, conversation_prompt, read_preferences
-from shitate.data.templates import IGNORE_INDEX, ChatTemplate, encode_chat, get_template
+from shitate.data.preference import encode_pair, read_preferences
+from shitate.data.templates import ChatTemplate, get_template
 from shitate.errors import ConfigError, DataError, Problem
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
@@ -138,37 +138,6 @@ def encode_pairs(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTempl
     if problems:
         raise DataError(problems)
     return examples
-
-
-def encode_pair(pair: dict[str, Any], tokenizer: Any, template: ChatTemplate, max_length: int,
-                system: str | None) -> Example | None:
-    """{input_ids: prompt + chosen + rejected, labels, branches: [prompt, chosen, rejected] lengths}.
-
-    Each side is rendered whole through the template, as training and inference render a chat,
-    and the prompt is the tokens both renderings share before their answers begin. Past
-    max_length a long prompt keeps its first token (<bos>) and its end, and answers are cut on the right.
-    """
-    prompt = conversation_prompt(pair, system)
-    sides = [encode_chat(prompt + answer_messages(pair[side], side), tokenizer, template, 10**9)
-             for side in ("chosen", "rejected")]
-    firsts = [next((i for i, label in enumerate(s["labels"]) if label != IGNORE_INDEX), len(s["labels"])) for s in sides]
-    chosen_ids, rejected_ids = sides[0]["input_ids"], sides[1]["input_ids"]
-    common = next((i for i, (a, b) in enumerate(zip(chosen_ids, rejected_ids)) if a != b),
-                  min(len(chosen_ids), len(rejected_ids)))
-    shared = max(1, min(common, *firsts))
-    prompt_ids = chosen_ids[:shared]
-    branches = [(s["input_ids"][shared:], s["labels"][shared:]) for s in sides]
-    longest = max(len(ids) for ids, _ in branches)
-    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_length // 2:
-        keep = max(1, max_length // 2 - 1)
-        prompt_ids = prompt_ids[:1] + prompt_ids[-keep:]
-    room = max_length - len(prompt_ids)
-    branches = [(ids[:room], labels[:room]) for ids, labels in branches]
-    if any(all(label == IGNORE_INDEX for label in labels) for _, labels in branches):
-        return None
-    return {"input_ids": prompt_ids + branches[0][0] + branches[1][0],
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + branches[0][1] + branches[1][1],
-            "branches": [len(prompt_ids), len(branches[0][0]), len(branches[1][0])]}
 
 
 # --- the reference (dpo) ------------------------------------------------------------------------------------------
