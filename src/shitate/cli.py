@@ -159,9 +159,16 @@ def train(
     dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
 ) -> None:
     """Fine-tune a model as the recipe says; writes a run folder."""
-    from shitate.config import PAIR_STAGES, load_recipe
+    from shitate.config import PAIR_STAGES, RL_STAGES, load_recipe
 
     loaded = load_recipe(recipe, set_)
+    if loaded.stage in RL_STAGES:
+        from shitate.evals.rubric import reward
+        from shitate.train import rl
+
+        rubric = reward(loaded.eval.rubric) if loaded.eval.rubric else None
+        rl.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run, rubric_reward=rubric)
+        return
     if loaded.stage in PAIR_STAGES:
         from shitate.train import preference
 

@@ -151,8 +151,47 @@ class ORPOSpec(PairsSpec):
     odds_ratio_weight: float = Field(0.1, gt=0.0, description="λ: loss = NLL(chosen) − λ·log σ(log odds ratio)")
 
 
-STAGES = ("sft", "pretrain", "reward", "dpo", "orpo")
+class RLSpec(Spec):
+    """What stages ppo and grpo share: sample answers to the prompts, reward them, move towards the better ones."""
+
+    reward_model: Path | None = Field(None, description="a finished run folder of stage reward; its tokenizer must be "
+                                                         "the policy's")
+    reward_model_weight: float = Field(1.0, ge=0.0, description="weight of the reward model's score in the reward")
+    rubric_weight: float = Field(1.0, ge=0.0, description="weight of the share of eval.rubric checks an answer "
+                                                          "passes (0 to 1) in the reward; 0 = do not use the rubric")
+    kl_coef: float = Field(0.05, ge=0.0, description="β: how strongly the policy is held near where it started")
+    max_kl: float | None = Field(20.0, gt=0.0, description="stop (keeping the last checkpoint) when the mean KL to "
+                                                           "the start, per answer, passes this; null = never")
+    samples_per_prompt: int = Field(4, ge=1, description="answers sampled for each prompt in a rollout")
+    max_new_tokens: int = Field(48, ge=1, description="longest sampled answer")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    update_epochs: int = Field(2, ge=1, description="optimizer passes over each rollout")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO's ε: the probability ratio is clipped to [1−ε, 1+ε]")
+    validation_every: int = Field(0, ge=0, description="rollouts between greedy answers to the validation prompts "
+                                                       "(mean reward logged); 0 = before and after only")
+
+
+class PPOSpec(RLSpec):
+    """Stage ppo (InstructGPT's RLHF): a value head, GAE, clipped policy and value losses, a KL-shaped reward."""
+
+    samples_per_prompt: int = Field(1, ge=1, description="answers sampled for each prompt in a rollout")
+    value_coef: float = Field(0.1, ge=0.0, description="weight of the value loss")
+    value_clip_range: float = Field(0.2, gt=0.0, description="values move at most this far from the rollout's")
+    gamma: float = Field(1.0, gt=0.0, le=1.0, description="discount per token")
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="λ of generalised advantage estimation")
+
+
+class GRPOSpec(RLSpec):
+    """Stage grpo (DeepSeekMath): each answer's advantage is its reward against its prompt's group; no value head."""
+
+    samples_per_prompt: int = Field(4, ge=2, description="answers sampled for each prompt: the group each answer's "
+                                                         "reward is compared with")
+
+
+STAGES = ("sft", "pretrain", "reward", "dpo", "orpo", "ppo", "grpo")
 PAIR_STAGES = ("reward", "dpo", "orpo")
+RL_STAGES = ("ppo", "grpo")
 
 
 class GenerateSpec(Spec):
@@ -189,9 +228,9 @@ class Recipe(Spec):
     name: str = Field(pattern=r"^[\w.\-]+$", description="run name; the run folder is runs/<name>")
     model: str = Field(DEFAULT_MODEL, description="gemma-3-270m, a local folder, a .gguf file, a run folder, or a hub id")
     template: Literal["auto", "gemma", "chatml", "llama3", "plain"] = "auto"
-    stage: Literal["sft", "pretrain", "reward", "dpo", "orpo"] = Field(
+    stage: Literal["sft", "pretrain", "reward", "dpo", "orpo", "ppo", "grpo"] = Field(
         "sft", description="sft (chats, loss on the answers); pretrain (raw text, loss on every token); reward, dpo, "
-                           "orpo (preference pairs)")
+                           "orpo (preference pairs); ppo, grpo (prompts, rewarded by a reward model or the rubric)")
     data: DataSpec
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -200,6 +239,8 @@ class Recipe(Spec):
     reward: RewardSpec = Field(default_factory=RewardSpec, description="settings of stage reward")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="settings of stage dpo")
     orpo: ORPOSpec = Field(default_factory=ORPOSpec, description="settings of stage orpo")
+    ppo: PPOSpec = Field(default_factory=PPOSpec, description="settings of stage ppo")
+    grpo: GRPOSpec = Field(default_factory=GRPOSpec, description="settings of stage grpo")
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
@@ -217,7 +258,8 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 # Sections whose settings a misplaced key may belong to: `train.packing` is `sft.packing`.
 _SECTIONS: dict[str, type[BaseModel]] = {"train": TrainSpec, "sft": SFTSpec, "pretrain": PretrainSpec,
-                                         "reward": RewardSpec, "dpo": DPOSpec, "orpo": ORPOSpec, "adapter": AdapterSpec}
+                                         "reward": RewardSpec, "dpo": DPOSpec, "orpo": ORPOSpec, "ppo": PPOSpec,
+                                         "grpo": GRPOSpec, "adapter": AdapterSpec}
 
 
 def _home_of(key: str, not_in: str) -> str | None:
@@ -347,6 +389,13 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bo
                 folder_allowed = recipe.stage == "pretrain" and split != "test"
                 if not (source.path.is_file() or folder_allowed and source.path.is_dir()):
                     problems.append(f"data.{split}: file {source.path} does not exist")
+        if recipe.stage in RL_STAGES:
+            spec = getattr(recipe, recipe.stage)
+            has_rubric = bool(recipe.eval.rubric) and spec.rubric_weight > 0
+            if not has_rubric and not (spec.reward_model is not None and spec.reward_model_weight > 0):
+                problems.append(f"{recipe.stage}: no reward. Declare checks under eval.rubric (the answers are "
+                                f"rewarded by the share they pass), or set {recipe.stage}.reward_model to a run of "
+                                "stage reward, or both")
         if recipe.train.batch_size % recipe.train.grad_accum:
             problems.append("train.batch_size must be a multiple of train.grad_accum")
     if problems:

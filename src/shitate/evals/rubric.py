@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from shitate.config import RubricCheck
 
@@ -55,3 +56,11 @@ def passes(check: RubricCheck, answer: str) -> bool:
 def score(checks: list[RubricCheck], answers: list[str]) -> dict[str, int]:
     """How many answers pass each check, by check name."""
     return {check.name: sum(passes(check, a) for a in answers) for check in checks}
+
+
+def reward(checks: list[RubricCheck]) -> Callable[[list[str]], list[float]]:
+    """The rubric as a reward for ppo/grpo: the share of its checks each answer passes (0 to 1)."""
+    def share_passed(answers: list[str]) -> list[float]:
+        return [sum(passes(check, answer) for check in checks) / len(checks) for answer in answers]
+
+    return share_passed

@@ -29,6 +29,15 @@ class ModelSource:
     folder: str  # a local folder, or the hub id for kind == "hub"
     adapter: Path | None = None
     run: Path | None = None
+    # Adapters merged into the base, in order, before `adapter` goes on top: a run that started from
+    # another run (ppo from an sft run) trained its adapter on that run's merged model.
+    merged: tuple[Path, ...] = ()
+
+    def for_training(self) -> "ModelSource":
+        """The model to train on: this source with its own adapter merged in, so a new adapter goes on top."""
+        if self.adapter is None:
+            return self
+        return ModelSource(self.kind, self.reference, self.folder, None, self.run, self.merged + (self.adapter,))
 
 
 def resolve(reference: str, progress: bool = True) -> ModelSource:
@@ -42,8 +51,8 @@ def resolve(reference: str, progress: bool = True) -> ModelSource:
             final = run.final_dir()
             if final is not None and final.name == "model":
                 return ModelSource("run", reference, str(final), run=path)
-            base = resolve(run.recipe_setting("model", DEFAULT_MODEL), progress)
-            return ModelSource("run", reference, base.folder, adapter=final, run=path)
+            base = resolve(run.recipe_setting("model", DEFAULT_MODEL), progress).for_training()
+            return ModelSource("run", reference, base.folder, adapter=final, run=path, merged=base.merged)
         if (path / "config.json").is_file():
             return ModelSource("folder", reference, str(path))
         if run.is_started():
@@ -115,11 +124,22 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype or torch.bfloat16)
         extra["device_map"] = {"": torch.cuda.current_device()}
+    if four_bit and source.merged:
+        raise ModelError(f"{source.reference}: a run's adapter cannot be merged into 4-bit weights; continue from it "
+                         "with adapter.method lora (or export the run merged and start QLoRA from that folder).")
+    # Merging in fp32 keeps the small LoRA deltas that bf16 weights would round away; cast afterwards.
+    load_dtype = torch.float32 if source.merged and not four_bit else dtype or torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype or torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=load_dtype,
                                                      local_files_only=source.kind != "hub", **extra)
     except OSError as err:
         raise _load_error(source, err) from None
+    if source.merged:
+        from peft import PeftModel
+
+        for adapter in source.merged:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = model.to(dtype or torch.float32)
     if source.adapter is not None:
         from peft import PeftModel
 

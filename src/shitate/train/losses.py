@@ -190,13 +190,20 @@ class AnswerLogProbs(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
                 sources: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
                 answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        token_logps, _ = self.token_logps(input_ids, position_ids, packed_lengths, sources, targets, owners, answers)
+        logps = torch.zeros(answers, dtype=torch.float32, device=token_logps.device).index_add(0, owners, token_logps)
+        return logps, torch.bincount(owners, minlength=answers)
+
+    def token_logps(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
+                    sources: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor,
+                    answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each answer token, in the batch's order; the decoder's hidden states)."""
         base, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
         hidden = states.reshape(-1, states.shape[-1])[sources]
         softcap = getattr(base.config, "final_logit_softcapping", None)
         token_losses = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
                                             AnswerLoss.chunk_size, self.compute_dtype, softcap, per_row=True)
-        logps = torch.zeros(answers, dtype=torch.float32, device=hidden.device).index_add(0, owners, -token_losses)
-        return logps, torch.bincount(owners, minlength=answers)
+        return -token_losses, states
 
 
 # --- preference losses: per pair, on summed (or mean) answer log-probabilities -------------------------------------
