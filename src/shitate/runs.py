@@ -146,6 +146,16 @@ class RunFolder:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+    def validation_before_and_after(self) -> dict[str, dict[str, float]]:
+        """First and last value of each validation statistic but the loss (val_*): read back from metrics.jsonl,
+        so a resumed run keeps the "before" of its first life."""
+        found: dict[str, dict[str, float]] = {}
+        for record in self.metrics():
+            for name, value in record.items():
+                if name.startswith("val_") and name != "val_loss" and isinstance(value, (int, float)):
+                    found.setdefault(name[4:], {"before": value})["after"] = value
+        return found
+
     def forget_metrics_after(self, step: int) -> None:
         """On resume, drop what was logged after the checkpoint, so no step is logged twice."""
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]

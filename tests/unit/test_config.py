@@ -24,12 +24,12 @@ def test_typo_is_named_with_a_suggestion(tmp_path):
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
-    path = write_recipe(tmp_path, "name: x\nstage: dpo\ndata: {train: missing.jsonl}\ntrain: {epochs: 0, batchsize: 4}\n")
+    path = write_recipe(tmp_path, "name: x\nstage: rlhf\ndata: {train: missing.jsonl}\ntrain: {epochs: 0, batchsize: 4}\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
     message = str(err.value)
     assert "3 problem(s)" in message
-    assert "stage: 'dpo' is not available yet; this version trains stages sft, pretrain" in message
+    assert "stage: 'rlhf' is not available yet; this version trains stages sft, pretrain, reward, dpo, orpo, ppo, grpo" in message
     assert "train.epochs" in message and "train.batchsize: unknown setting; did you mean `batch_size`?" in message
 
 
@@ -119,3 +119,16 @@ def test_adapter_methods_are_the_five_the_docs_name(tmp_path):
     for method in ("lora", "dora", "loraplus", "qlora", "full"):
         assert load_recipe(path, [f"adapter.method={method}"]).adapter.method == method
     assert load_recipe(path, ["adapter.method=loraplus", "adapter.loraplus_ratio=8"]).adapter.loraplus_ratio == 8
+
+
+def test_preference_and_rl_settings_live_in_their_stage_sections(tmp_path):
+    path = write_recipe(tmp_path, "name: x\nstage: dpo\ndata: {train: train.jsonl}\ndpo: {beta: 0.2, loss: ipo}\n")
+    recipe = load_recipe(path)
+    assert (recipe.dpo.beta, recipe.dpo.loss) == (0.2, "ipo")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, ["train.beta=0.3", "orpo.odds_ratio_weight=0.1"])
+    message = str(err.value)
+    assert "train.beta: unknown setting here; beta belongs to stage dpo (dpo.beta)" in message
+    assert "orpo: settings for stage orpo, but this recipe's stage is dpo" in message
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        load_recipe(path, ["stage=grpo", "dpo=null", "grpo.samples_per_prompt=1"])

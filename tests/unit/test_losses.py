@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from shitate.data.templates import IGNORE_INDEX
-from shitate.train.losses import AnswerLoss, linear_cross_entropy
+from shitate.models.logprobs import linear_cross_entropy
+from shitate.train.losses import AnswerLoss
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -48,7 +49,7 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
 
 def test_vocabulary_slices_give_the_same_loss_and_gradients(monkeypatch):
     # Slices of 16 words over a 50-word vocabulary: targets fall in every slice, the last one short.
-    from shitate.train import losses
+    from shitate.models import logprobs as losses
 
     torch.manual_seed(2)
     hidden = torch.randn(21, 16, dtype=torch.float64, requires_grad=True)

@@ -25,7 +25,7 @@ def answer_logps(loaded: Any, pairs: list[dict[str, Any]], system: str | None,
                  max_length: int = 1024) -> list[dict[str, float]]:
     """Per pair: summed log-probability and token count of the chosen and the rejected answer."""
     from shitate.models.attention import use_packed_attention
-    from shitate.train.losses import AnswerLogProbs
+    from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 
     examples = [encode_pair(pair, loaded.tokenizer, loaded.template, max_length, system) for pair in pairs]
     kept = [e for e in examples if e is not None]
@@ -37,8 +37,7 @@ def answer_logps(loaded: Any, pairs: list[dict[str, Any]], system: str | None,
     with status(f"scoring {len(kept)} preference pairs…"):
         for group in split_by_tokens(kept, CAPACITY, packed=True):
             batch = tree_batch(group, CAPACITY, pad, device)
-            logps, counts = scorer(batch["input_ids"], batch["position_ids"], batch["packed_lengths"], batch["sources"],
-                                   batch["targets"], batch["owners"], answers=batch["last"].shape[0])
+            logps, counts = scorer(**logprob_inputs(batch))
             for (chosen, rejected), (n_chosen, n_rejected) in zip(logps.view(-1, 2).tolist(), counts.view(-1, 2).tolist()):
                 values.append({"chosen": chosen, "rejected": rejected, "chosen_tokens": n_chosen,
                                "rejected_tokens": n_rejected})
@@ -102,7 +101,7 @@ def reward_scores(loaded: Any, items: list[tuple[list[dict[str, str]], list[dict
     with; None where no answer token fits in max_length."""
     from shitate.data.preference import encode_answers
     from shitate.models.attention import use_packed_attention
-    from shitate.train.preference import RewardModel
+    from shitate.models.reward import RewardModel
 
     reward_model = RewardModel(loaded.model)
     reward_model.load_head(loaded.source.adapter or loaded.source.folder)

@@ -18,6 +18,7 @@ Every stage validates the share of held-out pairs whose chosen answer the model 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,10 @@ from shitate.models.adapters import prepare_for_training
 from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
 from shitate.progress import say, status
 from shitate.train.loop import fit
-from shitate.train.losses import AnswerLogProbs, bradley_terry_losses, dpo_losses, orpo_losses
+from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
+from shitate.models.reward import RewardModel
+from shitate.train.losses import bradley_terry_losses, dpo_losses, orpo_losses
 from shitate.train.session import Objective, Session
-
-REWARD_HEAD_FILE = "reward_head.safetensors"
-
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
         dry_run: bool = False) -> Path:
@@ -83,22 +83,11 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     if dry_run:
         return session.report_dry_run(objective, sum(len(e["input_ids"]) for e in data.validation), fitted.tokens,
                                       fitted.step_seconds)
-    facts = before_and_after(session.run.metrics())
+    facts = session.run.validation_before_and_after()
     for name, values in facts.items():
         say(f"{name.replace('_', ' ')} on the validation pairs: {values['before']:.3f} before, "
             f"{values['after']:.3f} after training.")
     return session.finish(model, source, fitted.tokens, fitted.seconds, fitted.steps, **facts)
-
-
-def before_and_after(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """First and last value of each validation statistic (read back from metrics.jsonl, so a resume keeps
-    the "before" of its first life)."""
-    found: dict[str, dict[str, float]] = {}
-    for record in metrics:
-        for name, value in record.items():
-            if name.startswith("val_") and name != "val_loss":
-                found.setdefault(name[4:], {"before": value})["after"] = value
-    return found
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -150,24 +139,16 @@ def reference_logps(logprobs: AnswerLogProbs, examples: list[Example], capacity:
     causal_lm = logprobs.causal_lm
     was_training = causal_lm.training
     causal_lm.eval()
-    adapter_off = causal_lm.disable_adapter() if hasattr(causal_lm, "disable_adapter") else _nothing()
+    adapter_off = causal_lm.disable_adapter() if hasattr(causal_lm, "disable_adapter") else contextlib.nullcontext()
     values: list[list[float]] = []
     with adapter_off:
         for group in split_by_tokens(examples, capacity, packed=True):
             batch = tree_batch(group, capacity, pad_id, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logps, _ = logprobs(**_logprob_inputs(batch))
+                logps, _ = logprobs(**logprob_inputs(batch))
             values.extend(logps.view(-1, 2).tolist())
     causal_lm.train(was_training)
     return values
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def attach_reference(session: Session, logprobs: AnswerLogProbs, data: PairData, capacity: int) -> None:
@@ -186,11 +167,6 @@ def attach_reference(session: Session, logprobs: AnswerLogProbs, data: PairData,
         example["reference"] = values
 
 
-def _logprob_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("input_ids", "position_ids", "packed_lengths", "sources", "targets", "owners")
-    return {**{key: batch[key] for key in keys}, "answers": batch["last"].shape[0]}
-
-
 # --- objectives ---------------------------------------------------------------------------------------------------
 
 def _preferred(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -207,7 +183,7 @@ class DPOLoss(nn.Module):
         self.logprobs, self.beta, self.kind = logprobs, beta, kind
 
     def forward(self, reference: torch.Tensor, last: torch.Tensor, **batch: Any) -> tuple[torch.Tensor, int, dict]:
-        logps, counts = self.logprobs(**_logprob_inputs({**batch, "last": last}))
+        logps, counts = self.logprobs(**logprob_inputs({**batch, "last": last}))
         policy, counts = logps.view(-1, 2), counts.view(-1, 2)
         if self.kind == "ipo":  # IPO compares mean log-probabilities per token
             policy, reference = policy / counts, reference / counts
@@ -227,52 +203,12 @@ class ORPOLoss(nn.Module):
         self.logprobs, self.weight = logprobs, weight
 
     def forward(self, last: torch.Tensor, **batch: Any) -> tuple[torch.Tensor, int, dict]:
-        logps, counts = self.logprobs(**_logprob_inputs({**batch, "last": last}))
+        logps, counts = self.logprobs(**logprob_inputs({**batch, "last": last}))
         mean = (logps / counts.clamp(min=1)).view(-1, 2)
         losses = orpo_losses(mean[:, 0], mean[:, 1], self.weight)
         stats = {"preference_accuracy": _preferred(logps.detach(), counts).sum(),
                  "chosen_nll": -mean[:, 0].detach().sum()}
         return losses.sum(), losses.shape[0], stats
-
-
-class RewardModel(nn.Module):
-    """A causal LM's decoder with a scalar head read at an answer's last token: how good the answer is."""
-
-    def __init__(self, causal_lm: nn.Module) -> None:
-        super().__init__()
-        self.causal_lm = causal_lm
-        width = causal_lm.config.hidden_size
-        self.head = nn.Linear(width, 1, device=next(causal_lm.parameters()).device)
-        nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)  # as TRL and InstructGPT start the head
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
-                last: torch.Tensor, **_: Any) -> torch.Tensor:
-        from shitate.train.losses import decoder_states
-
-        _, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
-        hidden = states.reshape(-1, states.shape[-1])[last]
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-
-    def set_attn_implementation(self, name: str) -> None:
-        self.causal_lm.set_attn_implementation(name)
-
-    def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
-        """The adapter (or model) as PEFT or transformers saves it, and the head beside it."""
-        from safetensors.torch import save_file
-
-        self.causal_lm.save_pretrained(folder, safe_serialization=safe_serialization)
-        save_file({name: p.detach().float().cpu().contiguous() for name, p in self.head.state_dict().items()},
-                  str(Path(folder) / REWARD_HEAD_FILE))
-
-    def load_head(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        file = Path(folder) / REWARD_HEAD_FILE
-        if not file.is_file():
-            raise ConfigError(f"{folder}: no {REWARD_HEAD_FILE}; this run is not a reward model (train one with "
-                              "`stage: reward`).")
-        self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in load_file(str(file)).items()})
 
 
 class RewardLoss(nn.Module):

@@ -39,7 +39,7 @@ from shitate.models.load import load_config, load_model, load_tokenizer, resolve
 from shitate.progress import say, status, training_bar
 from shitate.runs import RunFolder
 from shitate.train.loop import epoch_batches
-from shitate.train.losses import AnswerLogProbs
+from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.train.session import Objective, Session
 
 RubricReward = Callable[[list[str]], list[float]]  # answers → share of the rubric's checks each passes
@@ -146,7 +146,7 @@ class Policy(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per answer token: log-probability under the policy, and the value of the state before it (ppo)."""
-        token_logps, states = self.logprobs.token_logps(**_logprob_inputs(batch))
+        token_logps, states = self.logprobs.token_logps(**logprob_inputs(batch))
         values = None
         if self.value_head is not None:
             hidden = states.reshape(-1, states.shape[-1])[batch["sources"]]
@@ -159,11 +159,6 @@ class Policy(nn.Module):
     def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
         """The adapter (or model) only: the value head serves training, not answering."""
         self.causal_lm.save_pretrained(folder, safe_serialization=safe_serialization)
-
-
-def _logprob_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("input_ids", "position_ids", "packed_lengths", "sources", "targets", "owners")
-    return {**{key: batch[key] for key in keys}, "answers": batch["last"].shape[0]}
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False, dry_run: bool = False,
@@ -258,7 +253,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         return session.report_dry_run(objective, 0, tokens, [total_seconds / max(step, 1)] * max(step, 1))
     if not (spec.validation_every and step % spec.validation_every == 0):
         validate(step)
-    facts = _before_and_after(session.run.metrics())
+    facts = session.run.validation_before_and_after()
     for name, values in facts.items():
         say(f"{name.replace('_', ' ')} on the validation prompts: {values['before']:.3f} before, "
             f"{values['after']:.3f} after training.")
@@ -272,15 +267,6 @@ def _describe_reward(spec: Any, recipe: Recipe) -> str:
     if spec.reward_model is not None and spec.reward_model_weight > 0:
         parts.append(f"{spec.reward_model_weight:g} × reward model {spec.reward_model}")
     return " + ".join(parts)
-
-
-def _before_and_after(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    found: dict[str, dict[str, float]] = {}
-    for record in metrics:
-        for name, value in record.items():
-            if name.startswith("val_") and isinstance(value, (int, float)):
-                found.setdefault(name[4:], {"before": value})["after"] = value
-    return found
 
 
 def _encode_prompts(path: Path, recipe: Recipe, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
@@ -359,11 +345,11 @@ def collect(policy: Policy, reference_model: nn.Module | None, sampler: Sampler,
     old = _forward_in_parts(policy, examples, sampler.pad_id, session)
     if reference_model is None:
         with policy.causal_lm.disable_adapter():
-            reference = _forward_in_parts(lambda b: policy.logprobs.token_logps(**_logprob_inputs(b))[0], examples,
+            reference = _forward_in_parts(lambda b: policy.logprobs.token_logps(**logprob_inputs(b))[0], examples,
                                           sampler.pad_id, session)
     else:
         scorer = AnswerLogProbs(reference_model, policy.logprobs.compute_dtype)
-        reference = _forward_in_parts(lambda b: scorer.token_logps(**_logprob_inputs(b))[0], examples, sampler.pad_id,
+        reference = _forward_in_parts(lambda b: scorer.token_logps(**logprob_inputs(b))[0], examples, sampler.pad_id,
                                       session)
     policy.train()
     offsets = _answer_offsets(examples, [batch for batch, _ in old])
@@ -461,7 +447,7 @@ def _validation(session: Session, policy: Policy, sampler: Sampler, prompts: lis
 
 
 def _load_reward_model(spec: Any, session: Session) -> nn.Module:
-    from shitate.train.preference import RewardModel
+    from shitate.models.reward import RewardModel
 
     source = resolve(str(spec.reward_model))
     reward_model = RewardModel(load_model(source, dtype=session.base_dtype()))

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from shitate.train.losses import bradley_terry_losses, dpo_losses, linear_cross_entropy, orpo_losses
+from shitate.models.logprobs import linear_cross_entropy
+from shitate.train.losses import bradley_terry_losses, dpo_losses, orpo_losses
 
 
 def _log_sigmoid(x: float) -> float:
@@ -90,14 +91,14 @@ def _plain_answer_logps(model, example) -> list[float]:
 
 def test_tree_rows_give_each_answer_the_log_probability_of_a_plain_forward(pair_model, tokenizer):
     from shitate.data.collate import tree_batch
-    from shitate.train.losses import AnswerLogProbs
-    from shitate.train.preference import _logprob_inputs
+    from shitate.models.logprobs import AnswerLogProbs
+    from shitate.models.logprobs import logprob_inputs
 
     model, examples = pair_model
     batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device="cpu")
     assert len(batch["packed_lengths"]) == 1  # both pairs share one row
     with torch.no_grad():
-        logps, counts = AnswerLogProbs(model)(**_logprob_inputs(batch))
+        logps, counts = AnswerLogProbs(model)(**logprob_inputs(batch))
     expected = [value for example in examples for value in _plain_answer_logps(model, example)]
     torch.testing.assert_close(logps, torch.tensor(expected), rtol=0, atol=1e-4)
     assert counts.tolist() == [sum(1 for t in e["labels"][a:a + n] if t != -100)
@@ -107,7 +108,7 @@ def test_tree_rows_give_each_answer_the_log_probability_of_a_plain_forward(pair_
 
 def test_dpo_loss_on_a_batch_matches_the_formula(pair_model, tokenizer):
     from shitate.data.collate import tree_batch
-    from shitate.train.losses import AnswerLogProbs
+    from shitate.models.logprobs import AnswerLogProbs
     from shitate.train.preference import DPOLoss
 
     model, examples = pair_model
