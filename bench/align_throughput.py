@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops  # noqa: E402
+from train_throughput import cpu_model, matmul_peak_gflops, step_timer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
@@ -108,7 +108,7 @@ def run_trl(stage: str, train: Path, validation: Path, out: Path, bf16_base: boo
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from shitate.data.preference import answer_messages, answer_text, conversation_prompt
     from shitate.data.templates import get_template
@@ -127,15 +127,7 @@ def run_trl(stage: str, train: Path, validation: Path, out: Path, bf16_base: boo
                             for side in ("chosen", "rejected")}})
         return Dataset.from_list(rows)
 
-    class StepTimer(TrainerCallback):
-        seconds = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            StepTimer.seconds += time.perf_counter() - self.started
-
+    StepTimer = step_timer()
     dtype = torch.bfloat16 if bf16_base else torch.float32
     common = dict(output_dir=str(out / "trl"), num_train_epochs=1, per_device_train_batch_size=SETTINGS["batch_size"],
                   per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],

@@ -102,7 +102,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from shitate.data.formats import read_chat
@@ -121,17 +121,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
                  "completion": r["messages"][-1]["content"] + template.end_of_turn} for r in read_chat(path)]
         return Dataset.from_list(rows)
 
-    class StepTimer(TrainerCallback):
-        """Wall time from each optimizer step's begin to its end: the same basis as shitate's step timer."""
-
-        seconds = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            StepTimer.seconds += time.perf_counter() - self.started
-
+    StepTimer = step_timer()
     dtype = torch.bfloat16 if bf16_base else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, local_files_only=True)
     config = SFTConfig(
@@ -151,6 +141,23 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     trainer.train()
     wall = time.perf_counter() - started
     return {"tokens_per_s": real_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall}
+
+
+def step_timer() -> type:
+    """A TRL callback class that adds up the wall time from each optimizer step's begin to its end: the same basis
+    as shitate's step timer. Read `.seconds` after training."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            StepTimer.seconds += time.perf_counter() - self.started
+
+    return StepTimer
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:

@@ -71,3 +71,27 @@ def kids_records(limit: int | None = None) -> list[dict]:
     rows = list(csv.DictReader((REPO / "examples/kids_qa/kids_qa.csv").open(encoding="utf-8")))[:limit]
     return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
             for r in rows]
+
+
+def crashed_copy(run: Path, folder: Path, last_checkpoint: int) -> Path:
+    """A copy of a finished run as a crash would leave it: no final weights, nothing after `last_checkpoint`."""
+    import shutil
+
+    shutil.copytree(run, folder)
+    shutil.rmtree(folder / "adapter")
+    for checkpoint in (folder / "checkpoints").iterdir():
+        if int(checkpoint.name.removeprefix("step-")) > last_checkpoint:
+            shutil.rmtree(checkpoint)
+    return folder
+
+
+def assert_same_adapter(run: Path, other: Path) -> None:
+    """Both runs' final adapters hold the same tensors, to 1e-6."""
+    import torch
+    from safetensors.torch import load_file
+
+    expected = load_file(run / "adapter" / "adapter_model.safetensors")
+    got = load_file(other / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import assert_same_adapter, crashed_copy, write_jsonl
 from shitate.cli import app
 from shitate.errors import TrainingDiverged
 
@@ -80,17 +78,11 @@ def test_dpo_reference_is_computed_once_and_resume_is_exact(tmp_path, tiny_model
     assert len(calls) == 2  # train and validation pairs, once each, for 3 epochs
     saved = json.loads((full / "reference_logps.json").read_text())
     assert len(saved["train"]) == 16 and len(saved["validation"]) == 2
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "adapter")
-    shutil.rmtree(crashed / "checkpoints" / "step-12")
+    crashed = crashed_copy(full, tmp_path / "crashed", last_checkpoint=8)
     result = train(recipe, crashed, "--resume")
     assert result.exit_code == 0, result.output
     assert len(calls) == 2  # read back from the run folder, not recomputed
-    expected = load_file(full / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    assert_same_adapter(full, crashed)
 
 
 def test_a_loss_that_is_not_a_number_stops_training_and_keeps_the_last_checkpoint(tmp_path, tiny_model, monkeypatch):

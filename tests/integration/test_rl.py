@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import assert_same_adapter, crashed_copy, write_jsonl
 from shitate.cli import app
 from shitate.errors import ConfigError
 
@@ -58,15 +56,9 @@ def test_grpo_raises_a_rubric_reward_and_resumes_exactly(tmp_path, tiny_model):
     steps = [r for r in records(run) if "reward" in r]
     assert len(steps) == 12 and {"kl", "entropy", "policy_loss", "rollout_tokens_per_s", "samples"} <= steps[0].keys()
     assert json.loads((run / "manifest.json").read_text())["reward"]["after"] == validation[-1]
-    crashed = tmp_path / "crashed"
-    shutil.copytree(run, crashed)
-    shutil.rmtree(crashed / "adapter")
-    shutil.rmtree(crashed / "checkpoints" / "step-12")
+    crashed = crashed_copy(run, tmp_path / "crashed", last_checkpoint=8)
     assert train(recipe, crashed, "--resume").exit_code == 0
-    expected = load_file(run / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    assert_same_adapter(run, crashed)
 
 
 def test_ppo_from_a_tuned_run_raises_the_reward_with_a_value_head(tmp_path, tiny_model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import kids_records, write_jsonl
+from conftest import assert_same_adapter, crashed_copy, kids_records, write_jsonl
 from shitate.cli import app
 from shitate.errors import ConfigError
 
@@ -70,18 +69,11 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_mo
     recipe = make_recipe(tmp_path, tiny_model)
     full = tmp_path / "full"
     assert train(recipe, full).exit_code == 0
-    # Simulate a crash after step 9: only the step-9 checkpoint survives, no final adapter.
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "adapter")
-    shutil.rmtree(crashed / "checkpoints" / "step-12")
+    # A crash after step 9: the step-9 checkpoint survives, no final adapter.
+    crashed = crashed_copy(full, tmp_path / "crashed", last_checkpoint=9)
     result = train(recipe, crashed, "--resume")
     assert result.exit_code == 0, result.output
-    expected = load_file(full / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(crashed / "adapter" / "adapter_model.safetensors")
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    assert_same_adapter(full, crashed)
     assert [m["step"] for m in metrics(crashed) if "loss" in m] == list(range(1, 13))
 
 

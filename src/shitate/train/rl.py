@@ -275,7 +275,10 @@ def _encode_prompts(path: Path, recipe: Recipe, tokenizer: Any, template: Any) -
     prompts = []
     for item in read_questions(path, recipe.data.system):
         text = template(item["messages"], add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-(recipe.train.max_length // 2):]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = recipe.train.max_length // 2
+        if len(ids) > keep:  # a long prompt keeps its first token (<bos>) and its end, as the preference stages do
+            ids = ids[:1] + ids[-(keep - 1):]
         prompts.append({"prompt_ids": ids, "prompt": item["messages"][-1]["content"],
                         "input_ids": ids + [0] * getattr(recipe, recipe.stage).max_new_tokens})
     return prompts
