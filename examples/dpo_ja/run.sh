@@ -25,7 +25,8 @@ $shitate train $demo/recipe-orpo.yaml --out runs/orpo-ja --force
 $shitate eval runs/dpo-ja
 $shitate eval runs/orpo-ja
 # A few answers side by side: the base model, and the same model after DPO and after ORPO.
-head -n 4 $demo/data/test.jsonl > $demo/data/prompts.jsonl
+# (the test file holds several pairs per question: keep four different questions)
+.venv/bin/python -c "import json,sys; seen=dict.fromkeys(json.loads(l)['prompt'] for l in open(sys.argv[1])); [print(json.dumps({'prompt': q}, ensure_ascii=False)) for q in list(seen)[:4]]" $demo/data/test.jsonl > $demo/data/prompts.jsonl
 $shitate compare gemma-3-270m runs/dpo-ja $demo/data/prompts.jsonl --out runs/dpo-ja/compare.jsonl --max-new-tokens 80
 $shitate compare gemma-3-270m runs/orpo-ja $demo/data/prompts.jsonl --out runs/orpo-ja/compare.jsonl --max-new-tokens 80
 echo "Finished in $(( $(date +%s) - started )) s."
