@@ -12,8 +12,9 @@ seeing only the prompt and itself — data/collate.tree_batch), and an objective
   before training (and kept in the run folder for a resume), not again every epoch.
 - orpo: the chosen answer's NLL plus λ times the odds-ratio loss, from the base, no reference.
 
-Every stage validates the share of held-out pairs whose chosen answer the model finds likelier
-(mean log-probability per token), before and after, so a run shows whether it moved the model.
+Each stage validates before the first step and after each epoch — dpo and orpo the share of held-out
+pairs whose chosen answer the model finds likelier (mean log-probability per token), reward its
+pairwise accuracy — so a run shows whether it moved the model.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from shitate.errors import ConfigError, DataError, Problem
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
 from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
-from shitate.progress import say, status
-from shitate.train.loop import fit
 from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.models.reward import RewardModel
+from shitate.progress import say, status
+from shitate.train.loop import fit
 from shitate.train.losses import bradley_terry_losses, dpo_losses, orpo_losses
 from shitate.train.session import Objective, Session
+
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
         dry_run: bool = False) -> Path:
