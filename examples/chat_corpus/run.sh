@@ -3,11 +3,7 @@
 # before and after (the seed talk's 「ww」 demo) and the held-out perplexity. Run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ ! -x .venv/bin/shitate ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --upgrade pip
-fi
-.venv/bin/pip install --quiet -e .
+source examples/setup.sh
 shitate=.venv/bin/shitate
 demo=examples/chat_corpus
 prompts=("こんにちは！" "最近ハマっていることは" "休みの日は" "夏といえば")

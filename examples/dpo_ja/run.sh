@@ -5,11 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 started=$(date +%s)
-if [ ! -x .venv/bin/shitate ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --upgrade pip
-fi
-.venv/bin/pip install --quiet -e '.[eval]'
+source examples/setup.sh eval
 shitate=.venv/bin/shitate
 demo=examples/dpo_ja
 judgments=${JUDGMENTS:-../shared/data/ja-vicuna-qa/model_judgment/pairwise/gpt-4}

@@ -5,11 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 started=$(date +%s)
 
-if [ ! -x .venv/bin/shitate ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --upgrade pip
-fi
-.venv/bin/pip install --quiet -e '.[eval]'
+source examples/setup.sh eval
 shitate=.venv/bin/shitate
 demo=examples/kids_qa
 system="あなたは子どもの疑問に簡潔かつわかりやすい言葉で答えるチャットボットです。"

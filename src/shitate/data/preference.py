@@ -54,26 +54,23 @@ def detect_preference_format(record: Any) -> str | None:
 
 
 def prompt_messages(value: Any, where: str = "prompt") -> Messages:
-    """A prompt as messages ending with a user turn; ValueError says what is wrong."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError(f"{where}: is empty")
-        return [{"role": "user", "content": value.strip()}]
-    messages = _messages(value, where)
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last turn is {messages[-1]['role']!r}; a prompt ends with the user's turn")
-    return messages
+    """A prompt as messages ending with a user turn (a plain string is one); ValueError says what is wrong."""
+    return _turns(value, where, "user", "a prompt ends with the user's turn")
 
 
 def answer_messages(value: Any, where: str) -> Messages:
-    """An answer as assistant turn(s); a plain string is one assistant turn."""
+    """An answer as assistant turn(s) (a plain string is one); ValueError says what is wrong."""
+    return _turns(value, where, "assistant", "an answer ends with an assistant turn")
+
+
+def _turns(value: Any, where: str, last_role: str, rule: str) -> Messages:
     if isinstance(value, str):
         if not value.strip():
             raise ValueError(f"{where}: is empty")
-        return [{"role": "assistant", "content": value.strip()}]
+        return [{"role": last_role, "content": value.strip()}]
     messages = _messages(value, where)
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last turn is {messages[-1]['role']!r}; an answer ends with an assistant turn")
+    if messages[-1]["role"] != last_role:
+        raise ValueError(f"{where}: the last turn is {messages[-1]['role']!r}; {rule}")
     return messages
 
 

@@ -20,6 +20,7 @@ Losses are averaged over all answer tokens of a rollout.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,9 +122,9 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 
 @dataclass
 class Rollout:
-    """One batch of prompts with their sampled answers, as tree-shaped examples (a prompt, then its answers)."""
+    """One batch of prompts with their sampled answers, as tree batches (each prompt once, then its answers)."""
 
-    examples: list[dict[str, Any]]
+    batches: list[dict[str, Any]]
     answers: list[str]
     rewards: torch.Tensor          # one per answer
     old_logps: torch.Tensor        # per answer token, in tree_batch's order
@@ -196,12 +197,13 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 f"{spec.samples_per_prompt} answers a rollout, reward: " + _describe_reward(spec, recipe),
         template=template.name, model_source={"kind": source.kind, "folder": source.folder})
 
-    def reward(examples: list[dict[str, Any]], answers: list[str]) -> torch.Tensor:
+    def reward(batches: list[dict[str, Any]], answers: list[str]) -> torch.Tensor:
         total = torch.zeros(len(answers))
         if rubric_reward is not None and spec.rubric_weight > 0:
             total += spec.rubric_weight * torch.tensor(rubric_reward(answers), dtype=torch.float32)
-        if reward_model is not None:
-            total += spec.reward_model_weight * _reward_model_scores(reward_model, examples, pad_id, session)
+        if reward_model is not None:  # read at each answer's last token, in the rollout's answer order
+            total += spec.reward_model_weight * torch.cat([_in_precision(session, lambda b: reward_model(**b), batch)
+                                                           .float().cpu() for batch in batches])
         return total
 
     sampler = Sampler(tokenizer, template, spec, pad_id, session.device)
@@ -221,7 +223,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 started = time.perf_counter()
                 rollout = collect(policy, reference_model, sampler, [prompts[i] for i in batch], reward, session)
                 sampled = time.perf_counter()
-                stats = update(policy, rollout, spec, recipe.stage, session, pad_id)
+                stats = update(policy, rollout, spec, recipe.stage, session)
                 elapsed = time.perf_counter() - started
                 step += 1
                 answer_tokens = int(rollout.owners.shape[0])
@@ -230,7 +232,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                              "lr": session.scheduler.get_last_lr()[0],
                              "rollout_tokens_per_s": answer_tokens / (sampled - started),
                              "update_tokens_per_s": answer_tokens * spec.update_epochs / (elapsed - (sampled - started)),
-                             "samples": [{"prompt": rollout.examples[0]["prompt"], "answer": a}
+                             "samples": [{"prompt": prompts[batch[0]]["prompt"], "answer": a}
                                          for a in rollout.answers[:spec.samples_per_prompt][:2]]})
                 bar.update(task, completed=step, loss=stats["loss"], tokens_per_s=tokens / total_seconds)
                 if spec.max_kl is not None and stats["kl"] > spec.max_kl:
@@ -326,50 +328,44 @@ class Sampler:
         return examples, texts
 
 
-def _forward_in_parts(module: Callable[[dict[str, Any]], Any], examples: list[dict[str, Any]], pad_id: int,
-                      session: Session) -> list[Any]:
-    """Run `module` over examples in micro-batches of the session's token budget; one result per micro-batch."""
+def _tree_batches(examples: list[dict[str, Any]], pad_id: int, session: Session) -> list[dict[str, Any]]:
+    """A rollout's examples as tree batches of the session's micro-batch budget, built once and reused by every
+    pass over the rollout (reward model, policy, reference, each update epoch), so their token order agrees."""
     budget = session.micro_batch_budget() or 4096
-    results = []
-    for part in split_by_tokens(examples, budget, packed=True):
-        batch = tree_batch(part, 4096, pad_id, session.device)
-        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
-            results.append((batch, module(batch)))
-    return results
+    return [tree_batch(part, 4096, pad_id, session.device) for part in split_by_tokens(examples, budget, packed=True)]
+
+
+def _in_precision(session: Session, module: Callable[[dict[str, Any]], Any], batch: dict[str, Any]) -> Any:
+    with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
+        return module(batch)
 
 
 @torch.no_grad()
 def collect(policy: Policy, reference_model: nn.Module | None, sampler: Sampler, prompts: list[dict[str, Any]],
-            reward: Callable[[list[dict[str, Any]], list[str]], torch.Tensor], session: Session) -> Rollout:
+            reward: Callable[[list[dict[str, Any]], list[str]], torch.Tensor],
+            session: Session) -> Rollout:
     """Sample, reward, and take the policy's and the reference's log-probabilities (and values) of the answers."""
     examples, answers = sampler(policy.causal_lm, prompts, sampler.spec.samples_per_prompt)
-    rewards = reward(examples, answers)
+    batches = _tree_batches(examples, sampler.pad_id, session)
+    rewards = reward(batches, answers)
     policy.eval()
-    old = _forward_in_parts(policy, examples, sampler.pad_id, session)
+    old = [_in_precision(session, policy, batch) for batch in batches]
     if reference_model is None:
-        with policy.causal_lm.disable_adapter():
-            reference = _forward_in_parts(lambda b: policy.logprobs.token_logps(**logprob_inputs(b))[0], examples,
-                                          sampler.pad_id, session)
+        scorer, adapter_off = policy.logprobs, policy.causal_lm.disable_adapter()
     else:
-        scorer = AnswerLogProbs(reference_model, policy.logprobs.compute_dtype)
-        reference = _forward_in_parts(lambda b: scorer.token_logps(**logprob_inputs(b))[0], examples, sampler.pad_id,
-                                      session)
+        scorer, adapter_off = AnswerLogProbs(reference_model, policy.logprobs.compute_dtype), contextlib.nullcontext()
+    with adapter_off:
+        reference = [_in_precision(session, lambda b: scorer.token_logps(**logprob_inputs(b))[0], batch)
+                     for batch in batches]
     policy.train()
-    offsets = _answer_offsets(examples, [batch for batch, _ in old])
-    return Rollout(examples, answers, rewards,
-                   old_logps=torch.cat([logps.float() for _, (logps, _) in old]),
-                   reference_logps=torch.cat([logps.float() for _, logps in reference]),
-                   owners=torch.cat([batch["owners"].cpu() + offset for (batch, _), offset in zip(old, offsets)]),
-                   old_values=(torch.cat([values for _, (_, values) in old]) if policy.value_head is not None else None))
-
-
-def _answer_offsets(examples: list[dict[str, Any]], batches: list[dict[str, Any]]) -> list[int]:
-    """Where each micro-batch's answer numbering starts in the rollout's."""
-    offsets, start = [], 0
-    for batch in batches:
-        offsets.append(start)
-        start += batch["last"].shape[0]
-    return offsets
+    offsets = [0]  # where each batch's answer numbering starts in the rollout's
+    for batch in batches[:-1]:
+        offsets.append(offsets[-1] + batch["last"].shape[0])
+    return Rollout(batches, answers, rewards,
+                   old_logps=torch.cat([logps.float() for logps, _ in old]),
+                   reference_logps=torch.cat([logps.float() for logps in reference]),
+                   owners=torch.cat([batch["owners"].cpu() + offset for batch, offset in zip(batches, offsets)]),
+                   old_values=torch.cat([values for _, values in old]) if policy.value_head is not None else None)
 
 
 def advantages_and_returns(rollout: Rollout, spec: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -389,20 +385,16 @@ def advantages_and_returns(rollout: Rollout, spec: Any, stage: str) -> tuple[tor
     return whitened, returns
 
 
-def update(policy: Policy, rollout: Rollout, spec: Any, stage: str, session: Session, pad_id: int) -> dict[str, float]:
+def update(policy: Policy, rollout: Rollout, spec: Any, stage: str, session: Session) -> dict[str, float]:
     """update_epochs optimizer passes over the rollout, micro-batched; the schedule advances once per rollout."""
     advantages, returns = advantages_and_returns(rollout, spec, stage)
     tokens = rollout.owners.shape[0]
     kl = kl_estimate(rollout.old_logps, rollout.reference_logps)
-    totals = {"policy_loss": 0.0, "value_loss": 0.0}
     for _ in range(spec.update_epochs):
         start = 0
-        totals = {"policy_loss": 0.0, "value_loss": 0.0}
-        parts = split_by_tokens(rollout.examples, session.micro_batch_budget() or 4096, packed=True)
-        for part in parts:
-            batch = tree_batch(part, 4096, pad_id, session.device)
-            with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
-                logps, values = policy(batch)
+        totals = {"policy_loss": 0.0, "value_loss": 0.0}  # of the last pass
+        for batch in rollout.batches:
+            logps, values = _in_precision(session, policy, batch)
             span = slice(start, start + logps.shape[0])
             start += logps.shape[0]
             loss = clipped_policy_loss(logps.float(), rollout.old_logps[span], advantages[span], spec.clip_range).sum()
@@ -441,7 +433,7 @@ def _validation(session: Session, policy: Policy, sampler: Sampler, prompts: lis
             made, texts = sampler(policy.causal_lm, prompts[start:start + 16], 1, greedy=True)
             examples += made
             answers += texts
-        value = reward(examples, answers).mean().item()
+        value = reward(_tree_batches(examples, sampler.pad_id, session), answers).mean().item()
         session.log({"step": step, "val_reward": value, "val_samples": answers[:3]})
         say(f"{'before training' if step == 0 else f'step {step}'}: mean reward of greedy answers to "
             f"{len(prompts)} validation prompts {value:.3f}")
@@ -459,18 +451,3 @@ def _load_reward_model(spec: Any, session: Session) -> nn.Module:
 
     use_packed_attention(reward_model.causal_lm)
     return reward_model.to(session.device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def _reward_model_scores(reward_model: nn.Module, examples: list[dict[str, Any]], pad_id: int,
-                         session: Session) -> torch.Tensor:
-    """The reward model's score of each answer (read at its last token), in the rollout's answer order."""
-    scores = torch.zeros(sum(len(e["branches"]) - 1 for e in examples))
-    start = 0
-    for part in split_by_tokens(examples, session.micro_batch_budget() or 4096, packed=True):
-        batch = tree_batch(part, 4096, pad_id, session.device)
-        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
-            values = reward_model(**batch).float().cpu()
-        scores[start:start + values.shape[0]] = values
-        start += values.shape[0]
-    return scores
