@@ -93,6 +93,13 @@ def available_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
+def peak_gpu_bytes() -> int | None:
+    """The most GPU memory torch has held at once in this process (None without CUDA): RSS does not count it."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far."""
     import resource

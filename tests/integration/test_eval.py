@@ -94,7 +94,7 @@ def test_choice_logprobs_match_a_direct_computation(tiny_model):
         prompt = tokenizer("<bos>質問: 空は何色?\n答え:", add_special_tokens=False)["input_ids"]
         full = tokenizer("<bos>質問: 空は何色?\n答え:" + choice, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logprobs = model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
+            logprobs = model(input_ids=torch.tensor([full], device=model.device)).logits[0].float().log_softmax(-1)
         expected = sum(logprobs[t - 1, full[t]].item() for t in range(len(prompt), len(full)))
         assert score == pytest.approx(expected, abs=2e-2)  # bf16 inference
 

@@ -51,9 +51,13 @@ def test_grpo_raises_a_rubric_reward_and_resumes_exactly(tmp_path, tiny_model):
     run = tmp_path / "run"
     result = train(recipe, run)
     assert result.exit_code == 0, result.output
-    validation = [r["val_reward"] for r in records(run) if "val_reward" in r]
-    assert validation[-1] > validation[0] + 0.3
+    # The sampled answers' reward is what GRPO raises. The greedy validation answers of a 2-layer random model
+    # are one token repeated, which passes or fails the rubric as a whole: on a GPU's random draws they ended
+    # failing (0.125 → 0.0) while the sampled reward rose as on a CPU, so only their logging is checked.
     steps = [r for r in records(run) if "reward" in r]
+    assert sum(r["reward"] for r in steps[-3:]) > sum(r["reward"] for r in steps[:3]) + 0.6
+    validation = [r["val_reward"] for r in records(run) if "val_reward" in r]
+    assert len(validation) == 2
     assert len(steps) == 12 and {"kl", "entropy", "policy_loss", "rollout_tokens_per_s", "samples"} <= steps[0].keys()
     assert json.loads((run / "manifest.json").read_text())["reward"]["after"] == validation[-1]
     crashed = crashed_copy(run, tmp_path / "crashed", last_checkpoint=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -118,7 +119,7 @@ train: {{epochs: 40, batch_size: 8, learning_rate: 3.0e-3, precision: fp32, warm
     loaded = load_for_inference(str(tmp_path / "run"))
     question = record["messages"][:1]
     text = loaded.template(question, add_generation_prompt=True)
-    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
     end_of_turn = loaded.tokenizer.convert_tokens_to_ids("<end_of_turn>")
     output = loaded.model.generate(**ids, max_new_tokens=60, do_sample=False, eos_token_id=[end_of_turn],
                                    pad_token_id=loaded.tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
@@ -153,7 +154,7 @@ def test_the_same_recipe_trains_data_parallel_under_a_launcher(tmp_path, tiny_mo
     import sys
 
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo, CPU
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29517", "-m", "shitate.cli", "train", str(make_recipe(tmp_path, tiny_model)), "--out", str(run)],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -217,16 +218,44 @@ def test_loraplus_trains_the_b_matrices_at_ratio_times_the_learning_rate(tmp_pat
     assert [sum(len(g["params"]) for g in groups if g["initial_lr"] == rate) for rate in rates] == [14, 14]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_qlora_without_a_gpu_is_refused_before_anything_loads(tmp_path, tiny_model):
-    import torch as torch_module
-
-    if torch_module.cuda.is_available():
-        return  # the refusal is for machines without CUDA; on a GPU the method trains
     run = tmp_path / "run"
     result = train(make_recipe(tmp_path, tiny_model), run, "--set", "adapter.method=qlora")
     assert isinstance(result.exception, ConfigError)
     assert "needs a CUDA GPU (this machine trains on the CPU)" in str(result.exception)
     assert "adapter.method: lora" in str(result.exception) and not run.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+def test_qlora_trains_an_adapter_on_a_4_bit_base_and_generates_with_it(tmp_path, tiny_model):
+    from shitate.models.load import load_model, resolve
+    from shitate.train.session import Session
+
+    seen = {}
+    original = Session.start
+
+    def spy(self, model, *args, **kwargs):
+        seen["quantised"] = sorted({type(m).__name__ for m in model.modules() if "4bit" in type(m).__name__})
+        return original(self, model, *args, **kwargs)
+
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Session, "start", spy)
+        result = train(make_recipe(tmp_path, tiny_model), run, "--set", "adapter.method=qlora",
+                       "--set", "train.precision=bf16")
+    assert result.exit_code == 0, result.output
+    assert seen["quantised"] == ["Linear4bit"]
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["peak_gpu_gb"] > 0
+    # The adapter loads on the full-precision base like any LoRA run's and has learnt something.
+    model = load_model(resolve(str(run), progress=False))
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    answer = runner.invoke(app, ["generate", str(run), "なんで空は青いの?", "--max-new-tokens", "8"])
+    assert answer.exit_code == 0, answer.output
 
 
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_same_run(tmp_path, tiny_model, monkeypatch):

@@ -56,15 +56,17 @@ def test_per_row_cross_entropy_and_its_gradients_match_autograd():
     torch.testing.assert_close(got[1], weight.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def pair_model(tiny_model, tokenizer):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="no CUDA GPU here"))])
+def pair_model(request, tiny_model, tokenizer):
+    """The tiny model with packed attention on each device (a GPU runs SDPA where a CPU runs its own short kernel)."""
     from transformers import AutoModelForCausalLM
 
     from shitate.data.templates import get_template
     from shitate.models.attention import use_packed_attention
     from shitate.data.preference import encode_pair
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().to(request.param)
     use_packed_attention(model)
     template = get_template("gemma", tokenizer)
     # Answers longer than the tiny model's 16-token sliding window, so the window's rule is exercised too.
@@ -83,7 +85,7 @@ def _plain_answer_logps(model, example) -> list[float]:
         sequence = ids[:prompt] + ids[start:start + length]
         answer_labels = [-100] * prompt + labels[start:start + length]
         with torch.no_grad():
-            logits = model(torch.tensor([sequence])).logits[0, :-1].float()
+            logits = model(torch.tensor([sequence], device=model.device)).logits[0, :-1].float()
         logps = logits.log_softmax(-1)
         values.append(sum(logps[i, t].item() for i, t in enumerate(answer_labels[1:]) if t != -100))
     return values
@@ -95,12 +97,12 @@ def test_tree_rows_give_each_answer_the_log_probability_of_a_plain_forward(pair_
     from shitate.models.logprobs import logprob_inputs
 
     model, examples = pair_model
-    batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device="cpu")
+    batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device=model.device)
     assert len(batch["packed_lengths"]) == 1  # both pairs share one row
     with torch.no_grad():
         logps, counts = AnswerLogProbs(model)(**logprob_inputs(batch))
     expected = [value for example in examples for value in _plain_answer_logps(model, example)]
-    torch.testing.assert_close(logps, torch.tensor(expected), rtol=0, atol=1e-4)
+    torch.testing.assert_close(logps.cpu(), torch.tensor(expected), rtol=0, atol=1e-4)
     assert counts.tolist() == [sum(1 for t in e["labels"][a:a + n] if t != -100)
                                for e in examples for a, n in ((e["branches"][0], e["branches"][1]),
                                                               (sum(e["branches"][:2]), e["branches"][2]))]
@@ -115,7 +117,7 @@ def test_dpo_loss_on_a_batch_matches_the_formula(pair_model, tokenizer):
     reference = [[-40.0, -35.5], [-20.25, -60.0]]
     for example, values in zip(examples, reference):
         example["reference"] = values
-    batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device="cpu")
+    batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device=model.device)
     with torch.no_grad():
         total, pairs, stats = DPOLoss(AnswerLogProbs(model), beta=0.1)(**batch)
     expected = 0.0

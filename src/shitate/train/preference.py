@@ -56,8 +56,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         data = read_data(recipe, source, config.model_type)
         release_memory()  # the tokenizer went with read_data's frame
         model = load_model(source.for_training(), dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
-    model = prepare_for_training(model, recipe.adapter, packed_attention=True,
-                                 activation_checkpointing=recipe.train.activation_checkpointing)
+    model = session.place(prepare_for_training(model, recipe.adapter, packed_attention=True,
+                                               activation_checkpointing=recipe.train.activation_checkpointing))
 
     logprobs = AnswerLogProbs(model, compute_dtype=session.compute_dtype)
     if recipe.stage == "reward":

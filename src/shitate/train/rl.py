@@ -186,7 +186,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     if recipe.adapter.method == "full":  # no adapter to switch off: the start needs a frozen copy
         reference_model = prepare_for_training(load_model(source.for_training(), dtype=session.base_dtype()),
                                                recipe.adapter, packed_attention=True, activation_checkpointing=False)
-        reference_model.requires_grad_(False).eval()
+        session.place(reference_model).requires_grad_(False).eval()
     policy = Policy(model, session.compute_dtype, value_head=recipe.stage == "ppo").to(session.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     objective = session.start(
@@ -361,10 +361,11 @@ def collect(policy: Policy, reference_model: nn.Module | None, sampler: Sampler,
     offsets = [0]  # where each batch's answer numbering starts in the rollout's
     for batch in batches[:-1]:
         offsets.append(offsets[-1] + batch["last"].shape[0])
-    return Rollout(batches, answers, rewards,
+    # Everything per token or per answer lives on the training device, next to the log-probabilities it meets.
+    return Rollout(batches, answers, rewards.to(session.device),
                    old_logps=torch.cat([logps.float() for logps, _ in old]),
                    reference_logps=torch.cat([logps.float() for logps in reference]),
-                   owners=torch.cat([batch["owners"].cpu() + offset for batch, offset in zip(batches, offsets)]),
+                   owners=torch.cat([batch["owners"] + offset for batch, offset in zip(batches, offsets)]),
                    old_values=torch.cat([values for _, values in old]) if policy.value_head is not None else None)
 
 

@@ -26,7 +26,7 @@ import torch
 from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe
 from shitate.data.collate import Example, split_by_tokens
 from shitate.errors import ConfigError, TrainingInterrupted
-from shitate.memory import available_bytes, bound_kernel_caches, peak_rss_bytes, training_bytes
+from shitate.memory import available_bytes, bound_kernel_caches, peak_gpu_bytes, peak_rss_bytes, training_bytes
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
 from shitate.progress import say
@@ -88,6 +88,13 @@ class Session:
     def base_dtype(self) -> torch.dtype:
         """A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters."""
         return torch.bfloat16 if self.bf16 and self.recipe.adapter.method != "full" else torch.float32
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a module to the training device now, for work done before `start` (a stage's reference
+        log-probabilities); a 4-bit base is already where bitsandbytes put it and cannot be moved."""
+        if getattr(module, "hf_device_map", None) is None:
+            module.to(self.device)
+        return module
 
     def start(self, model: torch.nn.Module, objective: Objective, train_set: list[Example], config: Any,
               summary: str, **manifest_facts: Any) -> Objective:
@@ -254,6 +261,8 @@ class Session:
                     load_tokenizer(source).save_pretrained(folder)
 
             self.run.publish_final(kind, save)
+            if (gpu := peak_gpu_bytes()) is not None:
+                facts["peak_gpu_gb"] = round(gpu / 1e9, 2)
             self.run.write_manifest(self.recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     steps=steps, train_tokens_per_s=round(tokens / max(seconds, 1e-9), 1),
                                     peak_rss_gb=round(peak_rss_bytes() / 1e9, 2), **facts)
@@ -270,11 +279,14 @@ class Session:
         measured = step_seconds[1:] or step_seconds
         per_step = sum(measured) / len(measured)
         tokens_per_s = tokens / sum(step_seconds)
+        gpu = peak_gpu_bytes()
+        gpu_line = f"  peak GPU       {gpu / 1e9:.2f} GB allocated by torch\n" if gpu is not None else ""
         projected = self.planned_steps * per_step + validation_tokens * self.spec.epochs / (3 * tokens_per_s)
         say(f"Dry run of {self.recipe.name} ({len(step_seconds)} steps, {self.precision}):\n"
             f"  speed          {tokens_per_s:,.0f} tokens/s ({per_step:.2f} s a step)\n"
             f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share "
             f"{self._training_bytes(objective) / 1e9:.2f} GB)\n"
+            f"{gpu_line}"
             f"  whole run      {self.planned_steps} steps, about {_duration(projected)} including validation")
         return self.run.path
 
