@@ -378,6 +378,42 @@ def _model_type(folder: str) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
 
 
+@app.command()
+def serve(
+    models: list[str] = typer.Argument(..., help="models to serve: MODEL or NAME=MODEL (" + MODEL_HELP + ")"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="SHITATE_API_KEY",
+                                          help="require Authorization: Bearer KEY (or set SHITATE_API_KEY)"),
+    log_prompts: bool = typer.Option(False, help="log request contents (off: company data stays out of logs)"),
+    cache_tokens: int = typer.Option(32768, help="each model's KV cache, in tokens: how much conversation all "
+                                                 "users together can hold at once"),
+    max_batch: int = typer.Option(32, help="most requests decoded together; more wait for a free slot"),
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from shitate.progress import console
+    from shitate.serve.engine import open_engines
+    from shitate.serve.server import create_app
+
+    if log_prompts:
+        import logging
+
+        logging.basicConfig(level=logging.INFO)
+    engines = open_engines(models, cache_tokens=cache_tokens, max_requests=max_batch)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]note:[/] listening on {host} without an API key: anyone who can reach this port can "
+                      "use the models. Pass --api-key or set SHITATE_API_KEY.")
+    console.print(f"Serving {', '.join(engines)} at http://{host}:{port}/v1 "
+                  f"({'API key required' if api_key else 'no API key'}).", highlight=False)
+    try:
+        uvicorn.run(create_app(engines, api_key, log_prompts), host=host, port=port, log_level="warning")
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
 def main() -> None:
     """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
     from shitate.errors import ShitateError, TrainingInterrupted

@@ -48,24 +48,54 @@ def parse(mode: Mode, text: str) -> Any:
     return value if 0 <= value <= top else None
 
 
-def endpoint_judge(url: str, model_name: str = "judge", timeout: float = 120.0) -> Callable[[list[str]], list[str]]:
-    """Ask an OpenAI-compatible /chat/completions endpoint; fail up front if it cannot be reached."""
+def endpoint_judge(url: str, model_name: str | None = None, timeout: float = 120.0) -> Callable[[list[str]], list[str]]:
+    """Ask an OpenAI-compatible /chat/completions endpoint; fail up front if it cannot be reached.
+
+    `URL#NAME` picks a served model; without a name the server's only model is used (or one named `judge`).
+    The key, where the server wants one, comes from SHITATE_JUDGE_API_KEY.
+    """
+    import os
+
+    url, _, named = url.partition("#")
     base = url.rstrip("/")
     if not base.endswith("/v1"):
         base += "/v1"
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("SHITATE_JUDGE_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['SHITATE_JUDGE_API_KEY']}"
 
-    def ask_one(prompt: str) -> str:
-        body = json.dumps({"model": model_name, "temperature": 0,
-                           "messages": [{"role": "user", "content": prompt}]}).encode("utf-8")
-        request = urllib.request.Request(f"{base}/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+    def call(path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(f"{base}{path}", headers=headers,
+                                         data=None if body is None else json.dumps(body).encode("utf-8"))
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read().decode("utf-8"))["choices"][0]["message"]["content"]
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as err:
+            if err.code == 401:
+                raise ShitateError(f"judge endpoint {url} refused the API key: set SHITATE_JUDGE_API_KEY to the "
+                                   "key the server was started with.") from None
+            raise
         except (urllib.error.URLError, OSError) as err:
             raise ShitateError(f"judge endpoint {url} could not be reached ({err}). Start the server "
-                               "(for example llama.cpp's llama-server) or give a local model as the judge.") from None
-        except (KeyError, IndexError, ValueError):
+                               "(shitate serve, or llama.cpp's llama-server) or give a local model as the judge.") from None
+
+    name = model_name or named
+    if not name:
+        try:
+            served = [m["id"] for m in call("/models")["data"]]
+        except (urllib.error.HTTPError, KeyError, TypeError, ValueError):
+            served = []  # a server without /models: it answers whatever name it is sent
+        name = served[0] if len(served) == 1 else "judge"
+        if len(served) > 1 and "judge" not in served:
+            raise ShitateError(f"judge endpoint {url} serves {', '.join(served)}: name the judge, e.g. "
+                               f"--judge {url}#{served[0]}")
+
+    def ask_one(prompt: str) -> str:
+        try:
+            reply = call("/chat/completions", {"model": name, "temperature": 0,
+                                               "messages": [{"role": "user", "content": prompt}]})
+            return reply["choices"][0]["message"]["content"]
+        except (urllib.error.HTTPError, KeyError, IndexError, TypeError, ValueError):
             return ""  # not an OpenAI-style answer: counted as unparseable, then retried
 
     def ask(prompts: list[str]) -> list[str]:

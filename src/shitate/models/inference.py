@@ -59,8 +59,9 @@ def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end
 
 def _generate_batch(loaded: LoadedModel, texts: list[str], spec: GenerateSpec, stop_at_turn_end: bool) -> list[str]:
     tokenizer, model = loaded.tokenizer, loaded.model
-    tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    # Left padding (new tokens must follow every prompt directly), asked per call: the shared tokenizer stays as it is.
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                       add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         output = model.generate(**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end))
     new_tokens = output[:, inputs["input_ids"].shape[1]:]

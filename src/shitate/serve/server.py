@@ -1,0 +1,263 @@
+"""`shitate serve`: an OpenAI-compatible HTTP server (FastAPI) over one or more engines.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streamed over server-sent events
+when `stream` is true), GET /v1/models, GET /health. Errors have OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`) so clients report them as they would
+OpenAI's. With an API key every route but /health needs `Authorization: Bearer KEY`, checked
+before the body is read. Prompts are never logged unless the server was started to log them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shitate.serve.engine import Engine, EngineFailed, Piece, Sampling
+
+log = logging.getLogger("shitate.serve")
+MAX_CHOICES = 8
+
+
+# --- requests -----------------------------------------------------------------------------------------------------
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Common(BaseModel):
+    # Unknown OpenAI fields (logprobs, user, …) are accepted and ignored, as OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    seed: Optional[int] = None
+    stream: bool = False
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str]]
+
+
+class RequestError(Exception):
+    """A request the server refuses, with OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# --- the app ------------------------------------------------------------------------------------------------------
+
+def create_app(engines: dict[str, Engine], api_key: str | None = None, log_prompts: bool = False) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="shitate", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+                error = RequestError(401, "missing or wrong API key: send Authorization: Bearer KEY "
+                                          "(the key given to shitate serve)", code="invalid_api_key",
+                                     kind="authentication_error")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> Any:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Any:
+        # FastAPI's own refusals (a body it cannot decode, an unknown route) in OpenAI's shape.
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "the request body is not valid JSON in UTF-8"
+        return JSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.exception_handler(EngineFailed)
+    async def failed(request: Request, error: EngineFailed) -> Any:
+        return JSONResponse(RequestError(503, str(error), kind="server_error").body(), status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> Any:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON in UTF-8"
+        return JSONResponse(RequestError(400, message, param=where or None).body(), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(engines)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "shitate"}
+                                           for name in engines]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        engine = _engine(engines, body.model)
+        messages = [m.model_dump() for m in body.messages]
+        if log_prompts:
+            log.info("chat %s: %s", body.model, json.dumps(messages, ensure_ascii=False))
+        prompt = engine.chat_prompt(messages)
+        sampling = _sampling(engine, body, body.max_completion_tokens or body.max_tokens, len(prompt))
+        if body.stream:
+            return StreamingResponse(_chat_stream(engine, body, prompt, sampling), media_type="text/event-stream")
+        answers = await _gather(engine, prompt, sampling, body.n)
+        return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": body.model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
+                             "finish_reason": a.finish_reason} for i, a in enumerate(answers)],
+                "usage": _usage(len(prompt), answers)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        engine = _engine(engines, body.model)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        if log_prompts:
+            log.info("completion %s: %s", body.model, json.dumps(texts, ensure_ascii=False))
+        prompts = [engine.text_prompt(text) for text in texts]
+        samplings = [_sampling(engine, body, body.max_tokens, len(p)) for p in prompts]
+        if body.stream:
+            return StreamingResponse(_completion_stream(engine, body, prompts, samplings),
+                                     media_type="text/event-stream")
+        choices, prompt_tokens, answers = [], 0, []
+        for p, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+            made = await _gather(engine, prompt, sampling, body.n)
+            answers += made
+            prompt_tokens += len(prompt)
+            choices += [{"index": p * body.n + i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
+                        for i, a in enumerate(made)]
+        return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model,
+                "choices": choices, "usage": _usage(prompt_tokens, answers)}
+
+    return app
+
+
+def _engine(engines: dict[str, Engine], name: str) -> Engine:
+    if name not in engines:
+        if len(engines) == 1 and name in ("", "default"):
+            return next(iter(engines.values()))
+        raise RequestError(404, f"model {name!r} is not served here; GET /v1/models lists: {', '.join(engines)}",
+                           param="model", code="model_not_found")
+    return engines[name]
+
+
+def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_tokens: int) -> Sampling:
+    defaults = engine.defaults
+    wanted = max_tokens or defaults.max_new_tokens
+    room = engine.context_length - prompt_tokens
+    if room < 1:
+        raise RequestError(400, f"the prompt is {prompt_tokens} tokens; {body.model} reads at most "
+                                f"{engine.context_length}. Shorten the conversation.", param="messages",
+                           code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise RequestError(400, f"max_tokens {max_tokens} does not fit: the prompt takes {prompt_tokens} of "
+                                f"{body.model}'s {engine.context_length} tokens, so at most {room} can follow.",
+                           param="max_tokens", code="context_length_exceeded")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise RequestError(400, "stop: up to 4 non-empty strings", param="stop")
+    return Sampling(max_tokens=min(wanted, room),
+                    temperature=defaults.temperature if body.temperature is None else body.temperature,
+                    top_p=defaults.top_p if body.top_p is None else body.top_p, stop=tuple(stops))
+
+
+async def _gather(engine: Engine, prompt: list[int], sampling: Sampling, n: int) -> list[Piece]:
+    import asyncio
+
+    return list(await asyncio.gather(*(engine.complete(prompt, sampling) for _ in range(n))))
+
+
+def _usage(prompt_tokens: int, answers: list[Piece]) -> dict[str, int]:
+    completion = sum(a.completion_tokens for a in answers)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+async def _merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """Pieces of several answers as each arrives, tagged with its answer's index; closing it cancels them all."""
+    import asyncio
+
+    queue: asyncio.Queue[tuple[int, Piece | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                await queue.put((index, piece))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, piece = await queue.get()
+            if piece is None:
+                running -= 1
+            else:
+                yield index, piece
+    finally:
+        for task in tasks:  # a client that went away: every answer's slot is freed now
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _chat_stream(engine: Engine, body: ChatRequest, prompt: list[int], sampling: Sampling) -> AsyncIterator[str]:
+    head = {"id": _id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
+    for i in range(body.n):
+        yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None}]})
+    async for index, piece in _merged([engine.answer(prompt, sampling) for _ in range(body.n)]):
+        delta = {"content": piece.text} if piece.text else {}
+        yield _event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": piece.finish_reason}]})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(engine: Engine, body: CompletionRequest, prompts: list[list[int]],
+                             samplings: list[Sampling]) -> AsyncIterator[str]:
+    head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
+    streams = [engine.answer(prompt, sampling) for prompt, sampling in zip(prompts, samplings) for _ in range(body.n)]
+    async for index, piece in _merged(streams):
+        yield _event({**head, "choices": [{"index": index, "text": piece.text, "finish_reason": piece.finish_reason,
+                                           "logprobs": None}]})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,198 @@
+"""`shitate serve` over real HTTP on loopback, driven by the official `openai` client, on a tiny Gemma 3."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+QUESTIONS = ["なんで空は青いの?", "海はなぜしょっぱいの?", "雨はどこから来るの?", "虹はなぜできるの?", "夜はなぜ暗いの?",
+             "風はなぜふくの?", "雪はなぜ白いの?", "月はなぜ光るの?"]
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """Two names for the tiny model, behind an API key, in a uvicorn thread."""
+    import uvicorn
+
+    from shitate.serve.engine import open_engines
+    from shitate.serve.server import create_app
+
+    import torch
+
+    # fp32: greedy answers of a random tiny model have near-ties that bf16 rounding resolves differently in a
+    # batch of eight than alone.
+    engines = open_engines([f"tiny={tiny_model}", f"other={tiny_model}"], dtype=torch.float32)
+    port = _free_port()
+    config = uvicorn.Config(create_app(engines, api_key=KEY), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if uv.started:
+            break
+        time.sleep(0.1)
+    yield {"url": f"http://127.0.0.1:{port}", "engines": engines}
+    uv.should_exit = True
+    thread.join(timeout=10)
+    for engine in engines.values():
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+
+
+def _post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """A raw request (stdlib only), for what the openai client would refuse to send."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _reference_answers(tiny_model, questions: list[str], max_tokens: int) -> list[str]:
+    """Greedy answers from transformers' generate, one request at a time: what the batcher must reproduce."""
+    import torch
+
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import answer, load_for_inference
+
+    loaded = load_for_inference(str(tiny_model), dtype=torch.float32)
+    return answer(loaded, [[{"role": "user", "content": q}] for q in questions],
+                  GenerateSpec(max_new_tokens=max_tokens, temperature=0.0, batch_size=1))
+
+
+def test_concurrent_greedy_chats_match_one_at_a_time_generation(server, client, tiny_model):
+    def ask(question: str):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              temperature=0, max_tokens=12)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, QUESTIONS))
+    expected = _reference_answers(tiny_model, QUESTIONS, 12)
+    assert [r.choices[0].message.content.strip() for r in replies] == expected
+    for reply in replies:
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.model == "tiny"
+        assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    assert not server["engines"]["tiny"].active
+
+
+def test_streaming_gives_the_same_text_in_pieces(client):
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    whole = client.chat.completions.create(model="tiny", messages=question, temperature=0, max_tokens=16)
+    pieces, reasons = [], []
+    for chunk in client.chat.completions.create(model="tiny", messages=question, temperature=0, max_tokens=16,
+                                                stream=True):
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len([p for p in pieces if p]) > 1 and reasons[-1] == whole.choices[0].finish_reason
+
+
+def test_n_max_tokens_stop_and_completions(client):
+    reply = client.chat.completions.create(model="other", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                           n=3, temperature=1.0, top_p=0.9, max_tokens=3, seed=7)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in reply.choices) and reply.usage.completion_tokens == 9
+    greedy = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                            temperature=0, max_tokens=12).choices[0].message.content
+    stop = greedy.strip()[2:4]
+    cut = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                         temperature=0, max_tokens=12, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == greedy[:greedy.index(stop)]
+    completion = client.completions.create(model="tiny", prompt=["空は", "海は"], temperature=0, max_tokens=5)
+    assert len(completion.choices) == 2 and all(c.text for c in completion.choices)
+    assert {m.id for m in client.models.list().data} == {"tiny", "other"}
+
+
+def test_bad_requests_get_openai_shaped_errors(server, client):
+    with pytest.raises(openai.NotFoundError, match="'nope' is not served here"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|reads at most"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "空" * 3000}])
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = server["url"] + "/v1/chat/completions"
+    status, reply = _post(url, {"model": "tiny", "messages": "hello"}, headers)
+    assert status == 400 and reply["error"]["param"] == "messages" and reply["error"]["type"] == "invalid_request_error"
+    status, reply = _post(url, b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', headers)
+    assert status == 400 and "UTF-8" in reply["error"]["message"]
+
+
+def test_a_missing_or_wrong_key_is_refused_before_anything_runs(server):
+    import urllib.request
+
+    engine = server["engines"]["tiny"]
+    before = next(engine._ids)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        status, reply = _post(server["url"] + "/v1/chat/completions", body, headers)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    assert next(engine._ids) == before + 1  # no request reached the engine
+    with urllib.request.urlopen(server["url"] + "/health") as health:
+        assert json.loads(health.read())["status"] == "ok"
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    import http.client
+    from urllib.parse import urlparse
+
+    engine = server["engines"]["tiny"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTIONS[3]}], "max_tokens": 400,
+            "temperature": 1.0, "stream": True}
+    address = urlparse(server["url"])
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    while True:
+        line = response.readline().decode()
+        if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            break
+    assert engine.active  # generating
+    connection.close()  # the client goes away mid-answer
+    for _ in range(50):
+        if not engine.active:
+            break
+        time.sleep(0.1)
+    assert not engine.active
+
+
+def test_shitate_judge_speaks_to_the_server(server, monkeypatch):
+    from shitate.errors import ShitateError
+    from shitate.evals.judge import endpoint_judge
+
+    monkeypatch.setenv("SHITATE_JUDGE_API_KEY", KEY)
+    ask = endpoint_judge(server["url"] + "#tiny")
+    engine = server["engines"]["tiny"]
+    before = next(engine._ids)
+    replies = ask(["1から5で採点してください: 空は青い。"])
+    assert len(replies) == 1 and next(engine._ids) == before + 2  # answered by the served model
+    with pytest.raises(ShitateError, match="serves tiny, other: name the judge"):
+        endpoint_judge(server["url"])
+    monkeypatch.setenv("SHITATE_JUDGE_API_KEY", "wrong")
+    with pytest.raises(ShitateError, match="refused the API key"):
+        endpoint_judge(server["url"] + "#tiny")
