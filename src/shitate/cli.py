@@ -414,6 +414,33 @@ def serve(
             engine.close()
 
 
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a run folder made by shitate train"),
+    out: Optional[Path] = typer.Option(None, help="where to write the merged model (default RUN/export)"),
+    dtype: str = typer.Option("bf16", help="bf16, f16 or fp32: the merged weights' type"),
+    gguf: list[str] = typer.Option([], "--gguf", help="also write a GGUF for llama.cpp/Ollama: f16, bf16 or q8_0 "
+                                                      "(repeatable)"),
+    force: bool = typer.Option(False, help="replace an existing export"),
+    check: bool = typer.Option(True, help="compare every exported file with the run on Japanese probes (on by default)"),
+) -> None:
+    """Merge the run's adapter into its base and save a plain model (safetensors, tokenizer, chat template)."""
+    from shitate.errors import ConfigError
+    from shitate.export.merge import export as run_export
+    from shitate.progress import console
+
+    if dtype not in ("bf16", "f16", "fp32"):
+        raise ConfigError(f"--dtype {dtype}: choose bf16, f16 or fp32.")
+    target = out or run / "export"
+    results = run_export(run, target, dtype, tuple(gguf), force, check)
+    console.print(f"[bold]Exported[/] {target}: load it with transformers or vLLM as a model folder"
+                  + ("; GGUF and an Ollama Modelfile beside it (ollama create NAME -f Modelfile)." if gguf else "."),
+                  highlight=False)
+    if results:
+        console.print("Greedy answers of the run on the probes: "
+                      + " / ".join(a.strip()[:40] for a in results[0].answers[:3]), highlight=False, markup=False)
+
+
 def main() -> None:
     """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
     from shitate.errors import ShitateError, TrainingInterrupted

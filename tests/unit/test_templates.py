@@ -79,3 +79,15 @@ def test_gemma_puts_the_system_prompt_in_the_first_user_turn(tokenizer):
 def test_auto_falls_back_to_the_model_family(tokenizer):
     assert get_template("auto", tokenizer, "gemma3_text").name == "gemma"
     assert get_template("auto", tokenizer, "llama").name == "llama3"
+
+
+@pytest.mark.parametrize("name", ["gemma", "chatml", "llama3", "plain"])
+def test_each_template_s_jinja_renders_the_same_bytes_as_training(tokenizer, name):
+    """The Jinja written into an export's tokenizer_config.json is what transformers, vLLM and TGI will render."""
+    template = get_template(name, tokenizer)
+    conversations = [MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:2], MULTI_TURN[1:4]]
+    for messages in conversations:
+        for generation_prompt in (False, True):
+            rendered = tokenizer.apply_chat_template(messages, chat_template=template.jinja, tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+            assert rendered == template(messages, add_generation_prompt=generation_prompt), (messages, generation_prompt)

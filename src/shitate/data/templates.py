@@ -32,6 +32,9 @@ class ChatTemplate:
     name: str
     render: Callable[[list[Message], bool], str]
     end_of_turn: str
+    # The same rendering as a Jinja chat template, written into an exported model's tokenizer_config.json so that
+    # transformers, vLLM and TGI render prompts exactly as training did (a test holds the two to the same bytes).
+    jinja: str | None = None
 
     def __call__(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         return self.render(messages, add_generation_prompt)
@@ -92,6 +95,38 @@ def _plain(bos: str, eos: str) -> Callable[[list[Message], bool], str]:
     return render
 
 
+_SYSTEM_AND_TURNS = ("{%- if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                     "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}"
+                     "{% endif %}")
+GEMMA_JINJA = (
+    "{{ '<bos>' }}" + _SYSTEM_AND_TURNS +
+    "{%- for message in turns %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{%- set content = (system + '\\n\\n' + message['content']) if (loop.first and system is not none) "
+    "else message['content'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + content + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+CHATML_JINJA = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_JINJA = (
+    "{{ '<|begin_of_text|>' }}{%- for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def _plain_jinja(bos: str, eos: str) -> str:
+    import json
+
+    return ("{{ " + json.dumps(bos) + " }}" + _SYSTEM_AND_TURNS +
+            "{%- if system is not none %}{{ system + '\\n\\n' }}{% endif %}"
+            "{%- for message in turns %}{%- if message['role'] == 'assistant' %}"
+            "{{ '### Assistant:\\n' + message['content'] + " + json.dumps(eos) + " + '\\n\\n' }}"
+            "{%- else %}{{ '### User:\\n' + message['content'] + '\\n\\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}")
+
+
 def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
     def render(messages: list[Message], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -104,7 +139,7 @@ def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
     if not end:
         raise ConfigError("template: the tokenizer's own template writes nothing after an answer, so a model "
                           "could never learn to stop; choose one of gemma, chatml, llama3, plain.")
-    return ChatTemplate("auto", render, end)
+    return ChatTemplate("auto", render, end, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
 
 
 def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> ChatTemplate:
@@ -115,16 +150,17 @@ def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> Ch
         family = (model_type or "").lower()
         name = "gemma" if "gemma" in family else "llama3" if "llama" in family else "chatml"
     if name == "gemma":
-        return ChatTemplate("gemma", _gemma, "<end_of_turn>")
+        return ChatTemplate("gemma", _gemma, "<end_of_turn>", GEMMA_JINJA)
     if name == "chatml":
-        return ChatTemplate("chatml", _chatml, "<|im_end|>")
+        return ChatTemplate("chatml", _chatml, "<|im_end|>", CHATML_JINJA)
     if name == "llama3":
-        return ChatTemplate("llama3", _llama3, "<|eot_id|>")
+        return ChatTemplate("llama3", _llama3, "<|eot_id|>", LLAMA3_JINJA)
     if name == "plain":
         eos = tokenizer.eos_token or ""
         if not eos:
             raise ConfigError("template plain: the tokenizer has no EOS token to end answers with; pick another template.")
-        return ChatTemplate("plain", _plain(tokenizer.bos_token or "", eos), eos)
+        bos = tokenizer.bos_token or ""
+        return ChatTemplate("plain", _plain(bos, eos), eos, _plain_jinja(bos, eos))
     raise ConfigError(f"template: unknown template {name!r}; expected one of auto, gemma, chatml, llama3, plain")
 
 

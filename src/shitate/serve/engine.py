@@ -24,9 +24,6 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.inference import LoadedModel
 
-# transformers' batcher samples with one switch for every request; a request that asks for greedy decoding gets a
-# temperature so low that the softmax is one-hot, which makes its draw the argmax.
-GREEDY_TEMPERATURE = 1e-5
 
 
 PAGE_TOKENS = 256
@@ -63,33 +60,30 @@ class _Decoded:
     released: str = ""
 
 
-class Engine:
-    """A loaded model behind a continuous batcher. `answer` is an async iterator of text pieces."""
+class _Lane:
+    """One continuous batcher over the shared model: greedy, or sampling with per-request temperature and top-p.
 
-    def __init__(self, loaded: LoadedModel, name: str, defaults: GenerateSpec | None = None,
-                 cache_tokens: int = 32768, max_requests: int = 32) -> None:
+    Two lanes because transformers' batcher applies its sampling to every request of a step: on a CPU, top-p's
+    sort over a 262k vocabulary and the multinomial draw cost more than the model's own forward, which greedy
+    requests should not pay."""
+
+    def __init__(self, engine_name: str, model: Any, sampled: bool, stop_ids: list[int], pad: int, max_new_tokens: int,
+                 cache_tokens: int, max_requests: int) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        self.loaded, self.name = loaded, name
-        self.defaults = defaults or GenerateSpec(temperature=1.0, max_new_tokens=256)
-        tokenizer = loaded.tokenizer
-        self.stop_ids = stop_token_ids(tokenizer, loaded.template)
-        self.context_length = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 8192)
-        model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.name = f"{engine_name} ({'sampled' if sampled else 'greedy'})"
         # Temperature and top-p are set away from 1.0 so transformers builds their per-request processors.
-        config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=self.defaults.max_new_tokens,
-                                  eos_token_id=self.stop_ids, pad_token_id=pad)
+        config = (GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens,
+                                   eos_token_id=stop_ids, pad_token_id=pad) if sampled else
+                  GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad))
         # The KV cache is sized here. Left to itself transformers takes most of the free memory (on a CPU, of the
-        # machine's RAM, for every model served), and where attention runs with dense masks (CPUs) their size
-        # grows with the cache times the tokens of one step, so both are kept moderate.
-        batching = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=max_requests,
+        # machine's RAM, for every batcher), and where attention runs with dense masks (CPUs) their size grows
+        # with the cache times the tokens of one step, so both are kept moderate.
+        batching = ContinuousBatchingConfig(per_request_processors=sampled, max_requests_per_batch=max_requests,
                                             max_batch_tokens=512, page_size=PAGE_TOKENS,
                                             num_blocks=max(1, cache_tokens // PAGE_TOKENS))
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
         self.manager.start()
-        self._ids = itertools.count()
-        self.active: set[str] = set()  # requests in the batcher now
         self._wait_until_ready()
 
     def _wait_until_ready(self, seconds: float = 120.0) -> None:
@@ -99,20 +93,44 @@ class Engine:
             if self.manager.background_thread_status.fatal_error is not None or not self._alive():
                 break
             time.sleep(0.05)
-        self._check_alive()
+        self.check_alive()
 
     def _alive(self) -> bool:
         thread = self.manager._generation_thread
         return thread is not None and thread.is_alive()
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         error = self.manager.background_thread_status.fatal_error
         if error is not None or not self._alive():
             raise EngineFailed(f"{self.name}: the decoding loop stopped ({error or 'no reason given'}). Restart "
                                "shitate serve; if it names memory, lower --cache-tokens.")
 
+
+class Engine:
+    """A loaded model behind continuous batchers. `answer` is an async iterator of text pieces."""
+
+    def __init__(self, loaded: LoadedModel, name: str, defaults: GenerateSpec | None = None,
+                 cache_tokens: int = 32768, max_requests: int = 32) -> None:
+        self.loaded, self.name = loaded, name
+        self.defaults = defaults or GenerateSpec(temperature=1.0, max_new_tokens=256)
+        tokenizer = loaded.tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, loaded.template)
+        self.context_length = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 8192)
+        self._model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests)
+        self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
+        self._ids = itertools.count()
+        self.active: set[str] = set()  # requests in a batcher now
+
+    def _lane(self, sampled: bool) -> _Lane:
+        if sampled not in self._lanes:  # the first sampled request starts its batcher (a second or so)
+            self._lanes[sampled] = _Lane(self.name, self._model, sampled, *self._lane_settings)
+        return self._lanes[sampled]
+
     def close(self) -> None:
-        self.manager.stop(block=True)
+        for lane in self._lanes.values():
+            lane.manager.stop(block=True)
 
     # --- prompts -------------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -129,12 +147,13 @@ class Engine:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"{self.name}-{next(self._ids)}"
-        self._check_alive()
-        self.manager.register_result_handler(request_id, outputs.put_nowait)
-        temperature = sampling.temperature if sampling.temperature > 0 else GREEDY_TEMPERATURE
-        self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens, streaming=True,
-                                 eos_token_id=self.stop_ids, temperature=float(temperature),
-                                 top_p=float(sampling.top_p))
+        lane = self._lane(sampling.temperature > 0)
+        lane.check_alive()
+        lane.manager.register_result_handler(request_id, outputs.put_nowait)
+        extra = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)} \
+            if sampling.temperature > 0 else {}
+        lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens, streaming=True,
+                                 eos_token_id=self.stop_ids, **extra)
         decoded, finished = _Decoded(), False
         self.active.add(request_id)
         try:
@@ -142,7 +161,7 @@ class Engine:
                 try:
                     output = await asyncio.wait_for(outputs.get(), timeout=5.0)
                 except asyncio.TimeoutError:
-                    self._check_alive()  # a long prompt's prefill, or a dead loop that would never answer
+                    lane.check_alive()  # a long prompt's prefill, or a dead loop that would never answer
                     continue
                 if output.error:
                     raise RuntimeError(f"generation failed: {output.error}")
@@ -154,7 +173,7 @@ class Engine:
                     yield piece
         finally:
             if not finished:  # the client left, or a stop string ended the answer early: free the slot now
-                self.manager.cancel_request(request_id)
+                lane.manager.cancel_request(request_id)
             self.active.discard(request_id)
 
     def _release(self, decoded: _Decoded, tokens: list[int], sampling: Sampling, finished: bool) -> Piece:

@@ -1,0 +1,154 @@
+"""GGUF files of a merged export, for llama.cpp and Ollama, written with the `gguf` package.
+
+Offered: f16, bf16 and q8_0 — the types the `gguf` package can write itself (q8_0 in NumPy, one
+scale per 32 weights, close to lossless). The k-quants (q4_k_m, …) need llama.cpp's own
+`llama-quantize`, run on the f16 file this writes.
+
+Architecture and tokenizer metadata are copied from the GGUF the base model came from (the
+default model, or any .gguf a user trained on), which describes exactly this architecture and
+vocabulary; the tensors are the merged weights, named as llama.cpp names them. A base that was
+not a GGUF has no such metadata here: llama.cpp's `convert_hf_to_gguf.py` converts the merged
+folder instead, and the error says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shitate.errors import ConfigError
+from shitate.progress import status
+from shitate.runs import RunFolder
+
+TYPES = ("f16", "bf16", "q8_0")
+# Fields the writer sets itself, or that describe the source file rather than the model.
+_OWN_FIELDS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.file_type", "general.quantization_version",
+               "general.name", "tokenizer.chat_template"}
+
+
+def source_gguf(source: Any) -> Path | None:
+    """The GGUF file a base model was converted from (its cache folder records it), if any."""
+    record = Path(source.folder) / "SOURCE"
+    if record.is_file():
+        path = Path(record.read_text(encoding="utf-8").strip())
+        return path if path.is_file() else None
+    return None
+
+
+def check_possible(source: Any, kinds: tuple[str, ...]) -> Path:
+    """Refuse, before anything is merged, a type not offered or a base with no GGUF to take metadata from."""
+    for kind in kinds:
+        if kind not in TYPES:
+            raise ConfigError(f"--gguf {kind}: offered types are {', '.join(TYPES)} (for k-quants run llama.cpp's "
+                              "llama-quantize on the f16 file).")
+    origin = source_gguf(source)
+    if origin is None:
+        raise ConfigError(f"--gguf: the base model {source.reference} did not come from a GGUF file, so there is no "
+                          "llama.cpp metadata to copy. Export without --gguf and convert the merged folder with "
+                          "llama.cpp's convert_hf_to_gguf.py.")
+    return origin
+
+
+def write_gguf(folder: Path, source: Any, kind: str, template: Any) -> Path:
+    """Write `folder/model-KIND.gguf` from the merged safetensors in `folder`; add an Ollama Modelfile beside it."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    origin = check_possible(source, (kind,))
+    reader = gguf.GGUFReader(str(origin))
+    arch = str(reader.fields["general.architecture"].contents())
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+    expected = {t.name for t in reader.tensors}
+
+    out = folder / f"model-{kind}.gguf"
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), arch)
+    _copy_metadata(reader, writer)
+    writer.add_name(folder.name)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if template.jinja is not None:
+        writer.add_chat_template(template.jinja)
+
+    written = set()
+    with status(f"Writing {out.name}…"), safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
+        for hf_name in tensors.keys():
+            stem, _, suffix = hf_name.rpartition(".")
+            name = names.get_name(stem.removeprefix("model.") if names.get_name(stem) is None else stem)
+            if name is None:
+                if hf_name == "lm_head.weight":
+                    continue  # tied to the embeddings, as the source GGUF has it
+                raise ConfigError(f"--gguf: no llama.cpp name for tensor {hf_name}; convert {folder} with "
+                                  "llama.cpp's convert_hf_to_gguf.py instead.")
+            name = f"{name}.{suffix}"
+            data = tensors.get_tensor(hf_name).float().numpy()
+            if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+                data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w)
+            data, qtype = _encode(data, kind, gguf, np)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+            written.add(name)
+    if written != expected:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"--gguf: the merged model's tensors do not match {origin.name}'s "
+                          f"(missing {sorted(expected - written)[:3]}, extra {sorted(written - expected)[:3]}).")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(out)
+    data = RunFolder(source.run).recipe_setting("data", {}) if source.run is not None else {}
+    _write_modelfile(folder, out, template, (data or {}).get("system"))
+    return out
+
+
+def _copy_metadata(reader: Any, writer: Any) -> None:
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key in _OWN_FIELDS or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), kind)
+
+
+def _encode(data: Any, kind: str, gguf: Any, np: Any) -> tuple[Any, Any]:
+    """1-D tensors (norms) stay f32, as llama.cpp keeps them; matrices take the file's type."""
+    if data.ndim == 1:
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if kind == "f16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType.BF16 if kind == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+# Ollama's prompt templates (Go templates) for the built-in chat templates: the same text as training renders.
+_OLLAMA_TEMPLATES = {
+    # The system prompt goes into the first user turn, as Gemma's template and training put it.
+    "gemma": ('{{- $first := true }}{{- range .Messages }}{{- if ne .Role "system" }}<start_of_turn>'
+              '{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n{{ if and $first $.System }}{{ $.System }}\n\n'
+              '{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}{{ end }}{{ end }}<start_of_turn>model\n'),
+    "chatml": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+               '<|im_start|>assistant\n'),
+    "llama3": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+               '{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'),
+}
+
+
+def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str | None) -> None:
+    """An Ollama Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), with the run's system prompt."""
+    lines = [f"FROM ./{gguf_file.name}"]
+    if template.name in _OLLAMA_TEMPLATES:
+        lines.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template.name]}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines.append(f'PARAMETER stop "{template.end_of_turn}"')
+    (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,159 @@
+"""`shitate export RUN`: the run's adapter merged into a full-precision copy of its base, saved as a plain model
+folder that any tool loads, then checked against the adapter it came from.
+
+The merge happens in fp32 on a dequantised base (a QLoRA run's base is loaded again in full precision; a GGUF
+base was dequantised into the safetensors cache), never into quantised weights, and is cast to the saved dtype
+afterwards. The chat template the run trained with goes into `tokenizer_config.json` as Jinja, and its
+end-of-turn token into `generation_config.json`, so transformers, vLLM and TGI render and stop as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shitate.errors import ConfigError, ShitateError
+from shitate.progress import say, status
+
+# Probes for the parity check: short Japanese requests of the kinds users send.
+PROBES = ["なんで空は青いの?", "日本の首都はどこですか。", "おすすめの本を教えてください。", "明日の会議の議題をまとめて。",
+          "雨の日の楽しみ方は?", "ありがとう!"]
+PARITY_TOKENS = 16
+
+
+class ParityFailed(ShitateError):
+    """An exported file does not answer like the run it came from."""
+
+
+@dataclass
+class Parity:
+    """How often an exported model's next-token choice equals the run's along the run's own greedy answers."""
+
+    name: str
+    agreement: float
+    threshold: float
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.threshold
+
+
+def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...] = (), force: bool = False,
+           check: bool = True) -> list[Parity]:
+    """Merge, save and (unless `check` is off) verify; return the parity figures. Raises ParityFailed."""
+    import torch
+
+    from shitate.data.templates import get_template, stop_token_ids
+    from shitate.models.load import load_model, load_tokenizer, resolve
+    from shitate.runs import RunFolder
+
+    source = resolve(str(run))
+    if source.run is None:
+        raise ConfigError(f"{run}: not a run folder (no recipe.yaml). shitate export takes what `shitate train` made.")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty; pass --force to replace it, or choose another --out.")
+    if gguf_types:
+        from shitate.export.gguf import check_possible
+
+        check_possible(source, gguf_types)
+    saved_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "fp32": torch.float32}[dtype]
+    with status(f"Merging {run}'s adapter into a full-precision copy of its base…"):
+        model = load_model(source, dtype=torch.float32, merge_adapter=True)
+        tokenizer = load_tokenizer(source)
+        template = get_template(RunFolder(source.run).recipe_setting("template", "auto"), tokenizer,
+                                model.config.model_type)
+    _save(model.to(saved_dtype), tokenizer, template, stop_token_ids(tokenizer, template), out)
+    say(f"Saved the merged model ({dtype}) to {out} with the {template.name} chat template in tokenizer_config.json.")
+    del model
+    files = []
+    if gguf_types:
+        from shitate.export.gguf import write_gguf
+
+        for kind in gguf_types:
+            files.append(write_gguf(out, source, kind, template))
+    if not check:
+        return []
+    results = check_parity(run, out, files)
+    for result in results:
+        say(f"parity {result.name}: {result.agreement:.1%} of next-token choices agree with the run "
+            f"(needs {result.threshold:.0%}) — {'ok' if result.passed else 'FAILED'}")
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise ParityFailed(f"{', '.join(r.name for r in failed)} does not answer like {run}: "
+                           f"{failed[0].agreement:.1%} of next-token choices agree, below {failed[0].threshold:.0%}. "
+                           "Do not ship it; export with --dtype fp32 (or a larger GGUF type) and compare again.")
+    return results
+
+
+def _save(model: Any, tokenizer: Any, template: Any, stop_ids: list[int], out: Path) -> None:
+    """Write the folder under a temporary name and rename it: a crash leaves no half-written export."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.generation_config.eos_token_id = stop_ids
+    model.save_pretrained(partial, safe_serialization=True)
+    if template.jinja is not None:
+        tokenizer.chat_template = template.jinja
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+
+
+def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity]:
+    """Teacher-forced next-token agreement on the probes: the run (adapter on its base, fp32) writes greedy answers;
+    every export reads the same tokens and must choose the run's token at (nearly) every position."""
+    import torch
+
+    from shitate.models.inference import load_for_inference
+
+    reference = load_for_inference(str(run), dtype=torch.float32)
+    tokenizer, template = reference.tokenizer, reference.template
+    prompts = [tokenizer(template([{"role": "user", "content": p}], add_generation_prompt=True),
+                         add_special_tokens=False, return_tensors="pt")["input_ids"] for p in PROBES]
+    sequences, choices = [], []
+    with torch.inference_mode():
+        for ids in prompts:
+            output = reference.model.generate(ids.to(reference.model.device), max_new_tokens=PARITY_TOKENS,
+                                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            sequences.append(output)
+            choices.append(_choices(reference.model, output, ids.shape[1]))
+    answers = [tokenizer.decode(s[0, p.shape[1]:], skip_special_tokens=True) for s, p in zip(sequences, prompts)]
+    del reference
+    results = []
+    candidates = [("merged safetensors", merged, None, 0.98)]
+    candidates += [(f"gguf {f.name}", merged, f, 0.98 if _is_unquantised(f) else 0.90) for f in gguf_files]
+    for name, folder, gguf_file, threshold in candidates:
+        model = _load_export(folder, gguf_file)
+        agree = total = 0
+        with torch.inference_mode():
+            for output, prompt, expected in zip(sequences, prompts, choices):
+                got = _choices(model, output, prompt.shape[1])
+                agree += int((got == expected).sum())
+                total += expected.numel()
+        results.append(Parity(name, agree / max(total, 1), threshold, answers))
+        del model
+    return results
+
+
+def _choices(model: Any, sequence: Any, prompt_length: int) -> Any:
+    """The model's top token at each position that predicts an answer token of `sequence`."""
+    logits = model(sequence.to(model.device)).logits[0, prompt_length - 1:-1]
+    return logits.argmax(-1).cpu()
+
+
+def _load_export(folder: Path, gguf_file: Path | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if gguf_file is None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
+def _is_unquantised(path: Path) -> bool:
+    return any(path.name.endswith(f"-{kind}.gguf") for kind in ("f16", "bf16", "f32"))

@@ -1,0 +1,77 @@
+"""`shitate export`: a tiny run merged into a plain model folder that renders and answers like the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shitate.cli import app
+from test_train import make_recipe, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("export-run")
+    run = folder / "run"
+    assert train(make_recipe(folder, tiny_model), run, "--set", "train.epochs=2").exit_code == 0
+    return run
+
+
+def test_export_writes_a_model_that_renders_and_answers_like_the_run(tuned_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shitate.data.templates import get_template
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["export", str(tuned_run), "--out", str(out), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "parity merged safetensors: 100.0%" in " ".join(result.output.split())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "system", "content": "子ども向けに答えてね。"}, {"role": "user", "content": "なんで空は青いの?"}]
+    # transformers (and vLLM, TGI) render the prompt exactly as training did, from tokenizer_config.json alone.
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        get_template("gemma", tokenizer)(messages, add_generation_prompt=True)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain model
+    again = runner.invoke(app, ["export", str(tuned_run), "--out", str(out)])
+    assert again.exit_code == 1 and "--force" in str(again.exception)
+
+
+def test_an_export_that_lost_the_adapter_fails_the_parity_check(tuned_run, tmp_path, monkeypatch):
+    from shitate.export.merge import ParityFailed
+    from shitate.models import load
+
+    original = load.load_model
+    # A broken merge: the base without the adapter's change (the run itself still loads with its adapter).
+    monkeypatch.setattr(load, "load_model", lambda source, **kw: original(
+        type(source)(source.kind, source.reference, source.folder), **{**kw, "merge_adapter": False}))
+    result = runner.invoke(app, ["export", str(tuned_run), "--out", str(tmp_path / "broken")])
+    assert isinstance(result.exception, ParityFailed)
+    assert "does not answer like" in str(result.exception) and "Do not ship it" in str(result.exception)
+
+
+def test_gguf_of_a_base_that_was_not_a_gguf_says_how_to_convert(tuned_run, tmp_path):
+    result = runner.invoke(app, ["export", str(tuned_run), "--out", str(tmp_path / "g"), "--gguf", "q8_0", "--no-check"])
+    assert result.exit_code == 1
+    assert "convert_hf_to_gguf.py" in str(result.exception)
+    result = runner.invoke(app, ["export", str(tuned_run), "--out", str(tmp_path / "h"), "--gguf", "q4_k_m"])
+    assert "offered types are f16, bf16, q8_0" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_the_default_model_exports_to_gguf_that_answers_like_the_run(tmp_path):
+    """Needs the 270M weights: a 2-step run of the kids_qa recipe, exported as q8_0 and f16 GGUF."""
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(REPO / "examples/kids_qa/recipe.yaml"), "--out", str(run), "--set",
+                               "train.max_steps=2"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(run), "--gguf", "q8_0", "--gguf", "f16"])
+    assert result.exit_code == 0, result.output
+    assert (run / "export" / "model-q8_0.gguf").is_file() and (run / "export" / "Modelfile").is_file()
