@@ -35,6 +35,7 @@ def test_export_writes_a_model_that_renders_and_answers_like_the_run(tuned_run, 
     # transformers (and vLLM, TGI) render the prompt exactly as training did, from tokenizer_config.json alone.
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         get_template("gemma", tokenizer)(messages, add_generation_prompt=True)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == tokenizer.chat_template
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert end_of_turn in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -75,3 +76,19 @@ def test_the_default_model_exports_to_gguf_that_answers_like_the_run(tmp_path):
     result = runner.invoke(app, ["export", str(run), "--gguf", "q8_0", "--gguf", "f16"])
     assert result.exit_code == 0, result.output
     assert (run / "export" / "model-q8_0.gguf").is_file() and (run / "export" / "Modelfile").is_file()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available()
+                    or __import__("importlib.util").util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+def test_a_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, tiny_model), run, "--set", "adapter.method=qlora", "--set",
+                 "train.precision=bf16").exit_code == 0
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+    assert all(p.dtype == __import__("torch").float32 for p in model.parameters())

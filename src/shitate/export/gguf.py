@@ -49,8 +49,8 @@ def check_possible(source: Any, kinds: tuple[str, ...]) -> Path:
     return origin
 
 
-def write_gguf(folder: Path, source: Any, kind: str, template: Any) -> Path:
-    """Write `folder/model-KIND.gguf` from the merged safetensors in `folder`; add an Ollama Modelfile beside it."""
+def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: bool = True) -> Path:
+    """Write `folder/model-KIND.gguf` from the merged safetensors in `folder` (and an Ollama Modelfile for it)."""
     import gguf
     import numpy as np
     from safetensors import safe_open
@@ -102,8 +102,9 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     partial.rename(out)
-    data = RunFolder(source.run).recipe_setting("data", {}) if source.run is not None else {}
-    _write_modelfile(folder, out, template, (data or {}).get("system"))
+    if modelfile:
+        data = RunFolder(source.run).recipe_setting("data", {}) if source.run is not None else {}
+        _write_modelfile(folder, out, template, (data or {}).get("system"))
     return out
 
 

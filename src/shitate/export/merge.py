@@ -71,8 +71,8 @@ def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...
     if gguf_types:
         from shitate.export.gguf import write_gguf
 
-        for kind in gguf_types:
-            files.append(write_gguf(out, source, kind, template))
+        for kind in gguf_types:  # the Modelfile points at the first type asked for
+            files.append(write_gguf(out, source, kind, template, modelfile=kind == gguf_types[0]))
     if not check:
         return []
     results = check_parity(run, out, files)
@@ -99,6 +99,15 @@ def _save(model: Any, tokenizer: Any, template: Any, stop_ids: list[int], out: P
     if template.jinja is not None:
         tokenizer.chat_template = template.jinja
     tokenizer.save_pretrained(partial)
+    if template.jinja is not None:
+        # transformers 5 writes the template to chat_template.jinja; older loaders and other servers read it from
+        # tokenizer_config.json, so it goes there as well.
+        import json
+
+        config_file = partial / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["chat_template"] = template.jinja
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
 
@@ -110,9 +119,13 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
 
     from shitate.models.inference import load_for_inference
 
+    from shitate.runs import RunFolder
+
     reference = load_for_inference(str(run), dtype=torch.float32)
     tokenizer, template = reference.tokenizer, reference.template
-    prompts = [tokenizer(template([{"role": "user", "content": p}], add_generation_prompt=True),
+    system = (RunFolder(run).recipe_setting("data", {}) or {}).get("system")
+    opening = [{"role": "system", "content": system}] if system else []
+    prompts = [tokenizer(template(opening + [{"role": "user", "content": p}], add_generation_prompt=True),
                          add_special_tokens=False, return_tensors="pt")["input_ids"] for p in PROBES]
     sequences, choices = [], []
     with torch.inference_mode():

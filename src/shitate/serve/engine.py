@@ -13,6 +13,7 @@ Nothing here mutates the shared model or tokenizer per request.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -79,9 +80,11 @@ class _Lane:
         # The KV cache is sized here. Left to itself transformers takes most of the free memory (on a CPU, of the
         # machine's RAM, for every batcher), and where attention runs with dense masks (CPUs) their size grows
         # with the cache times the tokens of one step, so both are kept moderate.
-        batching = ContinuousBatchingConfig(per_request_processors=sampled, max_requests_per_batch=max_requests,
-                                            max_batch_tokens=512, page_size=PAGE_TOKENS,
-                                            num_blocks=max(1, cache_tokens // PAGE_TOKENS))
+        wanted = {"per_request_processors": sampled, "max_requests_per_batch": max_requests, "max_batch_tokens": 512,
+                  "page_size": PAGE_TOKENS, "num_blocks": max(1, cache_tokens // PAGE_TOKENS)}
+        # Settings this transformers release does not know (page_size arrived after 5.17) keep its defaults.
+        accepted = inspect.signature(ContinuousBatchingConfig.__init__).parameters
+        batching = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in accepted})
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
         self.manager.start()
         self._wait_until_ready()
