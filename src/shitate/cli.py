@@ -441,6 +441,37 @@ def export(
                       + " / ".join(a.strip()[:40] for a in results[0].answers[:3]), highlight=False, markup=False)
 
 
+@app.command()
+def audit(run: Path = typer.Argument(..., help="a run folder")) -> None:
+    """Which data, model and code made a run; each file's SHA-256 checked against what is on disk now (exit 1 if
+    any changed or is missing)."""
+    from shitate.errors import ShitateError
+    from shitate.progress import console
+    from shitate.runs import RunFolder, audit as audit_run
+
+    folder = RunFolder(run)
+    manifest = folder.manifest()
+    if not manifest:
+        raise ShitateError(f"{run}: no manifest.json — not a run folder made by shitate train.")
+    versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
+    console.print(f"[bold]{manifest.get('name')}[/] ({manifest.get('stage')}), started {manifest.get('started')} on "
+                  f"{manifest.get('host')}, finished {manifest.get('finished', 'not yet')}", highlight=False)
+    console.print(f"  code   shitate commit {manifest.get('git_commit') or 'unknown (not a git checkout)'}; {versions}",
+                  highlight=False)
+    source = manifest.get("model_source") or {}
+    console.print(f"  model  {source.get('kind')} {source.get('folder')}", highlight=False)
+    rows = audit_run(folder)
+    marks = {"ok": "[green]ok[/]", "changed": "[bold red]CHANGED[/]", "missing": "[bold red]MISSING[/]"}
+    for row in rows:
+        console.print(f"  {marks[row['status']]:<22} {row['role']:<16} {row['path']}  {row['sha256'][:16]}…",
+                      highlight=False)
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        raise ShitateError(f"{len(bad)} of {len(rows)} files that made {run} changed or are missing since it ran: "
+                           "the run cannot be reproduced from what is on disk.")
+    console.print(f"All {len(rows)} files match the hashes recorded when the run was made.")
+
+
 def main() -> None:
     """Console entry point: user mistakes become one paragraph and exit code 1, bugs keep their traceback."""
     from shitate.errors import ShitateError, TrainingInterrupted

@@ -291,6 +291,36 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weight_digests(model_source: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each weight file of a local base model (a hub id has no files here to hash)."""
+    folder = Path(model_source.get("folder", ""))
+    if model_source.get("kind") == "hub" or not folder.is_dir():
+        return {}
+    return {str(f): file_digest(f) for f in sorted(folder.iterdir())
+            if f.suffix in (".safetensors", ".gguf", ".bin", ".pt") and f.is_file()}
+
+
+def audit(run: RunFolder) -> list[dict[str, Any]]:
+    """Each file that made the run (data, base weights, final weights) with its recorded and current SHA-256:
+    status ok, changed or missing."""
+    manifest = run.manifest()
+    rows = []
+
+    def check(role: str, path: str, recorded: str) -> None:
+        target = Path(path)
+        status = "missing" if not target.exists() else "ok" if file_digest(target) == recorded else "changed"
+        rows.append({"role": role, "path": path, "sha256": recorded, "status": status})
+
+    for split, entries in (manifest.get("data") or {}).items():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            check(f"data {split}", entry["path"], entry["sha256"])
+    for path, digest in ((manifest.get("model_source") or {}).get("weights") or {}).items():
+        check("base weights", path, digest)
+    for kind, digest in (manifest.get("outputs") or {}).items():
+        check(f"tuned {kind}", str(run.path / kind), digest)
+    return rows
+
+
 def _count_records(path: Path) -> int:
     if path.is_dir() or path.suffix.lower() not in (".jsonl", ".json"):
         return sum(1 for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
@@ -309,7 +339,9 @@ def _data_facts(recipe: Recipe) -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        # shitate's own checkout, not the user's working directory
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+                             cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

@@ -349,3 +349,22 @@ def test_no_tokenizer_is_kept_alive_while_training(tmp_path, tiny_model, monkeyp
     result = train(recipe, tmp_path / "run", "--set", "train.max_steps=2")
     assert result.exit_code == 0, result.output
     assert len(loaded) == 1 and alive_at_steps == [0, 0]
+
+
+def test_audit_names_what_made_a_run_and_catches_a_changed_file(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    recipe = make_recipe(tmp_path, tiny_model)
+    assert train(recipe, run, "--set", "train.max_steps=1").exit_code == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert any(path.endswith("model.safetensors") for path in manifest["model_source"]["weights"])
+    assert set(manifest["outputs"]) == {"adapter"}
+    result = runner.invoke(app, ["audit", str(run)])
+    assert result.exit_code == 0 and "All 5 files match" in " ".join(result.output.split()), result.output
+    with (tmp_path / "train.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"messages": [{"role": "user", "content": "足した"}, {"role": "assistant", "content": "よ"}]}, ensure_ascii=False) + "\n")
+    (tmp_path / "test.jsonl").unlink()
+    result = runner.invoke(app, ["audit", str(run)])
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "CHANGED data train" in output and "MISSING data test" in output
+    assert "2 of 5 files" in str(result.exception)

@@ -30,7 +30,7 @@ from shitate.memory import available_bytes, bound_kernel_caches, peak_gpu_bytes,
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
 from shitate.progress import say
-from shitate.runs import RunFolder
+from shitate.runs import RunFolder, file_digest, weight_digests
 from shitate.train.losses import AnswerLoss
 
 
@@ -124,6 +124,9 @@ class Session:
         say(f"[bold]{self.recipe.name}[/]: {summary}, {self.precision}, {self.recipe.adapter.method} "
             f"({self.trainable:,} of {self.total:,} parameters trained), {self.planned_steps} steps on {self.device}.")
         if self.is_main:
+            source = manifest_facts.get("model_source")
+            if source and not self.run.manifest().get("model_source", {}).get("weights"):
+                manifest_facts["model_source"] = {**source, "weights": weight_digests(source)}
             self.run.write_manifest(self.recipe, precision=self.precision, device=str(self.device),
                                     processes=self.accelerator.num_processes,
                                     parameters={"trainable": self.trainable, "total": self.total},
@@ -261,6 +264,7 @@ class Session:
                     load_tokenizer(source).save_pretrained(folder)
 
             self.run.publish_final(kind, save)
+            facts["outputs"] = {kind: file_digest(self.run.path / kind)}
             if (gpu := peak_gpu_bytes()) is not None:
                 facts["peak_gpu_gb"] = round(gpu / 1e9, 2)
             self.run.write_manifest(self.recipe, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
