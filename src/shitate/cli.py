@@ -81,26 +81,12 @@ def data_check(
     tokens: bool = typer.Option(True, help="count tokens (loads the model's tokenizer)"),
 ) -> None:
     """List every problem of a data file (file:line: field: what — fix) and its statistics; chats or raw text."""
-    from shitate.data.validate import check_file, check_text_file, histogram, is_text_data
+    from shitate.data.validate import histogram
     from shitate.progress import console
+    from shitate.workflow import check_data
 
-    from shitate.data.preference import check_preference_file, looks_like_preferences
-
-    text, pairs = is_text_data(file), looks_like_preferences(file)
-    tokenizer = chat_template = None
-    if tokens:
-        from shitate.data.templates import get_template
-        from shitate.models.load import load_tokenizer, resolve
-
-        source = resolve(model)
-        tokenizer = load_tokenizer(source)
-        chat_template = None if text else get_template(template, tokenizer, _model_type(source.folder))
-    if text:
-        report = check_text_file(file, tokenizer, max_length)
-    elif pairs:
-        report = check_preference_file(file, tokenizer, chat_template, max_length, system)
-    else:
-        report = check_file(file, tokenizer, chat_template, max_length, system)
+    report, kind = check_data(file, model if tokens else None, template, max_length, system)
+    text, pairs = kind == "text", kind == "pairs"
     for problem in report.errors:
         console.print(f"[red]error[/] {problem}", highlight=False)
     for problem in report.warnings:
@@ -159,34 +145,10 @@ def train(
     dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
 ) -> None:
     """Fine-tune a model as the recipe says; writes a run folder."""
-    from shitate.config import PAIR_STAGES, RL_STAGES, load_recipe
+    from shitate.config import load_recipe
+    from shitate.workflow import train_recipe
 
-    loaded = load_recipe(recipe, set_)
-    if loaded.stage in RL_STAGES:
-        from shitate.evals.rubric import reward
-        from shitate.train import rl
-
-        rubric = reward(loaded.eval.rubric) if loaded.eval.rubric else None
-        rl.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run, rubric_reward=rubric)
-        return
-    if loaded.stage in PAIR_STAGES:
-        from shitate.train import preference
-
-        preference.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
-        return
-    if loaded.stage == "pretrain":
-        from shitate.train import pretrain
-
-        pretrain.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run)
-        return
-    from shitate.train import sft
-
-    check = None
-    if loaded.eval.every_steps:
-        from shitate.evals.evaluate import answers_check
-
-        check = answers_check(loaded)
-    sft.run(loaded, out=out, resume=resume, force=force, dry_run=dry_run, answers_check=check)
+    train_recipe(load_recipe(recipe, set_), out=out, resume=resume, force=force, dry_run=dry_run)
 
 
 @app.command()
@@ -330,37 +292,11 @@ def evaluate(
                                                     "or orpo run's data.test)"),
 ) -> None:
     """Evaluate base and tuned (or one model): reference metrics, rubric, JGLUE, judges; writes report.html."""
-    from shitate.config import load_recipe
-    from shitate.data.formats import read_questions
-    from shitate.errors import ShitateError
-    from shitate.evals.evaluate import run
-    from shitate.runs import RunFolder
+    from shitate.workflow import evaluate_target
 
-    from shitate.data.preference import looks_like_preferences, read_preferences
-
-    run_folder = RunFolder(target) if RunFolder(target).is_finished() else None
-    recipe = run_folder.recipe() if run_folder else None
-    if run_folder and recipe:
-        sides = [("base", recipe.model), ("tuned", target)]
-        test = test or recipe.data.test
-    else:
-        sides = [("model", target)]
-    if test and looks_like_preferences(test):  # a preference stage's test file is pairs, not questions
-        pairs, test = pairs or test, None
-    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not chosen and not test and not general and not pairs:
-        raise ShitateError("nothing to evaluate: give --tasks (e.g. --tasks jcqa,jnli), a --test file or --pairs, "
-                           "or a run folder whose recipe has data.test")
-    items = read_questions(test, recipe.data.system if recipe else None) if test else []
-    preference_pairs = [pair for _, pair in read_preferences(pairs)] if pairs else []
-    out_dir = out or (run_folder.eval_dir if run_folder else Path("eval"))
-    if judge_mode not in ("pairwise", "score", "likert"):
-        raise ShitateError(f"--judge-mode {judge_mode!r}: expected pairwise, score or likert")
-    from shitate.evals.evaluate import general_questions
-
-    everyday = general_questions(chat_bench, general) if general else []
-    run(sides, out_dir, recipe, items, chosen, jglue, limit, template=recipe.template if recipe else "auto",
-        judges=judge, judge_mode=judge_mode, judge_prompts=judge_prompt, general=everyday, pairs=preference_pairs)
+    out_dir = evaluate_target(target, tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit, test=test,
+                              jglue=jglue, out=out, judges=judge, judge_mode=judge_mode, judge_prompts=judge_prompt,
+                              general=general, chat_bench=chat_bench, pairs=pairs)
     typer.echo(f"Report: {out_dir / 'report.html'}", err=True)
 
 
@@ -369,13 +305,6 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
     if path.exists() and not force:
         raise ShitateError(f"{path} already exists; pass --force to overwrite it or choose another path.")
-
-
-def _model_type(folder: str) -> str | None:
-    import json
-
-    config = Path(folder) / "config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
 
 
 @app.command()
@@ -412,6 +341,22 @@ def serve(
     finally:
         for engine in engines.values():
             engine.close()
+
+
+@app.command()
+def ui(
+    base: str = typer.Option("gemma-3-270m", help="the model the chat tab compares against: " + MODEL_HELP),
+    tuned: Optional[str] = typer.Option(None, help="a run folder to chat with (training in the UI replaces it)"),
+    recipe: list[Path] = typer.Option([], help="recipes offered in the train tab (default: examples/*/recipe*.yaml)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(7860),
+) -> None:
+    """A web UI for the whole loop: check data, train with a live loss curve, evaluate, chat base vs tuned."""
+    from shitate.serve.ui import build, launch
+
+    recipes = recipe or sorted(Path("examples").glob("*/recipe*.yaml"))
+    typer.echo(f"shitate ui at http://{host}:{port} (Ctrl-C to stop)")
+    launch(build(base, tuned, recipes), host, port)
 
 
 @app.command()

@@ -1,0 +1,166 @@
+"""`shitate ui`: the whole loop in a browser (Gradio), for colleagues who do not use terminals.
+
+Check a data file, train a recipe with a live loss curve, evaluate the run, and chat with the
+base and the tuned model side by side. Every button calls the function the command line calls
+(`shitate.workflow`, `models.inference`); training progress is read from the run folder's
+metrics.jsonl — the same event log `shitate train` writes — so the page shows what the terminal shows.
+Labels are Japanese and English. Nothing is fetched from outside: Gradio's analytics are off and
+the theme uses the system's fonts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Before gradio is imported: no usage reporting, no version check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class TrainingJob:
+    """One training run in a background thread; its progress is whatever its run folder says."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.run: Path | None = None
+        self.error: str | None = None
+
+    def start(self, recipe: Any, out: Path) -> None:
+        from shitate.workflow import train_recipe
+
+        if self.thread is not None and self.thread.is_alive():
+            raise RuntimeError("a training run is already going; wait for it to finish")
+        self.run, self.error = out, None
+
+        def work() -> None:
+            try:
+                train_recipe(recipe, out=out, force=True)
+            except Exception as err:  # noqa: BLE001 — shown on the page, as the terminal would print it
+                self.error = str(err)
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def progress(self) -> tuple[str, Any]:
+        """(status line, loss table) from the run folder."""
+        import pandas as pd
+
+        from shitate.runs import RunFolder
+
+        empty = pd.DataFrame({"step": [], "loss": [], "kind": []})
+        if self.run is None:
+            return "まだ学習していません / Not started", empty
+        folder = RunFolder(self.run)
+        records = folder.metrics()
+        rows = [{"step": r["step"], "loss": r["loss"], "kind": "train"} for r in records if "loss" in r]
+        rows += [{"step": r["step"], "loss": r["val_loss"], "kind": "validation"} for r in records if "val_loss" in r]
+        total = folder.manifest().get("total_steps", "?")
+        done = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
+        if self.error:
+            state = f"エラー / Error: {self.error}"
+        elif self.thread is not None and self.thread.is_alive():
+            state = f"学習中 / Training: step {done} / {total}"
+        else:
+            state = f"完了 / Done: {done} steps — {self.run}"
+        return state, pd.DataFrame(rows) if rows else empty
+
+
+def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None, runs_dir: Path = Path("runs")) -> Any:
+    """The Gradio app. `base` and `tuned` are what the chat tab compares; training sets `tuned` to its run."""
+    import gradio as gr
+
+    from shitate.config import GenerateSpec, load_recipe
+    from shitate.models.inference import answer, load_for_inference
+    from shitate.workflow import check_data, evaluate_target
+
+    job = TrainingJob()
+    models: dict[str, Any] = {}
+    state = {"tuned": tuned}
+
+    def loaded(reference: str) -> Any:
+        if reference not in models:
+            models[reference] = load_for_inference(reference)
+        return models[reference]
+
+    def run_check(file: Any, model: str) -> str:
+        if file is None:
+            return "ファイルを選んでください / Choose a file first."
+        report, kind = check_data(Path(file), model or None)
+        lines = [f"**{Path(file).name}**: {report.records} valid {kind}, {len(report.errors)} errors, "
+                 f"{len(report.warnings)} warnings, {report.duplicates} repeated."]
+        lines += [f"- ❌ {p}" for p in report.errors[:50]] + [f"- ⚠️ {p}" for p in report.warnings[:50]]
+        if report.lengths:
+            lines.append(f"\ntokens per example: min {min(report.lengths)}, max {max(report.lengths)}, "
+                         f"total {sum(report.lengths)}")
+        return "\n".join(lines)
+
+    def run_train(recipe_path: str, data_file: Any, steps: float) -> str:
+        overrides = [f"train.max_steps={int(steps)}"] if steps else []
+        if data_file is not None:
+            overrides.append(f"data.train={data_file}")
+        recipe = load_recipe(Path(recipe_path), overrides)
+        out = runs_dir / f"{recipe.name}-ui-{time.strftime('%Y%m%d-%H%M%S')}"
+        job.start(recipe, out.resolve())
+        state["tuned"] = str(out.resolve())
+        return f"開始しました / Started: {out}"
+
+    def run_eval() -> str:
+        if job.run is None or (job.thread and job.thread.is_alive()):
+            return "学習が終わってから / After training has finished."
+        out = evaluate_target(str(job.run))
+        return f"レポート / Report: {out / 'report.html'}\n\n" + (out / "results.json").read_text(encoding="utf-8")[:4000]
+
+    def run_chat(message: str, base_history: list, tuned_history: list) -> tuple[list, list, str]:
+        spec = GenerateSpec(max_new_tokens=64, temperature=0.0)
+        turn = {"role": "user", "content": message}
+        base_reply = answer(loaded(base), [[turn]], spec)[0]
+        tuned_reply = answer(loaded(state["tuned"]), [[turn]], spec)[0] if state["tuned"] else "(no tuned model yet)"
+        return (base_history + [turn, {"role": "assistant", "content": base_reply}],
+                tuned_history + [turn, {"role": "assistant", "content": tuned_reply}], "")
+
+    with gr.Blocks(title="shitate 仕立て") as app:
+        gr.Markdown("# shitate 仕立て — データ・学習・評価・チャット / data, training, evaluation, chat")
+        with gr.Tab("データ / Data"):
+            data_file = gr.File(label="データファイル / Data file (JSONL, CSV)", type="filepath", elem_id="data-file")
+            check_model = gr.Textbox(value=base, label="トークナイザ / Tokenizer model")
+            check_button = gr.Button("チェック / Check", elem_id="check")
+            check_result = gr.Markdown(elem_id="check-result")
+            check_button.click(run_check, [data_file, check_model], check_result)
+        with gr.Tab("学習 / Train"):
+            recipe_box = gr.Dropdown([str(r) for r in recipes or []], label="レシピ / Recipe", allow_custom_value=True,
+                                     value=str(recipes[0]) if recipes else None)
+            train_data = gr.File(label="学習データ（任意）/ Training data (optional: replaces data.train)",
+                                 type="filepath")
+            steps = gr.Number(value=0, label="最大ステップ数（0 = レシピ通り）/ Max steps (0 = as the recipe says)",
+                              elem_id="steps")
+            train_button = gr.Button("学習開始 / Start training", elem_id="train")
+            started = gr.Markdown()
+            progress = gr.Markdown(elem_id="progress")
+            curve = gr.LinePlot(x="step", y="loss", color="kind", label="損失 / Loss")
+            train_button.click(run_train, [recipe_box, train_data, steps], started)
+            gr.Timer(1.0).tick(job.progress, None, [progress, curve])
+        with gr.Tab("評価 / Evaluate"):
+            eval_button = gr.Button("評価する / Evaluate the run", elem_id="evaluate")
+            eval_result = gr.Markdown()
+            eval_button.click(run_eval, None, eval_result)
+        with gr.Tab("チャット / Chat"):
+            with gr.Row():
+                base_chat = gr.Chatbot(label=f"ベース / Base: {base}", elem_id="base-chat")
+                tuned_chat = gr.Chatbot(label="チューニング後 / Tuned", elem_id="tuned-chat")
+            message = gr.Textbox(label="メッセージ / Message", elem_id="message")
+            send = gr.Button("送信 / Send", elem_id="send")
+            send.click(run_chat, [message, base_chat, tuned_chat], [base_chat, tuned_chat, message])
+    return app
+
+
+def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
+    """Serve the app on this machine only by default; no share link, no external fonts."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["sans-serif"], font_mono=["monospace"])
+    return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
+                      show_error=True, quiet=True)
