@@ -9,6 +9,7 @@ end-of-turn token into `generation_config.json`, so transformers, vLLM and TGI r
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,49 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
                 total += expected.numel()
         results.append(Parity(name, agree / max(total, 1), threshold, answers))
         del model
+    if gguf_files and importlib.util.find_spec("llama_cpp") is not None:
+        for gguf_file in gguf_files:  # the files as llama.cpp itself reads and runs them
+            got = _llama_cpp_choices(gguf_file, [(s[0].tolist(), p.shape[1]) for s, p in zip(sequences, prompts)])
+            if got is None:
+                continue
+            agree = sum(int((torch.tensor(g) == e).sum()) for g, e in zip(got, choices))
+            total = sum(e.numel() for e in choices)
+            results.append(Parity(f"llama.cpp {gguf_file.name}", agree / max(total, 1),
+                                  0.98 if _is_unquantised(gguf_file) else 0.90, answers))
     return results
 
 
-def _choices(model: Any, sequence: Any, prompt_length: int) -> Any:
-    """The model's top token at each position that predicts an answer token of `sequence`."""
-    logits = model(sequence.to(model.device)).logits[0, prompt_length - 1:-1]
-    return logits.argmax(-1).cpu()
+_LLAMA_CPP_CHOICES = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+gguf_file, rows = sys.argv[1], json.loads(sys.stdin.read())
+longest = max(len(tokens) for tokens, _ in rows)
+llm = Llama(model_path=gguf_file, n_ctx=max(256, longest + 8), logits_all=True, verbose=False)
+out = []
+for tokens, prompt_length in rows:
+    llm.reset()
+    llm.eval(tokens)
+    scores = np.asarray(llm.scores[:len(tokens)])
+    out.append(scores[prompt_length - 1:-1].argmax(-1).tolist())
+print(json.dumps(out))
+"""
+
+
+def _llama_cpp_choices(gguf_file: Path, rows: list[tuple[list[int], int]]) -> list[list[int]] | None:
+    """llama.cpp's top token at each answer position (llama-cpp-python), in a child process: a llama.cpp build
+    that crashes on this CPU is reported, not allowed to take the export down with it."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _LLAMA_CPP_CHOICES, str(gguf_file)], input=json.dumps(rows),
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        say(f"[yellow]note:[/] llama.cpp (llama-cpp-python) could not run {gguf_file.name} here (exit "
+            f"{result.returncode}); checked through transformers only.")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _load_export(folder: Path, gguf_file: Path | None) -> Any:

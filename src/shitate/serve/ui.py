@@ -75,6 +75,7 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
 
     from shitate.config import GenerateSpec, load_recipe
     from shitate.models.inference import answer, load_for_inference
+    from shitate.runs import RunFolder
     from shitate.workflow import check_data, evaluate_target
 
     job = TrainingJob()
@@ -117,8 +118,18 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
     def run_chat(message: str, base_history: list, tuned_history: list) -> tuple[list, list, str]:
         spec = GenerateSpec(max_new_tokens=64, temperature=0.0)
         turn = {"role": "user", "content": message}
-        base_reply = answer(loaded(base), [[turn]], spec)[0]
-        tuned_reply = answer(loaded(state["tuned"]), [[turn]], spec)[0] if state["tuned"] else "(no tuned model yet)"
+        # Both sides get the tuned run's system prompt, as `shitate compare` gives them.
+        system = None
+        if state["tuned"] and RunFolder(state["tuned"]).recipe_file.is_file():
+            system = (RunFolder(state["tuned"]).recipe_setting("data", {}) or {}).get("system")
+        opening = [{"role": "system", "content": system}] if system else []
+
+        def conversation(history: list) -> list[dict[str, str]]:  # each side continues its own conversation
+            return opening + [{"role": m["role"], "content": _text(m["content"])} for m in history] + [turn]
+
+        base_reply = answer(loaded(base), [conversation(base_history)], spec)[0]
+        tuned_reply = (answer(loaded(state["tuned"]), [conversation(tuned_history)], spec)[0] if state["tuned"]
+                       else "(no tuned model yet)")
         return (base_history + [turn, {"role": "assistant", "content": base_reply}],
                 tuned_history + [turn, {"role": "assistant", "content": tuned_reply}], "")
 
@@ -155,6 +166,13 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
             send = gr.Button("送信 / Send", elem_id="send")
             send.click(run_chat, [message, base_chat, tuned_chat], [base_chat, tuned_chat, message])
     return app
+
+
+def _text(content: Any) -> str:
+    """A chat message's text: Gradio may hand it back as a list of typed parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
 
 
 def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
