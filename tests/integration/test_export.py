@@ -29,7 +29,7 @@ def test_export_writes_a_model_that_renders_and_answers_like_the_run(tuned_run, 
     out = tmp_path / "merged"
     result = runner.invoke(app, ["export", str(tuned_run), "--out", str(out), "--dtype", "fp32"])
     assert result.exit_code == 0, result.output
-    assert "parity merged safetensors: 100.0%" in " ".join(result.output.split())
+    assert "parity merged safetensors: 100.0% of the run's decided" in " ".join(result.output.split())
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "system", "content": "子ども向けに答えてね。"}, {"role": "user", "content": "なんで空は青いの?"}]
     # transformers (and vLLM, TGI) render the prompt exactly as training did, from tokenizer_config.json alone.

@@ -21,6 +21,10 @@ from shitate.progress import say, status
 PROBES = ["なんで空は青いの?", "日本の首都はどこですか。", "おすすめの本を教えてください。", "明日の会議の議題をまとめて。",
           "雨の日の楽しみ方は?", "ありがとう!"]
 PARITY_TOKENS = 16
+# A quantised file may flip the run's choice where its top two tokens are nearly tied (q8_0 did at 10-17% of the
+# positions of the 270M kids_qa run); where the run's choice leads by this many logits, every export must agree.
+DECIDED_MARGIN = 1.0
+REQUIRED_AGREEMENT = 0.99
 
 
 class ParityFailed(ShitateError):
@@ -29,16 +33,18 @@ class ParityFailed(ShitateError):
 
 @dataclass
 class Parity:
-    """How often an exported model's next-token choice equals the run's along the run's own greedy answers."""
+    """How often an exported file's next-token choice equals the run's along the run's own greedy answers: at the
+    decided positions (the run's top token leads its second by ≥ DECIDED_MARGIN logits, a choice rounding cannot
+    flip), which must agree, and at all positions (near-ties included), which is reported."""
 
     name: str
-    agreement: float
-    threshold: float
+    decided: float
+    overall: float
     answers: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.agreement >= self.threshold
+        return self.decided >= REQUIRED_AGREEMENT
 
 
 def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...] = (), force: bool = False,
@@ -78,13 +84,14 @@ def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...
         return []
     results = check_parity(run, out, files)
     for result in results:
-        say(f"parity {result.name}: {result.agreement:.1%} of next-token choices agree with the run "
-            f"(needs {result.threshold:.0%}) — {'ok' if result.passed else 'FAILED'}")
+        say(f"parity {result.name}: {result.decided:.1%} of the run's decided next-token choices agree (needs "
+            f"{REQUIRED_AGREEMENT:.0%}), {result.overall:.1%} of all — {'ok' if result.passed else 'FAILED'}")
     failed = [r for r in results if not r.passed]
     if failed:
         raise ParityFailed(f"{', '.join(r.name for r in failed)} does not answer like {run}: "
-                           f"{failed[0].agreement:.1%} of next-token choices agree, below {failed[0].threshold:.0%}. "
-                           "Do not ship it; export with --dtype fp32 (or a larger GGUF type) and compare again.")
+                           f"{failed[0].decided:.1%} of the run's decided next-token choices agree, below "
+                           f"{REQUIRED_AGREEMENT:.0%}. Do not ship it; export with --dtype fp32 (or a larger GGUF "
+                           "type) and compare again.")
     return results
 
 
@@ -128,37 +135,38 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
     opening = [{"role": "system", "content": system}] if system else []
     prompts = [tokenizer(template(opening + [{"role": "user", "content": p}], add_generation_prompt=True),
                          add_special_tokens=False, return_tensors="pt")["input_ids"] for p in PROBES]
-    sequences, choices = [], []
+    sequences, choices, decided = [], [], []
     with torch.inference_mode():
         for ids in prompts:
             output = reference.model.generate(ids.to(reference.model.device), max_new_tokens=PARITY_TOKENS,
                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
             sequences.append(output)
-            choices.append(_choices(reference.model, output, ids.shape[1]))
+            logits = _answer_logits(reference.model, output, ids.shape[1])
+            top2 = logits.topk(2, dim=-1).values
+            choices.append(logits.argmax(-1))
+            decided.append(top2[:, 0] - top2[:, 1] >= DECIDED_MARGIN)
     answers = [tokenizer.decode(s[0, p.shape[1]:], skip_special_tokens=True) for s, p in zip(sequences, prompts)]
     del reference
+
+    def score(name: str, got: list[Any]) -> Parity:
+        same = [torch.as_tensor(g) == e for g, e in zip(got, choices)]
+        decided_same = sum(int(m[d].sum()) for m, d in zip(same, decided))
+        decided_total = sum(int(d.sum()) for d in decided)
+        return Parity(name, decided_same / max(decided_total, 1),
+                      sum(int(m.sum()) for m in same) / max(sum(m.numel() for m in same), 1), answers)
+
     results = []
-    candidates = [("merged safetensors", merged, None, 0.98)]
-    candidates += [(f"gguf {f.name}", merged, f, 0.98 if _is_unquantised(f) else 0.90) for f in gguf_files]
-    for name, folder, gguf_file, threshold in candidates:
-        model = _load_export(folder, gguf_file)
-        agree = total = 0
+    for name, gguf_file in [("merged safetensors", None)] + [(f"gguf {f.name}", f) for f in gguf_files]:
+        model = _load_export(merged, gguf_file)
         with torch.inference_mode():
-            for output, prompt, expected in zip(sequences, prompts, choices):
-                got = _choices(model, output, prompt.shape[1])
-                agree += int((got == expected).sum())
-                total += expected.numel()
-        results.append(Parity(name, agree / max(total, 1), threshold, answers))
+            results.append(score(name, [_answer_logits(model, output, prompt.shape[1]).argmax(-1)
+                                        for output, prompt in zip(sequences, prompts)]))
         del model
     if gguf_files and importlib.util.find_spec("llama_cpp") is not None:
         for gguf_file in gguf_files:  # the files as llama.cpp itself reads and runs them
             got = _llama_cpp_choices(gguf_file, [(s[0].tolist(), p.shape[1]) for s, p in zip(sequences, prompts)])
-            if got is None:
-                continue
-            agree = sum(int((torch.tensor(g) == e).sum()) for g, e in zip(got, choices))
-            total = sum(e.numel() for e in choices)
-            results.append(Parity(f"llama.cpp {gguf_file.name}", agree / max(total, 1),
-                                  0.98 if _is_unquantised(gguf_file) else 0.90, answers))
+            if got is not None:
+                results.append(score(f"llama.cpp {gguf_file.name}", got))
     return results
 
 
@@ -195,6 +203,11 @@ def _llama_cpp_choices(gguf_file: Path, rows: list[tuple[list[int], int]]) -> li
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _answer_logits(model: Any, sequence: Any, prompt_length: int) -> Any:
+    """The model's logits at each position that predicts an answer token of `sequence`."""
+    return model(sequence.to(model.device)).logits[0, prompt_length - 1:-1].float().cpu()
+
+
 def _load_export(folder: Path, gguf_file: Path | None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -205,5 +218,3 @@ def _load_export(folder: Path, gguf_file: Path | None) -> Any:
                                                 local_files_only=True).eval()
 
 
-def _is_unquantised(path: Path) -> bool:
-    return any(path.name.endswith(f"-{kind}.gguf") for kind in ("f16", "bf16", "f32"))
