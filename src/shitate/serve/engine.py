@@ -25,10 +25,7 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.inference import LoadedModel
 
-
-
 PAGE_TOKENS = 256
-
 
 
 class EngineFailed(ShitateError):
@@ -155,8 +152,9 @@ class Engine:
         lane.manager.register_result_handler(request_id, outputs.put_nowait)
         extra = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)} \
             if sampling.temperature > 0 else {}
-        lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens, streaming=True,
-                                 eos_token_id=self.stop_ids, **extra)
+        if lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens,
+                                    streaming=True, eos_token_id=self.stop_ids, **extra) is None:
+            raise EngineFailed(f"{lane.name}: the batcher is shutting down and took no new request.")
         decoded, finished = _Decoded(), False
         self.active.add(request_id)
         try:
