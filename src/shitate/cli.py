@@ -10,6 +10,18 @@ import typer
 
 app = typer.Typer(help="Tailor an open LLM to your own data, privately, on your own machines.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+
+
+@app.callback()
+def _options(allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                               help="load .bin/.pt weights (pickle can run code: only files you trust)")
+             ) -> None:
+    import os
+
+    if allow_pickle:
+        os.environ["SHITATE_ALLOW_PICKLE"] = "1"
+
+
 data_app = typer.Typer(help="Import, check and split training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

@@ -368,3 +368,21 @@ def test_audit_names_what_made_a_run_and_catches_a_changed_file(tmp_path, tiny_m
     output = " ".join(result.output.split())
     assert "CHANGED data train" in output and "MISSING data test" in output
     assert "2 of 5 files" in str(result.exception)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file as read_safetensors
+
+    pickled = tmp_path / "pickled"  # the tiny model as an older checkpoint: a pickled state dict
+    shutil.copytree(tiny_model, pickled)
+    torch.save(read_safetensors(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    refused = runner.invoke(app, ["generate", str(pickled), "空は", "--max-new-tokens", "2"])
+    assert refused.exit_code == 1 and "pytorch_model.bin" in str(refused.exception)
+    assert "--allow-pickle" in str(refused.exception)
+    monkeypatch.setenv("SHITATE_ALLOW_PICKLE", "0")  # restored after the test: the flag sets it in this process
+    allowed = runner.invoke(app, ["--allow-pickle", "generate", str(pickled), "空は", "--max-new-tokens", "2"])
+    assert allowed.exit_code == 0, allowed.output

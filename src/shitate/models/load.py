@@ -7,6 +7,8 @@ Only a hub id may touch the network, and only because the user asked for it.
 
 from __future__ import annotations
 
+import os
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +129,15 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
     if four_bit and source.merged:
         raise ModelError(f"{source.reference}: a run's adapter cannot be merged into 4-bit weights; continue from it "
                          "with adapter.method lora (or export the run merged and start QLoRA from that folder).")
+    for folder in (Path(source.folder) if source.kind != "hub" else None, *source.merged, source.adapter):
+        if folder is not None:
+            refuse_pickle(folder)
     # Merging in fp32 keeps the small LoRA deltas that bf16 weights would round away; cast afterwards.
     load_dtype = torch.float32 if source.merged and not four_bit else dtype or torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=load_dtype,
-                                                     local_files_only=source.kind != "hub", **extra)
+                                                     local_files_only=source.kind != "hub",
+                                                     use_safetensors=None if pickle_allowed() else True, **extra)
     except OSError as err:
         raise _load_error(source, err) from None
     if source.merged:
@@ -147,6 +153,26 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
         if merge_adapter:
             model = model.merge_and_unload()
     return model
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def pickle_allowed() -> bool:
+    """`shitate --allow-pickle …` (or SHITATE_ALLOW_PICKLE=1): the user trusts the pickle files they load."""
+    return os.environ.get("SHITATE_ALLOW_PICKLE") == "1"
+
+
+def refuse_pickle(folder: Path) -> None:
+    """Weights load from safetensors (or GGUF) only: unpickling a file can run any code inside it."""
+    folder = Path(folder)
+    if pickle_allowed() or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelError(f"{folder}: its weights are pickle files ({', '.join(pickled[:3])}), and loading a pickle "
+                         "can run code hidden in it. Convert them to safetensors where they came from, or, if you "
+                         "trust the files, run `shitate --allow-pickle …`.")
 
 
 def _load_error(source: ModelSource, err: Exception) -> ModelError:
