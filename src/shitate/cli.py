@@ -40,14 +40,20 @@ def data_import(
     system: Optional[str] = typer.Option(None, help="system prompt to put before every conversation"),
     question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
     answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
-    skip_bad: bool = typer.Option(False, help="write the good records and list the bad ones instead of stopping"),
+    skip_bad: bool = typer.Option(False, help="write the good records (or files) and list the bad ones instead of "
+                                              "stopping"),
+    max_chars: int = typer.Option(800, help="documents: longest passage in characters (0: one passage per section)"),
+    overlap: int = typer.Option(100, help="documents: characters of whole sentences a long section's next passage "
+                                          "repeats"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
-    """Convert a data file to shitate's chat JSONL, .txt/.md files and folders to text JSONL (for pretrain), or
+    """Convert a data file to shitate's chat JSONL, documents to passages split by heading and article (text JSONL
+    with source and heading, for pretrain and `data synth`), or
     preference data to prompt/chosen/rejected pairs (for reward, dpo, orpo)."""
     from shitate.data.formats import FORMATS, import_records, write_jsonl
-    from shitate.data.text import is_text_source, read_documents
-    from shitate.errors import ShitateError
+    from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents
+    from shitate.data.text import read_documents
+    from shitate.errors import DataError, ShitateError
     from shitate.progress import say
 
     from shitate.data.preference import PREFERENCE_FORMATS, import_preferences, looks_like_preferences
@@ -70,10 +76,19 @@ def data_import(
                                                           "two judgment orders disagree)" if without_pair else "")
             + (f"; {len(problems)} skipped" if problems else "") + ".")
         return
-    if format == "text" or (format == "auto" and is_text_source(source)):
-        documents = read_documents(source)
+    if format == "text" and not source.is_dir() and source.suffix.lower() not in DOCUMENT_SUFFIXES:
+        documents = read_documents(source)  # a text JSONL, checked and rewritten
         count = write_jsonl(out, ({"text": d.text, "source": d.source} for d in documents))
         say(f"Wrote {count} text records to {out} (for stage pretrain).")
+        return
+    if format in ("text", "auto") and (source.is_dir() or source.suffix.lower() in DOCUMENT_SUFFIXES):
+        found, problems, files = import_documents(source, max_chars, overlap, skip_bad)
+        for problem in problems:
+            say(f"[yellow]skipped[/] {problem}")
+        count = write_jsonl(out, (p.record() for p in found))
+        say(f"Wrote {count} passages from {files - len(problems)} of {files} files to {out} (text records: stage "
+            "pretrain reads them, `shitate data synth` makes questions from them)."
+            + (f" {len(problems)} files skipped." if problems else ""))
         return
     records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad)
     for problem in skipped:
@@ -91,6 +106,10 @@ def data_check(
     max_length: int = typer.Option(512, help="warn about examples (or documents: the block size) longer than this"),
     system: Optional[str] = typer.Option(None, help="system prompt that training will add"),
     tokens: bool = typer.Option(True, help="count tokens (loads the model's tokenizer)"),
+    against: Optional[Path] = typer.Option(None, help="a test file: flag training records that repeat (error) or "
+                                                      "nearly repeat (warning) one of its questions"),
+    threshold: float = typer.Option(0.8, min=0.1, max=1.0, help="--against: similarity from which a question nearly "
+                                                                "repeats (character 3-gram Jaccard)"),
 ) -> None:
     """List every problem of a data file (file:line: field: what — fix) and its statistics; chats or raw text."""
     from shitate.data.validate import histogram
@@ -98,6 +117,12 @@ def data_check(
     from shitate.workflow import check_data
 
     report, kind = check_data(file, model if tokens else None, template, max_length, system)
+    if against is not None:
+        from shitate.data.dedupe import leakage_problems
+
+        leaked, near = leakage_problems(file, against, threshold)
+        report.errors += leaked
+        report.warnings += near
     text, pairs = kind == "text", kind == "pairs"
     for problem in report.errors:
         console.print(f"[red]error[/] {problem}", highlight=False)
@@ -145,6 +170,142 @@ def data_split(
     used = sum(len(p) for p in parts.values())
     say(f"{file}: {len(records)} records → " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS)
         + (f" ({len(records) - used} not used)" if used < len(records) else "") + f" in {out_dir}/")
+
+
+@data_app.command("synth")
+def data_synth(
+    passages: Path = typer.Argument(..., help="passages (text JSONL from `data import DOCS/`), or the documents "
+                                              "themselves: a folder or a .md/.txt/.html/.pdf/.docx file"),
+    out: Path = typer.Option(..., "--out", "-o", help="chat JSONL of question/answer pairs, each with its passage "
+                                                      "as context"),
+    mode: str = typer.Option("template", help="template: questions from articles and headings, no model; model: a "
+                                              "generator writes them"),
+    generator: str = typer.Option("gemma-3-270m", help=f"model mode: {MODEL_HELP}, or an OpenAI-compatible URL "
+                                                        "(http://host:port/v1[#model])"),
+    prompt: Optional[Path] = typer.Option(None, help="model mode: your own copy of the few-shot prompt "
+                                                     "({passage} is replaced); default data/prompts/synth_qa.txt"),
+    per_passage: int = typer.Option(3, min=1, help="model mode: most pairs kept from one passage"),
+    min_support: float = typer.Option(0.6, min=0, max=1, help="drop answers whose character bigrams are less than "
+                                                              "this share in their passage"),
+    max_answer_chars: int = typer.Option(1000, help="drop longer answers"),
+    limit: Optional[int] = typer.Option(None, help="only the first N passages (try a prompt quickly)"),
+    force: bool = typer.Option(False, help="overwrite OUT if it exists"),
+) -> None:
+    """Write question/answer pairs grounded in passages, filtered (unsupported answers, duplicates, answers
+    given away by their question, empty or over-long), with a count of each filter."""
+    from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents
+    from shitate.data.formats import write_jsonl
+    from shitate.data.synth import SynthFilters, local_generator, synthesize
+    from shitate.data.text import read_documents
+    from shitate.errors import ShitateError
+    from shitate.progress import say, work_bar
+
+    if mode not in ("template", "model"):
+        raise ShitateError(f"--mode {mode!r}: expected template or model")
+    _refuse_overwrite(out, force)
+    if passages.is_dir() or passages.suffix.lower() in DOCUMENT_SUFFIXES:
+        records = [p.record() for p in import_documents(passages)[0]]
+    else:
+        records = [{"text": d.text, "source": d.source} for d in read_documents(passages)]
+        heading = _field_by_line(passages, "heading")
+        records = [{**r, "heading": h} if h else r for r, h in zip(records, heading)]
+    records = records[:limit] if limit else records
+    ask = None
+    if mode == "model":
+        if generator.startswith(("http://", "https://")):
+            from shitate.evals.judge import endpoint_judge
+
+            ask = endpoint_judge(generator)
+        else:
+            ask = local_generator(generator)
+    template = prompt.read_text(encoding="utf-8") if prompt else None
+    with work_bar() as bar:
+        task = bar.add_task("writing questions", total=len(records))
+        pairs, report = synthesize(records, mode, ask, per_passage, template,
+                                   SynthFilters(min_support=min_support, max_answer_chars=max_answer_chars),
+                                   on_batch=lambda n: bar.advance(task, n))
+    if not pairs:
+        raise ShitateError(f"{passages}: no question/answer pair passed the filters ({'; '.join(report.lines())}). "
+                           + ("Template mode needs passages with headings or articles; try --mode model."
+                              if mode == "template" else "Try a larger generator, or edit the prompt."))
+    write_jsonl(out, pairs)
+    for line in report.lines():
+        say(line)
+    say(f"Wrote {len(pairs)} question/answer pairs to {out}.")
+
+
+def _field_by_line(path: Path, key: str) -> list[str]:
+    from shitate.data.formats import read_jsonl
+
+    return [obj.get(key, "") if isinstance(obj, dict) else "" for _, obj in read_jsonl(path)]
+
+
+@data_app.command("scrub")
+def data_scrub(
+    file: Path = typer.Argument(..., help="a JSONL (every string in each record) or a text file"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the masked copy to write"),
+    dry_run: bool = typer.Option(False, help="list what would be masked, write nothing"),
+    allow: list[str] = typer.Option([], help="text never to mask (a public phone number, the company's name); "
+                                             "repeat it, or give @FILE with one per line"),
+    names: bool = typer.Option(True, help="find person names with the Japanese dictionary (Janome)"),
+    force: bool = typer.Option(False, help="overwrite OUT if it exists"),
+) -> None:
+    """Find and mask personal data — e-mail, phone, postal code, address, My Number, card number, person
+    name — with the same placeholder for the same value in the file, and report each by line."""
+    from shitate.data.formats import write_lines
+    from shitate.data.scrub import Scrubber, scrub_lines
+    from shitate.data.text import decode
+    from shitate.errors import ShitateError
+    from shitate.progress import console, say
+
+    if not dry_run and out is None:
+        raise ShitateError("give --out FILE for the masked copy, or --dry-run to only list what would be masked")
+    if out is not None and not dry_run:
+        _refuse_overwrite(out, force)
+    allowed = set()
+    for item in allow:
+        allowed |= set(Path(item[1:]).read_text(encoding="utf-8").split("\n")) if item.startswith("@") else {item}
+    scrubber = Scrubber(allow=frozenset(a.strip() for a in allowed if a.strip()), names=names)
+    text, _ = decode(file)
+    lines = text.split("\n")
+    lines = lines[:-1] if lines and lines[-1] == "" else lines
+    masked, total = [], {}
+    for line, findings in scrub_lines(lines, scrubber, jsonl=file.suffix.lower() == ".jsonl", path=file):
+        masked.append(line)
+        for finding in findings:
+            total[finding.kind] = total.get(finding.kind, 0) + 1
+            console.print(f"{file}:{finding.line}: {finding.kind} {finding.text!r} → {finding.mask}", highlight=False)
+    summary = ", ".join(f"{kind} {count}" for kind, count in sorted(total.items())) or "nothing found"
+    if dry_run:
+        say(f"{file}: {summary} (dry run: nothing written).")
+        return
+    write_lines(out, masked)
+    say(f"{file}: {summary}; masked copy in {out}.")
+
+
+@data_app.command("dedupe")
+def data_dedupe(
+    file: Path = typer.Argument(..., help="chat, preference or text JSONL"),
+    out: Path = typer.Option(..., "--out", "-o", help="the JSONL without repeats"),
+    by: str = typer.Option("question", help="question: compare the user's turns (or prompt); record: the whole record"),
+    threshold: float = typer.Option(0.8, min=0.1, max=1.0, help="character 3-gram Jaccard similarity from which two "
+                                                                "records count as near duplicates (1.0: exact only)"),
+    force: bool = typer.Option(False, help="overwrite OUT if it exists"),
+) -> None:
+    """Remove exact and near-duplicate records (MinHash/LSH), keeping the first of each; list each one removed."""
+    from shitate.data.dedupe import dedupe_file
+    from shitate.data.formats import write_jsonl
+    from shitate.errors import ShitateError
+    from shitate.progress import console, say
+
+    if by not in ("question", "record"):
+        raise ShitateError(f"--by {by!r}: expected question or record")
+    _refuse_overwrite(out, force)
+    kept, notes = dedupe_file(file, "question" if by == "question" else "all", threshold)
+    for note in notes:
+        console.print(f"[yellow]removed[/] {note}", highlight=False)
+    write_jsonl(out, kept)
+    say(f"{file}: {len(kept) + len(notes)} records → {len(kept)} in {out} ({len(notes)} repeats removed).")
 
 
 @app.command()

@@ -60,3 +60,10 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
+
+
+def work_bar() -> Progress:
+    """Items done of a known number, with elapsed time and ETA: generation, scoring, scrubbing."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not is_main_process(),
+                    transient=True)

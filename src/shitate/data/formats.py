@@ -260,14 +260,19 @@ def read_questions(path: Path, system: str | None) -> list[dict[str, Any]]:
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file, then rename), so a crash never leaves half a file."""
+    return write_lines(path, (json.dumps(record, ensure_ascii=False) for record in records))
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> int:
+    """Write lines atomically: to a temp file beside `path`, renamed over it only when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for line in lines:
+                handle.write(line + "\n")
                 count += 1
         os.replace(tmp, path)
     except BaseException:

@@ -1,4 +1,5 @@
-"""Seeded train/validation/test split that keeps repeated questions (and all pairs of one prompt) in one split."""
+"""Seeded train/validation/test split that keeps repeated questions (all pairs of one prompt, all questions about
+one passage) in one split."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def parse_sizes(spec: str) -> list[float]:
 
 def _question_key(record: dict[str, Any]) -> str:
     # Grouping by the user side means a question asked twice (even with different answers), or
-    # a prompt with several preference pairs, cannot be trained on and then "held out".
+    # a prompt with several preference pairs, cannot be trained on and then "held out". Questions about one
+    # passage share its answer: they are grouped by the passage.
+    if record.get("context"):
+        return hashlib.sha256(" ".join(str(record["context"]).split()).encode()).hexdigest()
     if "messages" not in record:
         from shitate.data.preference import prompt_key
 

@@ -1,0 +1,161 @@
+"""Exact and near-duplicate records, and training examples that leak test questions.
+
+Near duplicates are found with MinHash/LSH (datasketch) over character 3-grams — Japanese has no spaces to
+split words on, and 3-grams of characters catch a reworded particle or an added 「ください」 as well. LSH only
+proposes candidates; each pair is then measured exactly (Jaccard of the 3-gram sets), and that figure is
+what is reported and compared with the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shitate.errors import DataError, Problem, ShitateError
+
+SHINGLE = 3
+NUM_PERM = 128
+
+
+@dataclass(frozen=True)
+class Match:
+    """Record `index` repeats record `of` (in the same file, or in the file compared against) with this similarity."""
+
+    index: int
+    of: int
+    similarity: float
+
+
+def record_text(record: dict[str, Any], part: str = "question") -> str:
+    """What two records are compared on: the user's turns (question), or the whole record (all)."""
+    if "messages" in record:
+        roles = ("user",) if part == "question" else ("system", "user", "assistant")
+        text = "\n".join(m.get("content", "") for m in record["messages"] if m.get("role") in roles)
+        return text if part == "question" else f"{record.get('context', '')}\n{text}"
+    if "prompt" in record:
+        from shitate.data.preference import prompt_key
+
+        return prompt_key(record) if part == "question" else f"{prompt_key(record)}\n{record.get('chosen')}"
+    return str(record.get("text", ""))
+
+
+def _canonical(text: str) -> str:
+    # Width, case and spacing differences are not differences in what is asked.
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).lower()
+
+
+def shingles(text: str) -> set[str]:
+    canonical = _canonical(text)
+    if len(canonical) <= SHINGLE:
+        return {canonical}
+    return {canonical[i:i + SHINGLE] for i in range(len(canonical) - SHINGLE + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _lsh(threshold: float):  # noqa: ANN202 - (MinHashLSH, minhash function)
+    try:
+        from datasketch import MinHash, MinHashLSH
+    except ImportError:
+        raise ShitateError("near-duplicate search needs the datasketch package: pip install 'shitate[documents]'") from None
+
+    def minhash(grams: set[str]) -> Any:
+        signature = MinHash(num_perm=NUM_PERM, seed=1)
+        signature.update_batch([g.encode("utf-8") for g in grams])
+        return signature
+
+    # LSH misses some pairs just above its threshold: ask it for a little less, then measure each pair exactly.
+    return MinHashLSH(threshold=max(0.05, threshold - 0.1), num_perm=NUM_PERM), minhash
+
+
+def duplicates(texts: Sequence[str], threshold: float = 0.8) -> list[Match]:
+    """Each text that repeats (exactly, or with similarity ≥ threshold) an earlier one, with the one it repeats."""
+    exact: dict[str, int] = {}
+    found: list[Match] = []
+    lsh, minhash = _lsh(threshold)
+    grams = [shingles(t) for t in texts]
+    for index, text in enumerate(texts):
+        digest = hashlib.sha256(_canonical(text).encode()).hexdigest()
+        if digest in exact:
+            found.append(Match(index, exact[digest], 1.0))
+            continue
+        exact[digest] = index
+        signature = minhash(grams[index])
+        candidates = [(jaccard(grams[index], grams[int(key)]), int(key)) for key in lsh.query(signature)]
+        best = max(candidates, default=(0.0, -1))
+        if best[0] >= threshold:
+            found.append(Match(index, best[1], best[0]))
+            continue
+        lsh.insert(str(index), signature)
+    return found
+
+
+def leaks(train: Sequence[str], test: Sequence[str], threshold: float = 0.8) -> list[Match]:
+    """Each training text that repeats or nearly repeats a test text (`of` indexes the test texts)."""
+    lsh, minhash = _lsh(threshold)
+    test_grams = [shingles(t) for t in test]
+    exact = {hashlib.sha256(_canonical(t).encode()).hexdigest(): i for i, t in enumerate(test)}
+    for index, grams in enumerate(test_grams):
+        lsh.insert(str(index), minhash(grams))
+    found = []
+    for index, text in enumerate(train):
+        digest = hashlib.sha256(_canonical(text).encode()).hexdigest()
+        if digest in exact:
+            found.append(Match(index, exact[digest], 1.0))
+            continue
+        grams = shingles(text)
+        candidates = [(jaccard(grams, test_grams[int(key)]), int(key)) for key in lsh.query(minhash(grams))]
+        best = max(candidates, default=(0.0, -1))
+        if best[0] >= threshold:
+            found.append(Match(index, best[1], best[0]))
+    return found
+
+
+def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    from shitate.data.formats import read_jsonl
+
+    records, problems = [], []
+    for line, record in read_jsonl(Path(path)):
+        if isinstance(record, Problem):
+            problems.append(record)
+        elif isinstance(record, dict):
+            records.append((line, record))
+        else:
+            problems.append(Problem(path, line, None, "is not a JSON object"))
+    if problems:
+        raise DataError(problems)
+    return records
+
+
+def dedupe_file(path: Path, part: str = "question", threshold: float = 0.8) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """The records of a JSONL without repeats (the first of each kept), and one note per record dropped."""
+    numbered = _numbered_records(path)
+    matches = duplicates([record_text(r, part) for _, r in numbered], threshold)
+    dropped = {m.index: m for m in matches}
+    notes = [Problem(path, numbered[m.index][0], None, f"repeats line {numbered[m.of][0]}"
+                     + ("" if m.similarity == 1.0 else f" (similarity {m.similarity:.2f})")) for m in matches]
+    return [r for i, (_, r) in enumerate(numbered) if i not in dropped], notes
+
+
+def leakage_problems(train: Path, test: Path, threshold: float = 0.8) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings): training records that repeat a test question exactly, and those that nearly do."""
+    train_records, test_records = _numbered_records(train), _numbered_records(test)
+    matches = leaks([record_text(r) for _, r in train_records], [record_text(r) for _, r in test_records], threshold)
+    errors, warnings = [], []
+    for m in matches:
+        where = f"{test}:{test_records[m.of][0]}"
+        if m.similarity == 1.0:
+            errors.append(Problem(train, train_records[m.index][0], None, f"repeats the test question at {where}",
+                                  "drop it from the training data (it inflates test scores), e.g. with `shitate data "
+                                  "split` on the combined file"))
+        else:
+            warnings.append(Problem(train, train_records[m.index][0], None, f"nearly repeats the test question at "
+                                    f"{where} (similarity {m.similarity:.2f})", "check whether it is the same question"))
+    return errors, warnings
