@@ -23,6 +23,7 @@ DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf
 ARTICLE = re.compile(r"^第\s*[0-9一二三四五六七八九十百〇]+\s*条(の[0-9一二三四五六七八九十]+)?(?=[\s　（(]|$)")
 CHAPTER = re.compile(r"^第\s*[0-9一二三四五六七八九十百〇]+\s*[章節編](?=[\s　]|$)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+_CAPTION = re.compile(r"[（(][^（()）。]{1,20}[)）]")
 _LIST_ITEM = re.compile(r"^\s*([-*+・•]|\d+[.)．]|[（(][0-9０-９一二三四五六七八九十]+[)）]|[①-⑳])\s*")
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])")
 _ENDS_SENTENCE = ("。", "！", "？", "!", "?", "」", "』", "）", ")", ":", "：")
@@ -175,7 +176,8 @@ def join_broken_lines(lines: list[str]) -> list[str]:
         previous = joined[-1] if joined else ""
         if (line and previous and not _HEADING.match(previous) and not _HEADING.match(line)
                 and not previous.endswith(_ENDS_SENTENCE) and not _LIST_ITEM.match(line)
-                and not ARTICLE.match(line) and not CHAPTER.match(line)):
+                and not ARTICLE.match(line) and not CHAPTER.match(line)
+                and not ARTICLE.match(previous) and not CHAPTER.match(previous)):
             # Japanese is written without spaces between words; a break between two Latin words was a space.
             glue = "" if _JAPANESE.match(previous[-1]) or _JAPANESE.match(line[0]) else " "
             joined[-1] = previous + glue + line
@@ -208,16 +210,21 @@ def sections(lines: list[str]) -> Iterator[tuple[list[str], list[str]]]:
         else:
             body.append(line)
             continue
-        yield from flush()
-        body = []
-        path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
-        # An article line often carries its first sentence: 第3条 社員は… — keep the text after the title.
+        first_sentence = ""
         if not heading and level == 8:
-            rest = ARTICLE.sub("", line).strip()
+            # Laws put an article's caption on the line before it — （目的）/第1条 この規則は… — and its first
+            # sentence on the article's own line; a short text without 。 after the number is the caption itself.
+            number = ARTICLE.match(line).group()
+            rest = line[len(number):].strip()
+            caption = body.pop() if body and _CAPTION.fullmatch(body[-1]) else ""
             if rest.startswith(("（", "(")) and rest.find("）") > 0:
-                rest = rest[rest.find("）") + 1:].strip()
-            if rest:
-                body.append(rest)
+                caption, rest = rest[:rest.find("）") + 1], rest[rest.find("）") + 1:].strip()
+            if rest and not rest.endswith("。") and len(rest) <= 20 and not caption:
+                caption, rest = rest, ""
+            title, first_sentence = (number + caption if caption.startswith(("（", "(")) else f"{number} {caption}".strip()), rest
+        yield from flush()
+        body = [first_sentence] if first_sentence else []
+        path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
     yield from flush()
 
 
