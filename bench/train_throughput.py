@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shitate.memory import cpu_model  # noqa: F401 - align_throughput and serve_load import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
 PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogues-2000.jsonl"
@@ -242,14 +244,6 @@ def main() -> None:
                 results[side] = json.loads(result.read_text())
                 print(f"  {data} {side}: {results[side]['tokens_per_s']:.1f} tokens/s", flush=True)
             _print_table(data, results, per_token, peak)
-
-
-def cpu_model() -> str:
-    """The CPU's model name as lscpu gives it: figures differ across CPUs with the same matmul peak."""
-    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def _print_table(data: str, results: dict, per_token: float, peak: float) -> None:

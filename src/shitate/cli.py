@@ -308,6 +308,50 @@ def data_dedupe(
     say(f"{file}: {len(kept) + len(notes)} records → {len(kept)} in {out} ({len(notes)} repeats removed).")
 
 
+@data_app.command("estimate")
+def data_estimate(
+    data: Path = typer.Argument(..., help="the training data (chat, preference or text JSONL)"),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="the recipe you will train with (model, template, "
+                                                           "epochs, max_length)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe setting, e.g. train.epochs=1"),
+    shots: int = typer.Option(5, min=0, help="examples a few-shot prompt would carry instead of tuning"),
+    requests: int = typer.Option(10_000, min=0, help="requests to price"),
+    prices: Optional[Path] = typer.Option(None, help="your copy of the price table (default: shitate's "
+                                                     "data/prices.yaml)"),
+    measure: bool = typer.Option(True, help="time two training steps on this machine to project the run"),
+) -> None:
+    """Token counts with the model's tokenizer, the training time on this machine (measured, not assumed), the
+    cost at hosted fine-tuning prices, and the break-even against few-shot prompting of an untuned model."""
+    from shitate.config import load_recipe
+    from shitate.data.tokens import PRICES
+    from shitate.memory import cpu_model
+    from shitate.progress import console
+    from shitate.workflow import estimate_data
+
+    usage, estimates, as_of, measured = estimate_data(data, load_recipe(recipe, set_), shots, prices, measure)
+    console.print(f"[bold]{data}[/]: {usage.examples} examples, {usage.tokens_per_epoch:,} tokens an epoch "
+                  f"(model's tokenizer, template included) × {usage.epochs} epochs = {usage.training_tokens:,} "
+                  "training tokens", highlight=False)
+    if measured is not None:
+        console.print(f"this machine ({cpu_model() if measured.device == 'cpu' else measured.device}, "
+                      f"{measured.precision}): {measured.tokens_per_second:,.0f} tokens/s measured → about "
+                      f"{measured.projected_seconds / 60:.1f} min for {measured.steps} steps", highlight=False)
+    if not estimates:
+        return
+    console.print(f"\nhosted fine-tuning at list prices as of {as_of}, USD: training once, then {requests:,} requests "
+                  f"of {usage.prompt_tokens:.0f} prompt + {usage.answer_tokens:.0f} answer tokens to the tuned model, "
+                  f"or to the untuned one with {usage.shots} examples ({usage.few_shot_tokens:.0f} more prompt "
+                  "tokens) in each prompt:", highlight=False)
+    console.print(f"  {'service':<21}{'training':>9}{'tuned':>10}{'few-shot':>10}{'break-even':>14}", highlight=False)
+    for e in estimates:
+        even = e.break_even_requests
+        console.print(f"  {e.service:<21}{e.training_cost:>9.2f}{e.tuned_per_request * requests:>10.2f}"
+                      f"{e.few_shot_per_request * requests:>10.2f}"
+                      f"{(f'{even:,.0f} req' if even is not None else 'never'):>14}", highlight=False)
+    console.print(f"  on this machine: no fee, and the data never leaves it. Prices from {prices or PRICES}.",
+                  highlight=False)
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="recipe YAML (see examples/*/recipe.yaml)"),

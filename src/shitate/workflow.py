@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shitate.config import Recipe
 
+if TYPE_CHECKING:
+    from shitate.data.tokens import Estimate
+    from shitate.train.session import DryRun
+
 
 def train_recipe(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
-                 dry_run: bool = False) -> Path:
-    """Run the recipe's stage; return the run folder."""
+                 dry_run: bool = False) -> Path | DryRun:
+    """Run the recipe's stage; return the run folder (a dry run: what it measured)."""
     from shitate.config import PAIR_STAGES, RL_STAGES
 
     if recipe.stage in RL_STAGES:
@@ -102,3 +106,26 @@ def evaluate_target(target: str, tasks: list[str] = (), limit: int | None = None
         judges=list(judges), judge_mode=judge_mode, judge_prompts=list(judge_prompts), general=everyday,
         pairs=preference_pairs)
     return out_dir
+
+
+def estimate_data(file: Path, recipe: Recipe, shots: int = 5, prices: Path | None = None,
+                  measure: bool = True) -> tuple[Any, list[Estimate], str, DryRun | None]:
+    """Tokens of a data file under the recipe's model and template, what hosted fine-tuning would charge for
+    it, and (measure) the training time on this machine from a dry run of the recipe on this file."""
+    from shitate.data.tokens import Usage, estimate, load_prices
+    from shitate.errors import DataError
+
+    report, kind = check_data(file, recipe.model, recipe.template, recipe.train.max_length, recipe.data.system)
+    if report.errors:
+        raise DataError(report.errors)
+    clipped = [min(length, recipe.train.max_length) for length in report.lengths]
+    records = max(report.records, 1)
+    prompt = (report.tokens["system"] + report.tokens["user"]) / records
+    usage = Usage(report.records, sum(clipped), recipe.train.epochs, prompt, report.tokens["assistant"] / records,
+                  shots if kind == "chats" else 0)
+    services, as_of = load_prices(prices)
+    measured = None
+    if measure:
+        data = recipe.data.model_copy(update={"train": file})
+        measured = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True, force=True)
+    return usage, estimate(usage, services) if kind == "chats" else [], as_of, measured

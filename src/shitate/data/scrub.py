@@ -28,6 +28,8 @@ KINDS = ("EMAIL", "PHONE", "MYNUMBER", "CARD", "POSTAL", "ADDRESS", "NAME")
 PREFECTURES = ("北海道 青森県 岩手県 宮城県 秋田県 山形県 福島県 茨城県 栃木県 群馬県 埼玉県 千葉県 東京都 神奈川県 新潟県 富山県 "
                "石川県 福井県 山梨県 長野県 岐阜県 静岡県 愛知県 三重県 滋賀県 京都府 大阪府 兵庫県 奈良県 和歌山県 鳥取県 島根県 "
                "岡山県 広島県 山口県 徳島県 香川県 愛媛県 高知県 福岡県 佐賀県 長崎県 熊本県 大分県 宮崎県 鹿児島県 沖縄県").split()
+# Words of business text that IPADIC also lists as surnames; more go in an allow-list (--allow).
+NOT_NAMES = frozenset({"日当"})
 HONORIFICS = ("さん", "様", "さま", "氏", "君", "くん", "ちゃん", "先生", "殿", "部長", "課長", "係長", "社長")
 
 _D = r"(?<![0-9])"  # not inside a longer number
@@ -222,7 +224,9 @@ def person_names(text: str) -> list[tuple[int, int]]:
                 start, kinds = tokens[before][0], ["姓"] + kinds
             after = text[end:end + 3].lstrip()
             honorific = after.startswith(HONORIFICS)
-            if "姓" in kinds and (len(text[start:end]) >= 2 or honorific) or honorific:
+            if text[start:end] in NOT_NAMES:
+                pass
+            elif "姓" in kinds and (len(text[start:end]) >= 2 or honorific) or honorific:
                 spans.append((start, end))
             index = last + 1
         else:

@@ -59,10 +59,15 @@ def answers_check(recipe: Recipe) -> Any:
 
 
 def reference_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
-    """How close answers are to the reference answers: chrF, BLEU and ROUGE-L on MeCab words, character F1."""
-    return {"chrF": metrics.chrf(answers, references), "BLEU": metrics.bleu(answers, references),
-            "ROUGE-L": metrics.rouge(answers, references)["rougeL"],
-            "char F1": 100 * metrics.mean_char_f1(answers, references)}
+    """How close answers are to the reference answers: chrF, BLEU and ROUGE-L on MeCab words, character F1, and
+    where references cite articles (第N条), the share of answers citing the same ones."""
+    scores = {"chrF": metrics.chrf(answers, references), "BLEU": metrics.bleu(answers, references),
+              "ROUGE-L": metrics.rouge(answers, references)["rougeL"],
+              "char F1": 100 * metrics.mean_char_f1(answers, references)}
+    cites = metrics.cites_same_articles(answers, references)
+    if cites is not None:  # answers about rules: does the answer name the article the reference names?
+        scores["cites the article %"] = 100 * cites
+    return scores
 
 
 def general_questions(path: Path, count: int) -> list[str]:

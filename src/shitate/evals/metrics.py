@@ -7,6 +7,7 @@ Japanese has no spaces, so every metric that counts words tokenises with MeCab (
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -94,6 +95,22 @@ def mean_char_f1(predictions: Sequence[str], references: Sequence[str | Sequence
     _same_length(predictions, references)
     scores = [max(char_f1(p, o) for o in ([r] if isinstance(r, str) else r)) for p, r in zip(predictions, references)]
     return sum(scores) / len(scores)
+
+
+_CITATION = re.compile(r"([^\s、。「」（）()]{2,30}?(?:規則|規程|法))?\s*第\s*([0-9]+)\s*条")
+
+
+def citations(text: str) -> set[str]:
+    """The articles a text cites, as 第N条 (with the rules' name where one is written right before it)."""
+    return {f"{name or ''}第{number}条" for name, number in _CITATION.findall(unicodedata.normalize("NFKC", text))}
+
+
+def cites_same_articles(predictions: Sequence[str], references: Sequence[str]) -> float | None:
+    """Share of answers that cite every article their reference cites, over the references that cite one;
+    None when no reference cites an article."""
+    _same_length(predictions, references)
+    cited = [(citations(p), citations(r)) for p, r in zip(predictions, references) if citations(r)]
+    return sum(wanted <= found for found, wanted in cited) / len(cited) if cited else None
 
 
 def japanese_tokens(text: str) -> list[str]:

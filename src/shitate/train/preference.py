@@ -42,11 +42,11 @@ from shitate.models.reward import RewardModel
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import bradley_terry_losses, dpo_losses, orpo_losses
-from shitate.train.session import Objective, Session
+from shitate.train.session import DryRun, Objective, Session
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
-        dry_run: bool = False) -> Path:
+        dry_run: bool = False) -> Path | DryRun:
     """Train stage reward, dpo or orpo as `recipe` says; return the run folder."""
     session = Session(recipe, out, resume, force, dry_run)
     spec = getattr(recipe, recipe.stage)

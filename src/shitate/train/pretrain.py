@@ -25,11 +25,11 @@ from shitate.models.load import ModelSource, load_config, load_model, load_token
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
-from shitate.train.session import Objective, Session
+from shitate.train.session import DryRun, Objective, Session
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
-        dry_run: bool = False) -> Path:
+        dry_run: bool = False) -> Path | DryRun:
     """Continue pretraining as `recipe` says; return the run folder."""
     session = Session(recipe, out, resume, force, dry_run)
     block_size = recipe.pretrain.block_size

@@ -41,7 +41,7 @@ from shitate.progress import say, status, training_bar
 from shitate.runs import RunFolder
 from shitate.train.loop import epoch_batches
 from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
-from shitate.train.session import Objective, Session
+from shitate.train.session import DryRun, Objective, Session
 
 RubricReward = Callable[[list[str]], list[float]]  # answers → share of the rubric's checks each passes
 
@@ -163,7 +163,7 @@ class Policy(nn.Module):
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False, dry_run: bool = False,
-        rubric_reward: RubricReward | None = None) -> Path:
+        rubric_reward: RubricReward | None = None) -> Path | DryRun:
     """Train stage ppo or grpo; return the run folder. The caller brings the rubric as a reward function (from the
     evals stage, so training does not depend on evaluation)."""
     spec = getattr(recipe, recipe.stage)

@@ -274,7 +274,7 @@ class Session:
         return self.run.path
 
     def report_dry_run(self, objective: Objective, validation_tokens: int, tokens: int,
-                       step_seconds: list[float]) -> Path:
+                       step_seconds: list[float]) -> "DryRun":
         """Measured speed and memory of the first steps, and what the whole run would take; keep nothing."""
         import shutil
 
@@ -292,7 +292,19 @@ class Session:
             f"{self._training_bytes(objective) / 1e9:.2f} GB)\n"
             f"{gpu_line}"
             f"  whole run      {self.planned_steps} steps, about {_duration(projected)} including validation")
-        return self.run.path
+        return DryRun(self.planned_steps, per_step, tokens_per_s, projected, self.precision, str(self.device))
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry run measured, and what it projects for the whole run (validation included)."""
+
+    steps: int
+    seconds_per_step: float
+    tokens_per_second: float
+    projected_seconds: float
+    precision: str
+    device: str
 
 
 def random_states() -> dict[str, Any]:

@@ -27,11 +27,11 @@ from shitate.models.load import ModelSource, load_config, load_model, load_token
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
-from shitate.train.session import Objective, Session
+from shitate.train.session import DryRun, Objective, Session
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False, dry_run: bool = False,
-        answers_check: Callable[[LoadedModel], dict[str, float]] | None = None) -> Path:
+        answers_check: Callable[[LoadedModel], dict[str, float]] | None = None) -> Path | DryRun:
     """Train `recipe`; return the run folder. A dry run trains two steps in a scratch folder and reports.
 
     `answers_check`, when given, scores the model as it trains every `eval.every_steps` steps (the
