@@ -22,5 +22,9 @@ $shitate data check $demo/data/train.jsonl --max-length 768 --against $demo/data
 $shitate train $demo/recipe.yaml --out runs/handbook-qa --force
 $shitate compare gemma-3-270m runs/handbook-qa $demo/data/test.jsonl --out runs/handbook-qa/compare.jsonl
 $shitate eval runs/handbook-qa
+# Questions as an employee would ask them, with short answers that cite the article (written by hand).
+.venv/bin/python $demo/attach_context.py
+$shitate eval runs/handbook-qa --test $demo/data/questions.jsonl --out runs/handbook-qa/eval-handwritten
 
-echo "Finished in $(( $(date +%s) - started )) s. Answers: runs/handbook-qa/compare.jsonl, report: runs/handbook-qa/eval/report.html"
+echo "Finished in $(( $(date +%s) - started )) s. Answers: runs/handbook-qa/compare.jsonl; reports:" \
+     "runs/handbook-qa/eval/report.html (generated test questions), runs/handbook-qa/eval-handwritten/report.html"

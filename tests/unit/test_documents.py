@@ -67,6 +67,17 @@ def test_long_sections_are_cut_at_sentence_ends_with_overlap():
     assert "".join(pieces).count("第20文") == 1
 
 
+def test_list_items_and_table_rows_keep_their_lines_when_a_section_is_cut():
+    items = [f"{i}. 週所定労働日数{i}日の社員には{i * 2}日を与える。" for i in range(1, 9)]
+    table = ["| 付与日 | 対象期間 |", "| :- | :- |", "| 3月21日 | 前年の3月21日から |"]
+    lines = join_broken_lines(["前文である。", *table, *items])
+    assert lines[1:4] == table  # rows are not sentences broken by a wrap
+    pieces = chunks("\n".join(lines), 120, 40)
+    assert len(pieces) > 1
+    for piece in pieces:
+        assert all(line in lines for line in piece.split("\n")), piece
+
+
 def test_every_format_gives_the_same_articles(tmp_path):
     (tmp_path / "rules.md").write_text("# 出張旅費規程\n\n## 第1条　目的\n\nこの規程は、社員の出張に関する事項を定める\nものである。\n",
                                        encoding="utf-8")

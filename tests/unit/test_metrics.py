@@ -69,3 +69,12 @@ def test_a_missing_optional_dependency_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # as if it were not installed
     with pytest.raises(ShitateError, match=r"pip install 'shitate\[eval\]'"):
         metrics.chrf(["あ"], ["あ"])
+
+
+def test_an_answer_cites_the_article_its_reference_cites():
+    assert metrics.citations("就業規則第７条（試用期間）では…労基法第89条に基づき") == {"就業規則第7条", "労基法第89条"}
+    answers = ["就業規則第7条（試用期間）では、6か月とする。", "第7条によると6か月です。", "6か月です。", "なし"]
+    references = ["就業規則第7条（試用期間）では、次のように定めています。"] * 3 + ["規定はありません。"]
+    # the second names the article but not the rules it belongs to; the fourth reference cites nothing
+    assert metrics.cites_same_articles(answers, references) == pytest.approx(1 / 3)
+    assert metrics.cites_same_articles(["a"], ["b"]) is None

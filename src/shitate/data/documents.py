@@ -176,6 +176,7 @@ def join_broken_lines(lines: list[str]) -> list[str]:
         previous = joined[-1] if joined else ""
         if (line and previous and not _HEADING.match(previous) and not _HEADING.match(line)
                 and not previous.endswith(_ENDS_SENTENCE) and not _LIST_ITEM.match(line)
+                and not line.startswith("|") and not previous.startswith("|")
                 and not ARTICLE.match(line) and not CHAPTER.match(line)
                 and not ARTICLE.match(previous) and not CHAPTER.match(previous)):
             # Japanese is written without spaces between words; a break between two Latin words was a space.
@@ -233,7 +234,11 @@ def chunks(text: str, max_chars: int, overlap: int) -> list[str]:
     `overlap` characters' worth of whole sentences (a fact split across two passages is whole in one of them)."""
     if max_chars <= 0 or len(text) <= max_chars:
         return [text]
-    sentences = [s for line in text.split("\n") for s in _SENTENCE_END.split(line) if s.strip()]
+    # Sentences keep the line break that ended their line, so list items and table rows stay on their own lines.
+    sentences = []
+    for line in text.split("\n"):
+        parts = [part for part in _SENTENCE_END.split(line) if part.strip()]
+        sentences += parts[:-1] + [parts[-1] + "\n"] if parts else []
     pieces: list[str] = []
     current: list[str] = []
     for sentence in sentences:
@@ -254,7 +259,7 @@ def chunks(text: str, max_chars: int, overlap: int) -> list[str]:
         current.append(sentence)
     if current and (not pieces or "".join(current) not in pieces[-1]):
         pieces.append("".join(current))
-    return pieces
+    return [piece.strip() for piece in pieces]
 
 
 def passages(path: Path, max_chars: int = 800, overlap: int = 100, source: str | None = None) -> list[Passage]:
