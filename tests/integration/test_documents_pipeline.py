@@ -65,19 +65,19 @@ model: {tiny_model}
 template: gemma
 data: {{train: qa.jsonl}}
 adapter: {{method: lora, r: 8, alpha: 16}}
-train: {{epochs: 3, batch_size: 4, learning_rate: 3.0e-2, max_length: 256, precision: fp32, warmup_ratio: 0.0}}
+train: {{epochs: 5, batch_size: 4, learning_rate: 3.0e-2, max_length: 256, precision: fp32, warmup_ratio: 0.0}}
 """, encoding="utf-8")
     result = runner.invoke(app, ["data", "estimate", str(qa), "--recipe", str(recipe), "--requests", "1000"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "16 examples" in output and "× 3 epochs" in output and "tokens/s measured" in output
+    assert "16 examples" in output and "× 5 epochs" in output and "tokens/s measured" in output
     assert "openai gpt-4.1-mini" in output and "break-even" in output
 
     result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
-    assert losses[-1] < losses[0] / 2  # the answers quote the passage in the prompt: copying is quickly learned
+    assert losses[-1] < losses[0] / 2  # the answers quote the passage in the prompt: copying is learned
 
 
 def test_model_mode_with_a_generator_that_writes_nothing_useful_says_so(tmp_path, tiny_model):

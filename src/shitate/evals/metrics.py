@@ -97,7 +97,8 @@ def mean_char_f1(predictions: Sequence[str], references: Sequence[str | Sequence
     return sum(scores) / len(scores)
 
 
-_CITATION = re.compile(r"([^\s、。「」（）()]{2,30}?(?:規則|規程|法))?\s*第\s*([0-9]+)\s*条")
+# A rules' name is kanji and katakana (就業規則, 出張旅費規程, 労基法): hiragana ends it (「就業規則では第7条」).
+_CITATION = re.compile(r"([一-龥ァ-ヶー々・A-Za-z0-9]{1,30}?(?:規則|規程|法))?\s*第\s*([0-9]+)\s*条")
 
 
 def citations(text: str) -> set[str]:
