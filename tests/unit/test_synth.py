@@ -39,16 +39,17 @@ def test_each_filter_drops_its_case_and_is_counted():
                          "質問: 試用期間は何か月ですか。\n回答: 6か月\n"          # duplicate question
                          "質問: 6か月間の試用期間は誰に適用されますか。\n回答: 6か月間\n"  # gives its answer away
                          "質問: 給与はいつ払われますか。\n回答: 毎月25日に銀行振込\n"  # not in the passage
-                         "質問: 何が定められていますか。\n回答: " + "試用期間" * 300,   # over-long
+                         "質問: 何が定められていますか。\n回答: " + "試用期間" * 300 + "\n"  # over-long
+                         "質問: 第7条 試用期間\n回答: 6か月間を試用期間とする",  # a title, not a question
     }
 
     def ask(prompts):
         return [next(out for text, out in outputs.items() if text in prompt) for prompt in prompts]
 
     records, report = synthesize([ARTICLE], "model", ask, per_passage=10, filters=SynthFilters(max_answer_chars=200))
-    assert report.generated == 5 and report.kept == 1
+    assert report.generated == 6 and report.kept == 1
     assert dict(report.dropped) == {"duplicate question": 1, "question contains answer": 1,
-                                    "answer not in passage": 1, "over-long": 1}
+                                    "answer not in passage": 1, "over-long": 1, "not a question": 1}
     assert records == [{"messages": [{"role": "user", "content": "試用期間は何か月ですか。"},
                                       {"role": "assistant", "content": "6か月間"}],
                         "context": ARTICLE["text"], "source": ARTICLE["source"], "heading": ARTICLE["heading"]}]

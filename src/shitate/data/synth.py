@@ -8,8 +8,9 @@ Two ways to write the pairs:
   A local model continues the prompt as plain text (few-shot works on base and instruction models alike); an
   OpenAI-compatible URL gets it as a user message.
 
-Every pair then passes the same filters, each counted in the report: empty, over-long, an answer its passage
-does not support, a question that gives its own answer away, and duplicate or near-duplicate questions.
+Every pair then passes the same filters, each counted in the report: empty, over-long, a "question" that is not
+one (a copied passage, a statement), an answer its passage does not support, a question that gives its own answer
+away, and duplicate or near-duplicate questions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from shitate.data.documents import ARTICLE
 PROMPT = Path(__file__).parent / "prompts" / "synth_qa.txt"
 _PAIR = re.compile(r"質問\s*[:：]\s*(?P<q>.+?)\s*\n+\s*(?:回答|答え|A)\s*[:：]\s*(?P<a>.+?)\s*(?=\n\s*質問\s*[:：]|\n\s*\n|\n\s*文章\s*[:：]|$)",
                    re.S)
+
+
+# A question ends like one (〜か。, ？, 〜てください, 〜とは) or asks with an interrogative (何と呼ぶ, どうなる):
+# 97.9% of JSQuAD's 4,442 gold questions pass (the rest are bare noun phrases); a copied passage does not.
+_QUESTION_END = re.compile(r"([?？]|か。?|(ください|下さい|教えて|答えよ|でしょう|言うと)。?|(とは|は)[。?？]?)$|何|なに|なん|"
+                           r"どこ|誰|だれ|いつ|なぜ|どう|どの|どれ|"
+                           r"いくら|いくつ|^(what|who|when|where|why|how|which)\b", re.I)
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ def filter_pairs(candidates: Sequence[tuple[dict[str, Any], str, str]], filters:
             reason = "empty"
         elif len(question) > filters.max_question_chars or len(answer) > filters.max_answer_chars:
             reason = "over-long"
+        elif "\n" in question.strip() or not _QUESTION_END.search(question.strip()):
+            reason = "not a question"
         elif support(answer, f"{passage.get('heading', '')}\n{passage['text']}") < filters.min_support:
             reason = "answer not in passage"
         elif len(_compact(answer)) >= 2 and _compact(answer) in _compact(question):
