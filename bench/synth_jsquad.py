@@ -18,9 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from shitate.data.synth import local_generator, parse_pairs, synth_prompt, synthesize
+from shitate.data.synth import parse_pairs, synth_prompt, synthesize
 from shitate.evals.metrics import char_f1
 from shitate.memory import cpu_model
+from shitate.workflow import synth_generator
 
 JSQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "jglue" / "jsquad-valid.json"
 
@@ -51,12 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     items = paragraphs(args.jsquad, args.paragraphs)
-    if args.generator.startswith(("http://", "https://")):
-        from shitate.evals.judge import endpoint_judge
-
-        ask = endpoint_judge(args.generator)
-    else:
-        ask = local_generator(args.generator)
+    ask = synth_generator(args.generator)
     started = time.perf_counter()
     outputs: dict[str, str] = {}
 

@@ -195,10 +195,11 @@ def data_synth(
     given away by their question, empty or over-long), with a count of each filter."""
     from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents
     from shitate.data.formats import write_jsonl
-    from shitate.data.synth import SynthFilters, local_generator, synthesize
+    from shitate.data.synth import SynthFilters, synthesize
     from shitate.data.text import read_documents
     from shitate.errors import ShitateError
     from shitate.progress import say, work_bar
+    from shitate.workflow import synth_generator
 
     if mode not in ("template", "model"):
         raise ShitateError(f"--mode {mode!r}: expected template or model")
@@ -210,14 +211,7 @@ def data_synth(
         heading = _field_by_line(passages, "heading")
         records = [{**r, "heading": h} if h else r for r, h in zip(records, heading)]
     records = records[:limit] if limit else records
-    ask = None
-    if mode == "model":
-        if generator.startswith(("http://", "https://")):
-            from shitate.evals.judge import endpoint_judge
-
-            ask = endpoint_judge(generator)
-        else:
-            ask = local_generator(generator)
+    ask = synth_generator(generator) if mode == "model" else None
     template = prompt.read_text(encoding="utf-8") if prompt else None
     with work_bar() as bar:
         task = bar.add_task("writing questions", total=len(records))

@@ -129,3 +129,19 @@ def estimate_data(file: Path, recipe: Recipe, shots: int = 5, prices: Path | Non
         data = recipe.data.model_copy(update={"train": file})
         measured = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True, force=True)
     return usage, estimate(usage, services) if kind == "chats" else [], as_of, measured
+
+
+def synth_generator(reference: str, max_new_tokens: int = 160) -> Any:
+    """`data synth --mode model`'s generator: an OpenAI-compatible URL asked with the prompt as a user message, or a
+    model shitate loads continuing the few-shot prompt greedily, cut where it starts another passage."""
+    if reference.startswith(("http://", "https://")):
+        from shitate.evals.judge import endpoint_judge
+
+        return endpoint_judge(reference)
+    from shitate.config import GenerateSpec
+    from shitate.data.synth import until_next_passage
+    from shitate.models.inference import continue_texts, load_for_inference
+
+    loaded = load_for_inference(reference)
+    spec = GenerateSpec(max_new_tokens=max_new_tokens, batch_size=8, temperature=0.0, repetition_penalty=1.05)
+    return lambda prompts: [until_next_passage(text) for text in continue_texts(loaded, prompts, spec)]

@@ -101,9 +101,13 @@ def test_text_import_and_check_from_the_command_line(tmp_path, tiny_model):
     (docs / "blank.txt").write_text("", encoding="utf-8")
     out = tmp_path / "text.jsonl"
     result = runner.invoke(app, ["data", "import", str(docs), "--out", str(out)])
+    assert result.exit_code == 1 and "blank.txt: has no text" in str(result.exception) and not out.exists()
+    result = runner.invoke(app, ["data", "import", str(docs), "--out", str(out), "--skip-bad"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert records == [{"text": "# 就業規則\n第1条 この規則は社員に適用する。", "source": str(docs / "rules.md")}]
+    # The article line's number is the passage's heading, its sentence the text.
+    assert records == [{"text": "第1条\nこの規則は社員に適用する。", "source": str(docs / "rules.md"),
+                        "heading": "就業規則 > 第1条"}]
     result = runner.invoke(app, ["data", "check", str(docs), "--model", str(tiny_model)])
     output = " ".join(result.output.split())
     assert result.exit_code == 1 and "blank.txt: is empty" in output and "1 valid documents" in output

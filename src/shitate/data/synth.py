@@ -6,7 +6,8 @@ Two ways to write the pairs:
   The answers are the rules' own words, so the pipeline runs end to end on the small default model.
 - model: a generator writes pairs from an editable few-shot prompt (prompts/synth_qa.txt, {passage} is replaced).
   A local model continues the prompt as plain text (few-shot works on base and instruction models alike); an
-  OpenAI-compatible URL gets it as a user message.
+  OpenAI-compatible URL gets it as a user message. The generator is any `ask(prompts) -> texts`, built in
+  workflow.synth_generator: data does not load models.
 
 Every pair then passes the same filters, each counted in the report: empty, over-long, a "question" that is not
 one (a copied passage, a statement), an answer its passage does not support, a question that gives its own answer
@@ -123,17 +124,8 @@ def model_pairs(ask: Callable[[list[str]], list[str]], passages: Sequence[dict[s
     return found
 
 
-def local_generator(reference: str, max_new_tokens: int = 160) -> Callable[[list[str]], list[str]]:
-    """A model shitate loads, continuing the few-shot prompt greedily; stops at the next passage."""
-    from shitate.config import GenerateSpec
-    from shitate.models.inference import continue_texts, load_for_inference
-
-    loaded = load_for_inference(reference)
-    spec = GenerateSpec(max_new_tokens=max_new_tokens, batch_size=8, temperature=0.0, repetition_penalty=1.05)
-    return lambda prompts: [_until_next_passage(text) for text in continue_texts(loaded, prompts, spec)]
-
-
-def _until_next_passage(text: str) -> str:
+def until_next_passage(text: str) -> str:
+    """A continuation cut where a base model starts inventing the next few-shot passage."""
     return re.split(r"\n\s*文章\s*[:：]", text, maxsplit=1)[0]
 
 
