@@ -193,10 +193,9 @@ def data_synth(
 ) -> None:
     """Write question/answer pairs grounded in passages, filtered (unsupported answers, duplicates, answers
     given away by their question, empty or over-long), with a count of each filter."""
-    from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents
+    from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents, read_passages
     from shitate.data.formats import write_jsonl
     from shitate.data.synth import SynthFilters, synthesize
-    from shitate.data.text import read_documents
     from shitate.errors import ShitateError
     from shitate.progress import say, work_bar
     from shitate.workflow import synth_generator
@@ -207,9 +206,7 @@ def data_synth(
     if passages.is_dir() or passages.suffix.lower() in DOCUMENT_SUFFIXES:
         records = [p.record() for p in import_documents(passages)[0]]
     else:
-        records = [{"text": d.text, "source": d.source} for d in read_documents(passages)]
-        heading = _field_by_line(passages, "heading")
-        records = [{**r, "heading": h} if h else r for r, h in zip(records, heading)]
+        records = read_passages(passages)
     records = records[:limit] if limit else records
     ask = synth_generator(generator) if mode == "model" else None
     template = prompt.read_text(encoding="utf-8") if prompt else None
@@ -228,12 +225,6 @@ def data_synth(
     say(f"Wrote {len(pairs)} question/answer pairs to {out}.")
 
 
-def _field_by_line(path: Path, key: str) -> list[str]:
-    from shitate.data.formats import read_jsonl
-
-    return [obj.get(key, "") if isinstance(obj, dict) else "" for _, obj in read_jsonl(path)]
-
-
 @data_app.command("scrub")
 def data_scrub(
     file: Path = typer.Argument(..., help="a JSONL (every string in each record) or a text file"),
@@ -250,7 +241,7 @@ def data_scrub(
     from shitate.data.scrub import Scrubber, scrub_lines
     from shitate.data.text import decode
     from shitate.errors import ShitateError
-    from shitate.progress import console, say
+    from shitate.progress import say, work_bar
 
     if not dry_run and out is None:
         raise ShitateError("give --out FILE for the masked copy, or --dry-run to only list what would be masked")
@@ -258,17 +249,23 @@ def data_scrub(
         _refuse_overwrite(out, force)
     allowed = set()
     for item in allow:
+        if item.startswith("@") and not Path(item[1:]).is_file():
+            raise ShitateError(f"--allow {item}: file {item[1:]} not found (one allowed text a line)")
         allowed |= set(Path(item[1:]).read_text(encoding="utf-8").split("\n")) if item.startswith("@") else {item}
     scrubber = Scrubber(allow=frozenset(a.strip() for a in allowed if a.strip()), names=names)
     text, _ = decode(file)
     lines = text.split("\n")
     lines = lines[:-1] if lines and lines[-1] == "" else lines
     masked, total = [], {}
-    for line, findings in scrub_lines(lines, scrubber, jsonl=file.suffix.lower() == ".jsonl", path=file):
-        masked.append(line)
-        for finding in findings:
-            total[finding.kind] = total.get(finding.kind, 0) + 1
-            console.print(f"{file}:{finding.line}: {finding.kind} {finding.text!r} → {finding.mask}", highlight=False)
+    with work_bar() as bar:
+        task = bar.add_task("scrubbing", total=len(lines))
+        for line, findings in scrub_lines(lines, scrubber, jsonl=file.suffix.lower() == ".jsonl", path=file):
+            masked.append(line)
+            bar.advance(task)
+            for finding in findings:
+                total[finding.kind] = total.get(finding.kind, 0) + 1
+                bar.console.print(f"{file}:{finding.line}: {finding.kind} {finding.text!r} → {finding.mask}",
+                                  highlight=False)
     summary = ", ".join(f"{kind} {count}" for kind, count in sorted(total.items())) or "nothing found"
     if dry_run:
         say(f"{file}: {summary} (dry run: nothing written).")

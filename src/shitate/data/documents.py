@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from shitate.data.text import decode
+from shitate.data.formats import read_jsonl
+from shitate.data.text import decode, text_record_problem
 from shitate.errors import DataError, Problem
 
 DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf", ".docx")
@@ -301,3 +302,20 @@ def import_documents(source: Path, max_chars: int = 800, overlap: int = 100,
     if not found:
         raise DataError(problems or [Problem(source, None, None, "has no text")])
     return found, problems, len(files)
+
+
+def read_passages(path: Path) -> list[dict[str, str]]:
+    """The passages of a text JSONL (`data import`'s output, or any {"text": …} file), every problem raised at once."""
+    records, problems = [], []
+    for line, obj in read_jsonl(Path(path)):
+        problem = obj if isinstance(obj, Problem) else text_record_problem(path, line, obj)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            records.append({"text": obj["text"].strip(), "source": str(obj.get("source", path)),
+                            "heading": str(obj.get("heading", ""))})
+    if problems:
+        raise DataError(problems)
+    if not records:
+        raise DataError([Problem(path, None, None, "has no passages", "make them with `shitate data import DOCS/`")])
+    return records
