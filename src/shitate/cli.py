@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -351,12 +352,51 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
     force: bool = typer.Option(False, help="replace an existing run folder"),
     dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
+    nproc: int = typer.Option(1, min=1, help="processes, data-parallel: one a GPU (accelerate launch), or CPU "
+                                             "processes over gloo (torchrun)"),
+    engine: str = typer.Option("ddp", help="with --nproc on GPUs: ddp, fsdp, fsdp-offload, zero2, zero3 (a file in "
+                                           "configs/accelerate/), or your own accelerate config file"),
 ) -> None:
     """Fine-tune a model as the recipe says; writes a run folder."""
     from shitate.config import load_recipe
     from shitate.workflow import train_recipe
 
+    if nproc > 1 and "RANK" not in os.environ:
+        raise typer.Exit(_launch(nproc, engine))
     train_recipe(load_recipe(recipe, set_), out=out, resume=resume, force=force, dry_run=dry_run)
+
+
+def _launch(nproc: int, engine: str) -> int:
+    """Run this same command in `nproc` processes under accelerate's launcher (GPUs) or torchrun (CPU): the
+    engines do the distributing; shitate only builds their command line. Returns the launcher's exit status."""
+    import subprocess
+
+    import torch
+
+    from shitate.errors import ConfigError
+
+    args = [a for i, a in enumerate(sys.argv[1:]) if not _is_launch_option(sys.argv[1:], i)]
+    if not torch.cuda.is_available():
+        # accelerate's own CPU launcher wants MPI for several processes; torchrun needs nothing.
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "shitate.cli"]
+    else:
+        config = Path(engine) if engine.endswith((".yaml", ".yml", ".json")) else ACCELERATE_CONFIGS / f"{engine}.yaml"
+        if not config.is_file():
+            known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+            raise ConfigError(f"--engine {engine}: no accelerate config {config}; expected one of {known} or a file")
+        command = ["accelerate", "launch", "--config_file", str(config), "--num_processes", str(nproc),
+                   "-m", "shitate.cli"]
+    return subprocess.call(command + args)
+
+
+def _is_launch_option(argv: list[str], index: int) -> bool:
+    flag = argv[index].split("=")[0]
+    previous = argv[index - 1] if index > 0 else ""
+    return flag in ("--nproc", "--engine") or (previous in ("--nproc", "--engine") and "=" not in previous)
+
+
+# Shipped beside the package in a source checkout (pip install -e .), as DESIGN.md lays it out.
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 @app.command()

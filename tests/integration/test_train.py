@@ -154,10 +154,11 @@ def test_the_same_recipe_trains_data_parallel_under_a_launcher(tmp_path, tiny_mo
     import sys
 
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo, CPU
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29517", "-m", "shitate.cli", "train", str(make_recipe(tmp_path, tiny_model)), "--out", str(run)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",  # gloo, CPU
+           "PET_MASTER_PORT": "29517"}  # torchrun reads its options from PET_* variables
+    # --nproc builds the launcher's command (torchrun on a CPU) and runs this same command under it.
+    result = subprocess.run([sys.executable, "-m", "shitate.cli", "train", str(make_recipe(tmp_path, tiny_model)),
+                             "--nproc", "2", "--out", str(run)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["steps"] == 12
