@@ -267,6 +267,8 @@ def write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write lines atomically: to a temp file beside `path`, renamed over it only when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed (SIGKILL skips cleanup)
+        stale.unlink(missing_ok=True)
     count = 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
