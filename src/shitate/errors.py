@@ -14,6 +14,18 @@ class ShitateError(Exception):
     """A user mistake or an environment problem with a known fix."""
 
 
+def require(module: str, extra: str, purpose: str, package: str | None = None):  # noqa: ANN201 - the module
+    """Import an optional dependency, or say which extra brings it: a missing package is an installation
+    problem with a known fix, not a bug."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ShitateError(f"{purpose} needs the {package or module.split('.')[0]} package: "
+                           f"pip install 'shitate[{extra}]'") from None
+
+
 class ConfigError(ShitateError):
     """A recipe or command-line setting is invalid."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shitate.errors import DataError, Problem, ShitateError
+from shitate.errors import DataError, Problem, require
 
 SHINGLE = 3
 NUM_PERM = 128
@@ -49,8 +49,7 @@ def _canonical(text: str) -> str:
     return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).lower()
 
 
-def shingles(text: str) -> set[str]:
-    canonical = _canonical(text)
+def shingles(canonical: str) -> set[str]:
     if len(canonical) <= SHINGLE:
         return {canonical}
     return {canonical[i:i + SHINGLE] for i in range(len(canonical) - SHINGLE + 1)}
@@ -60,62 +59,62 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def _lsh(threshold: float):  # noqa: ANN202 - (MinHashLSH, minhash function)
-    try:
-        from datasketch import MinHash, MinHashLSH
-    except ImportError:
-        raise ShitateError("near-duplicate search needs the datasketch package: pip install 'shitate[documents]'") from None
+class _Index:
+    """Texts to compare against: exact repeats by hash of the canonical form, near ones by MinHash/LSH candidates
+    measured exactly."""
 
-    def minhash(grams: set[str]) -> Any:
-        signature = MinHash(num_perm=NUM_PERM, seed=1)
+    def __init__(self, threshold: float) -> None:
+        datasketch = require("datasketch", "documents", "near-duplicate search")
+        self.threshold = threshold
+        self._minhash = datasketch.MinHash
+        # LSH misses some pairs just above its threshold: ask it for a little less, then measure each pair exactly.
+        self._lsh = datasketch.MinHashLSH(threshold=max(0.05, threshold - 0.1), num_perm=NUM_PERM)
+        self._exact: dict[str, int] = {}
+        self._grams: dict[int, set[str]] = {}
+
+    def _signature(self, grams: set[str]) -> Any:
+        signature = self._minhash(num_perm=NUM_PERM, seed=1)
         signature.update_batch([g.encode("utf-8") for g in grams])
         return signature
 
-    # LSH misses some pairs just above its threshold: ask it for a little less, then measure each pair exactly.
-    return MinHashLSH(threshold=max(0.05, threshold - 0.1), num_perm=NUM_PERM), minhash
+    def match(self, text: str) -> tuple[tuple[int, float] | None, Any]:
+        """(the key of the indexed text it repeats and the similarity, or None; what `add` needs to index it)."""
+        canonical = _canonical(text)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
+        if digest in self._exact:
+            return (self._exact[digest], 1.0), None
+        grams = shingles(canonical)
+        signature = self._signature(grams)
+        best = max(((jaccard(grams, self._grams[int(key)]), int(key)) for key in self._lsh.query(signature)),
+                   default=(0.0, -1))
+        return ((best[1], best[0]) if best[0] >= self.threshold else None), (digest, grams, signature)
+
+    def add(self, key: int, indexed: Any) -> None:
+        digest, grams, signature = indexed
+        self._exact[digest], self._grams[key] = key, grams
+        self._lsh.insert(str(key), signature)
 
 
 def duplicates(texts: Sequence[str], threshold: float = 0.8) -> list[Match]:
-    """Each text that repeats (exactly, or with similarity ≥ threshold) an earlier one, with the one it repeats."""
-    exact: dict[str, int] = {}
-    found: list[Match] = []
-    lsh, minhash = _lsh(threshold)
-    grams = [shingles(t) for t in texts]
-    for index, text in enumerate(texts):
-        digest = hashlib.sha256(_canonical(text).encode()).hexdigest()
-        if digest in exact:
-            found.append(Match(index, exact[digest], 1.0))
-            continue
-        exact[digest] = index
-        signature = minhash(grams[index])
-        candidates = [(jaccard(grams[index], grams[int(key)]), int(key)) for key in lsh.query(signature)]
-        best = max(candidates, default=(0.0, -1))
-        if best[0] >= threshold:
-            found.append(Match(index, best[1], best[0]))
-            continue
-        lsh.insert(str(index), signature)
+    """Each text that repeats (exactly, or with similarity ≥ threshold) an earlier kept one, with the one it repeats."""
+    index, found = _Index(threshold), []
+    for position, text in enumerate(texts):
+        match, indexed = index.match(text)
+        if match:
+            found.append(Match(position, *match))
+        else:
+            index.add(position, indexed)
     return found
 
 
 def leaks(train: Sequence[str], test: Sequence[str], threshold: float = 0.8) -> list[Match]:
     """Each training text that repeats or nearly repeats a test text (`of` indexes the test texts)."""
-    lsh, minhash = _lsh(threshold)
-    test_grams = [shingles(t) for t in test]
-    exact = {hashlib.sha256(_canonical(t).encode()).hexdigest(): i for i, t in enumerate(test)}
-    for index, grams in enumerate(test_grams):
-        lsh.insert(str(index), minhash(grams))
-    found = []
-    for index, text in enumerate(train):
-        digest = hashlib.sha256(_canonical(text).encode()).hexdigest()
-        if digest in exact:
-            found.append(Match(index, exact[digest], 1.0))
-            continue
-        grams = shingles(text)
-        candidates = [(jaccard(grams, test_grams[int(key)]), int(key)) for key in lsh.query(minhash(grams))]
-        best = max(candidates, default=(0.0, -1))
-        if best[0] >= threshold:
-            found.append(Match(index, best[1], best[0]))
-    return found
+    index = _Index(threshold)
+    for position, text in enumerate(test):
+        match, indexed = index.match(text)
+        if indexed is not None:  # a test question asked twice is indexed once
+            index.add(position, indexed)
+    return [Match(position, *match) for position, text in enumerate(train) if (match := index.match(text)[0])]
 
 
 def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -16,8 +16,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from shitate.data.formats import read_jsonl
-from shitate.data.text import decode, text_record_problem
-from shitate.errors import DataError, Problem
+from shitate.data.text import decode, text_files, text_record_problem
+from shitate.errors import DataError, Problem, require
 
 DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf", ".docx")
 # 第12条, 第十二条, 第12条の2: articles of Japanese rules, often written without any Markdown heading.
@@ -47,12 +47,6 @@ class Passage:
 # Reading: every format → lines of Markdown-like text
 
 
-def document_files(folder: Path) -> list[Path]:
-    """The documents under a folder in name order, skipping hidden files and folders."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def read_lines(path: Path) -> list[str]:
     """A document's text as lines, headings as `#` lines; DataError naming the file when it cannot be read."""
     suffix = path.suffix.lower()
@@ -67,7 +61,7 @@ def read_lines(path: Path) -> list[str]:
 
 
 def _pdf_lines(path: Path) -> list[str]:
-    pypdf = _optional("pypdf", path)
+    pypdf = require("pypdf", "documents", "reading PDF")
     try:
         reader = pypdf.PdfReader(str(path))
         # A PDF "encrypted" with an empty user password (common for copy protection) opens without one.
@@ -87,7 +81,7 @@ def _pdf_lines(path: Path) -> list[str]:
 
 
 def _docx_lines(path: Path) -> list[str]:
-    docx = _optional("docx", path, package="python-docx")
+    docx = require("docx", "documents", "reading Word files", package="python-docx")
     try:
         document = docx.Document(str(path))
     except Exception as err:
@@ -142,16 +136,6 @@ def _html_lines(text: str) -> list[str]:
     parser = _HtmlText()
     parser.feed(text)
     return [line.strip() for line in parser.lines]
-
-
-def _optional(module: str, path: Path, package: str | None = None):  # noqa: ANN202 - the module
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise DataError([Problem(path, None, None, f"needs the `{package or module}` package to be read",
-                                 "pip install 'shitate[documents]'")]) from err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,11 +233,11 @@ def chunks(text: str, max_chars: int, overlap: int) -> list[str]:
                 current = []
             pieces.append(sentence[:max_chars])
             sentence = sentence[max(1, max_chars - overlap):]
-        if current and len("".join(current)) + len(sentence) > max_chars:
+        if current and sum(map(len, current)) + len(sentence) > max_chars:
             pieces.append("".join(current))
             carried: list[str] = []
             for previous in reversed(current):
-                if len("".join(carried)) + len(previous) > overlap:
+                if sum(map(len, carried)) + len(previous) > overlap:
                     break
                 carried.insert(0, previous)
             current = carried
@@ -263,7 +247,7 @@ def chunks(text: str, max_chars: int, overlap: int) -> list[str]:
     return [piece.strip() for piece in pieces]
 
 
-def passages(path: Path, max_chars: int = 800, overlap: int = 100, source: str | None = None) -> list[Passage]:
+def passages(path: Path, max_chars: int = 800, overlap: int = 100) -> list[Passage]:
     """One document's passages; DataError if the file cannot be read or holds no text."""
     lines = join_broken_lines([normalise(line) for line in read_lines(path)])
     found = []
@@ -271,7 +255,7 @@ def passages(path: Path, max_chars: int = 800, overlap: int = 100, source: str |
         title = heading_path[-1] if heading_path else ""
         room = max_chars - len(title) - 1 if max_chars > 0 else 0
         for piece in chunks("\n".join(body), max(room, max_chars // 2) if max_chars > 0 else 0, overlap):
-            found.append(Passage(f"{title}\n{piece}" if title else piece, source or str(path), " > ".join(heading_path)))
+            found.append(Passage(f"{title}\n{piece}" if title else piece, str(path), " > ".join(heading_path)))
     if not found:
         raise DataError([Problem(path, None, None, "has no text", "is the file empty, or only headings?")])
     return found
@@ -286,7 +270,7 @@ def import_documents(source: Path, max_chars: int = 800, overlap: int = 100,
     source = Path(source)
     if not source.exists():
         raise DataError([Problem(source, None, None, "not found", "check the path")])
-    files = document_files(source) if source.is_dir() else [source]
+    files = text_files(source, DOCUMENT_SUFFIXES) if source.is_dir() else [source]
     if not files:
         raise DataError([Problem(source, None, None, "has no documents (" + ", ".join(DOCUMENT_SUFFIXES) + ")",
                                  "point it at the folder that holds the files")])

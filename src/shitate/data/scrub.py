@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from shitate.errors import DataError, Problem, ShitateError
+from shitate.errors import DataError, Problem, require
 
 KINDS = ("EMAIL", "PHONE", "MYNUMBER", "CARD", "POSTAL", "ADDRESS", "NAME")
 PREFECTURES = ("北海道 青森県 岩手県 宮城県 秋田県 山形県 福島県 茨城県 栃木県 群馬県 埼玉県 千葉県 東京都 神奈川県 新潟県 富山県 "
@@ -110,11 +110,12 @@ class Scrubber:
         return any(allowed in value or value in allowed for allowed in self.allow)
 
     def mask(self, finding: Finding) -> str:
-        value = unicodedata.normalize("NFKC", finding.text)
-        if finding.kind in ("PHONE", "CARD", "MYNUMBER", "POSTAL"):
+        value = _halfwidth(finding.text)
+        if finding.kind == "PHONE":
+            value = _national(value)
+        elif finding.kind in ("CARD", "MYNUMBER", "POSTAL"):
             value = _digits(value)
-            value = "0" + value[2:].removeprefix("0") if finding.kind == "PHONE" and value.startswith("81") else value
-        key = (finding.kind, re.sub(r"\s", "", value))
+        key = (finding.kind, re.sub(r"\s", "", unicodedata.normalize("NFKC", value)))
         if key not in self.masks:
             self.counts[finding.kind] = self.counts.get(finding.kind, 0) + 1
             self.masks[key] = f"[{finding.kind}_{self.counts[finding.kind]}]"
@@ -151,13 +152,18 @@ def _valid(kind: str, value: str) -> bool:
     if kind == "MYNUMBER":
         return my_number_valid(_digits(value))
     if kind == "PHONE":
-        digits = _digits(value)
-        national = "0" + digits[2:].removeprefix("0") if value.startswith("+81") else digits
+        national = _national(value)
         if not national.startswith("0") or len(national) not in (10, 11):
             return False
         # Without a separator, only the shapes of mobile (090…) and landline numbers: not any 10 digits after a 0.
         return bool(re.search(r"[ \-()]", value)) or bool(re.fullmatch(r"0[5789]0[0-9]{8}|0[1-9][0-9]{8}", national))
     return True
+
+
+def _national(phone: str) -> str:
+    """A phone number's digits in national form: +81 3-1234-5678 and 03-1234-5678 are the same number."""
+    digits = _digits(phone)
+    return "0" + digits[2:].removeprefix("0") if phone.startswith("+81") else digits
 
 
 def luhn_valid(digits: str) -> bool:
@@ -182,12 +188,8 @@ def my_number_valid(digits: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _tokenizer():  # noqa: ANN202 - janome Tokenizer
-    try:
-        from janome.tokenizer import Tokenizer
-    except ImportError:
-        raise ShitateError("finding person names needs Janome: pip install 'shitate[documents]' "
-                           "(or pass --no-names to mask only patterns)") from None
-    return Tokenizer()
+    return require("janome.tokenizer", "documents", "finding person names (--no-names masks patterns only)",
+                   package="janome").Tokenizer()
 
 
 def person_names(text: str) -> list[tuple[int, int]]:

@@ -165,7 +165,7 @@ def filter_pairs(candidates: Sequence[tuple[dict[str, Any], str, str]], filters:
             reason = "not a question"
         elif support(answer, f"{passage.get('heading', '')}\n{passage['text']}") < filters.min_support:
             reason = "answer not in passage"
-        elif len(_compact(answer)) >= 2 and _compact(answer) in _compact(question):
+        elif len(compact := _compact(answer)) >= 2 and compact in _compact(question):
             reason = "question contains answer"
         if reason:
             report.dropped[reason] += 1
@@ -180,9 +180,8 @@ def filter_pairs(candidates: Sequence[tuple[dict[str, Any], str, str]], filters:
     for indices in by_document.values():
         matches = duplicates([passing[i][1] for i in indices], filters.duplicate_similarity)
         repeated |= {indices[m.index] for m in matches}
-    report.dropped["duplicate question"] += len(repeated)
-    if not report.dropped["duplicate question"]:
-        del report.dropped["duplicate question"]
+    if repeated:
+        report.dropped["duplicate question"] = len(repeated)
     records = []
     for index, (passage, question, answer) in enumerate(passing):
         if index in repeated:
@@ -210,8 +209,7 @@ def synthesize(passages: Sequence[dict[str, Any]], mode: str = "template",
         generated = model_pairs(ask, passages, per_passage, template, on_batch)
     candidates = [(passage, q, a) for passage, pairs in zip(passages, generated) for q, a in pairs]
     report.generated = len(candidates)
-    report.dropped["passage gave no pair"] = sum(1 for pairs in generated if not pairs)
-    if not report.dropped["passage gave no pair"]:
-        del report.dropped["passage gave no pair"]
+    if empty := sum(1 for pairs in generated if not pairs):
+        report.dropped["passage gave no pair"] = empty
     return filter_pairs(candidates, filters or SynthFilters(), report), report
 

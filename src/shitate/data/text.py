@@ -75,9 +75,9 @@ def _japanese_score(text: str) -> int:
     return common - 2 * halfwidth_katakana
 
 
-def text_files(folder: Path) -> list[Path]:
-    """The .txt/.md files under a folder, in name order, skipping hidden ones."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+def text_files(folder: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+    """The files with these suffixes (.txt/.md by default) under a folder, in name order, skipping hidden ones."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

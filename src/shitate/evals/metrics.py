@@ -120,14 +120,12 @@ def japanese_tokens(text: str) -> list[str]:
 
 
 def _sacrebleu():  # noqa: ANN202 - the module
-    try:
-        import sacrebleu
-        from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab  # noqa: F401 - needs MeCab and its dictionary
-    except ImportError:
-        from shitate.errors import ShitateError
+    from shitate.errors import require
 
-        raise ShitateError("BLEU, chrF and ROUGE on Japanese need sacrebleu with MeCab: pip install 'shitate[eval]'") from None
-    return sacrebleu
+    # The MeCab tokenizer module needs MeCab and its dictionary: import it now, not halfway through an evaluation.
+    require("sacrebleu.tokenizers.tokenizer_ja_mecab", "eval", "BLEU, chrF and ROUGE on Japanese (with MeCab)",
+            package="sacrebleu[ja]")
+    return require("sacrebleu", "eval", "BLEU, chrF and ROUGE on Japanese")
 
 
 _MECAB = None
