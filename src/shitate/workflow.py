@@ -125,9 +125,9 @@ def estimate_data(file: Path, recipe: Recipe, shots: int = 5, prices: Path | Non
                   shots if kind == "chats" else 0)
     services, as_of = load_prices(prices)
     measured = None
-    if measure:
+    if measure:  # a dry run trains in a temporary folder of its own: runs/<name> is not touched
         data = recipe.data.model_copy(update={"train": file})
-        measured = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True, force=True)
+        measured = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True)
     return usage, estimate(usage, services) if kind == "chats" else [], as_of, measured
 
 

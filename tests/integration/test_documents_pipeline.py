@@ -39,7 +39,7 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_documents_become_grounded_questions_and_a_tuned_run(tmp_path, tiny_model):
+def test_documents_become_grounded_questions_and_a_tuned_run(tmp_path, tiny_model, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "travel.md").write_text(RULES, encoding="utf-8")
@@ -67,11 +67,16 @@ data: {{train: qa.jsonl}}
 adapter: {{method: lora, r: 8, alpha: 16}}
 train: {{epochs: 5, batch_size: 4, learning_rate: 3.0e-2, max_length: 256, precision: fp32, warmup_ratio: 0.0}}
 """, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "runs" / "rules"  # a run where the recipe's runs/<name> points: the estimate leaves it alone
+    existing.mkdir(parents=True)
+    (existing / "keep.txt").write_text("a real run", encoding="utf-8")
     result = runner.invoke(app, ["data", "estimate", str(qa), "--recipe", str(recipe), "--requests", "1000"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "16 examples" in output and "× 5 epochs" in output and "tokens/s measured" in output
     assert "openai gpt-4.1-mini" in output and "break-even" in output
+    assert (existing / "keep.txt").read_text(encoding="utf-8") == "a real run"
 
     result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,6 @@ Only a hub id may touch the network, and only because the user asked for it.
 from __future__ import annotations
 
 import os
-
 import re
 from dataclasses import dataclass
 from pathlib import Path
