@@ -375,7 +375,10 @@ def _launch(nproc: int, engine: str) -> int:
 
     from shitate.errors import ConfigError
 
-    args = [a for i, a in enumerate(sys.argv[1:]) if not _is_launch_option(sys.argv[1:], i)]
+    argv = sys.argv[1:]
+    # The children run the same command without --nproc/--engine (and their values): they are the processes.
+    args = [a for i, a in enumerate(argv) if a.split("=")[0] not in LAUNCH_OPTIONS
+            and (i == 0 or argv[i - 1] not in LAUNCH_OPTIONS)]
     if not torch.cuda.is_available():
         # accelerate's own CPU launcher wants MPI for several processes; torchrun needs nothing.
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "shitate.cli"]
@@ -389,12 +392,7 @@ def _launch(nproc: int, engine: str) -> int:
     return subprocess.call(command + args)
 
 
-def _is_launch_option(argv: list[str], index: int) -> bool:
-    flag = argv[index].split("=")[0]
-    previous = argv[index - 1] if index > 0 else ""
-    return flag in ("--nproc", "--engine") or (previous in ("--nproc", "--engine") and "=" not in previous)
-
-
+LAUNCH_OPTIONS = ("--nproc", "--engine")
 # Shipped beside the package in a source checkout (pip install -e .), as DESIGN.md lays it out.
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
