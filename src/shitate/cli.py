@@ -46,6 +46,8 @@ def data_import(
     max_chars: int = typer.Option(800, help="documents: longest passage in characters (0: one passage per section)"),
     overlap: int = typer.Option(100, help="documents: characters of whole sentences a long section's next passage "
                                           "repeats"),
+    encoding: Optional[str] = typer.Option(None, help="the file's encoding, e.g. cp932 (default: UTF-8; CSV/TSV: "
+                                                      "UTF-8, cp932 or EUC-JP, detected)"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
     """Convert a data file to shitate's chat JSONL, documents to passages split by heading and article (text JSONL
@@ -91,7 +93,7 @@ def data_import(
             "pretrain reads them, `shitate data synth` makes questions from them)."
             + (f" {len(problems)} files skipped." if problems else ""))
         return
-    records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad)
+    records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad, encoding)
     for problem in skipped:
         say(f"[yellow]skipped[/] {problem}")
     count = write_jsonl(out, records)
@@ -164,7 +166,8 @@ def data_split(
     from shitate.data.preference import looks_like_preferences, read_preferences
 
     wanted = parse_sizes(sizes)
-    records = [pair for _, pair in read_preferences(file)] if looks_like_preferences(file) else read_chat(file)
+    records = [pair for _, pair in read_preferences(file)] if looks_like_preferences(file) else [
+        record for _, record in read_chat(file)]
     parts = split_records(records, wanted, seed)
     for name in SPLITS:
         write_jsonl(out_dir / f"{name}.jsonl", parts[name])
@@ -501,7 +504,9 @@ def score(
 
     run = find_run(model)
     if run is None or run.recipe_setting("stage") != "reward":
-        raise ShitateError(f"{model}: not a reward model. Give the run folder of a finished `stage: reward` run.")
+        made_by = f"a run of stage {run.recipe_setting('stage', 'sft')}, " if run is not None else ""
+        raise ShitateError(f"{model}: {made_by}not a reward model. Give the run folder of a finished `stage: reward` "
+                           "run.")
     items = read_answers_to_score(file)
     loaded = load_for_inference(model)
     recipe = run.recipe()

@@ -85,6 +85,9 @@ class TrainSpec(Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(512, ge=8, description="tokens; longer examples are cut on the right")
+    overlong: Literal["drop", "error"] = Field(
+        "drop", description="an example whose whole answer lies past max_length (nothing left to learn): drop it "
+                            "with a warning that names its line, or stop with an error")
     activation_checkpointing: bool = Field(
         False, description="keep only each layer's input and recompute the rest in the backward pass: "
                            "far less memory for about a third more time")
@@ -360,11 +363,15 @@ def load_recipe(path: Path, overrides: list[str] | None = None, check_files: boo
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found. Copy one from examples/ (e.g. examples/kids_qa/recipe.yaml).")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text. Save the recipe as UTF-8.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). Check indentation and colons.") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the recipe is empty. Copy one from examples/ (e.g. examples/kids_qa/recipe.yaml).")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping (name:, model:, data: …), not {type(raw).__name__}.")
     for key, value in parse_overrides(overrides or []):
@@ -385,10 +392,11 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", check_files: bo
     problems.extend(_stage_section_problems(raw))
     if recipe is not None and check_files:
         for split, sources in recipe.data.files().items():
-            for source in sources:
+            for data_source in sources:
                 folder_allowed = recipe.stage == "pretrain" and split != "test"
-                if not (source.path.is_file() or folder_allowed and source.path.is_dir()):
-                    problems.append(f"data.{split}: file {source.path} does not exist")
+                if not (data_source.path.is_file() or folder_allowed and data_source.path.is_dir()):
+                    problems.append(f"data.{split}: file {data_source.path} not found (paths are read from the "
+                                    "recipe's folder)")
         if recipe.stage in RL_STAGES:
             spec = getattr(recipe, recipe.stage)
             has_rubric = bool(recipe.eval.rubric) and spec.rubric_weight > 0

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def shitate(*args: str) -> subprocess.Popen:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import assert_same_adapter, crashed_copy, write_jsonl
@@ -98,6 +99,9 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, tiny_model, 
     changed = type(tokenizer).from_pretrained(tiny_model)
     changed.add_tokens(["<社内用語>"])
     changed.save_pretrained(other)
+    base = AutoModelForCausalLM.from_pretrained(other)
+    base.resize_token_embeddings(len(changed))  # a sound model of its own, with a row for the new word
+    base.save_pretrained(other)
     reward_run = tmp_path / "reward-run"
     (reward_run / "adapter").mkdir(parents=True)
     (reward_run / "recipe.yaml").write_text(f"name: r\nmodel: {other}\nstage: reward\n", encoding="utf-8")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_same_adapter, crashed_copy, kids_records, write_jsonl
 from shitate.cli import app
-from shitate.errors import ConfigError
+from shitate.errors import ConfigError, DataError
 
 runner = CliRunner()
 
@@ -76,6 +76,23 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_mo
     assert result.exit_code == 0, result.output
     assert_same_adapter(full, crashed)
     assert [m["step"] for m in metrics(crashed) if "loss" in m] == list(range(1, 13))
+
+
+def test_an_example_whose_whole_answer_is_past_max_length_is_dropped_with_a_warning(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    records = kids_records(24)
+    long_prompt = {"messages": [{"role": "user", "content": "とても長い質問です。" * 40},
+                                {"role": "assistant", "content": "答えだよ。"}]}
+    write_jsonl(tmp_path / "train.jsonl", records[:2] + [long_prompt] + records[2:5] + [long_prompt] + records[5:])
+    result = train(recipe, tmp_path / "run", "--set", "train.max_steps=1")
+    assert result.exit_code == 0, result.output
+    assert "dropped 2 example(s) whose whole answer lies past max_length 96 (line 3, 7)" in " ".join(result.output.split())
+    assert "24 train / 8 validation examples" in result.output
+
+    refused = train(recipe, tmp_path / "strict", "--set", "train.overlong=error")
+    assert isinstance(refused.exception, DataError) and not (tmp_path / "strict").exists()
+    assert [(p.line, p.message) for p in refused.exception.problems] == [
+        (3, "no answer tokens left within max_length 96"), (7, "no answer tokens left within max_length 96")]
 
 
 def test_an_existing_run_is_never_overwritten_without_force(tmp_path, tiny_model):

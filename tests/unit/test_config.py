@@ -35,7 +35,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
 def test_missing_data_file_is_reported_before_any_model_loads(tmp_path):
     path = write_recipe(tmp_path, "name: x\ndata: {train: nowhere.jsonl}\n")
-    with pytest.raises(ConfigError, match=r"data.train: file .*nowhere.jsonl does not exist"):
+    with pytest.raises(ConfigError, match=r"data.train: file .*nowhere.jsonl not found"):
         load_recipe(path)
 
 
@@ -107,7 +107,7 @@ def test_mixed_training_sources_are_relative_to_the_recipe(tmp_path):
                                   "    - {path: general.jsonl, weight: 0.5}\n    - {path: gone.jsonl, weight: 0}\n")
     with pytest.raises(ConfigError, match=r"data.train.2.weight: Input should be greater than 0 \(got 0\)"):
         load_recipe(path)
-    with pytest.raises(ConfigError, match=r"data.train: file .*gone.jsonl does not exist"):
+    with pytest.raises(ConfigError, match=r"data.train: file .*gone.jsonl not found"):
         load_recipe(path, ["data.train=[{path: train.jsonl}, {path: gone.jsonl, weight: 2}]"])
     recipe = load_recipe(path, ["data.train=[{path: train.jsonl}, {path: general.jsonl, weight: 0.5}]"])
     assert [(s.path, s.weight) for s in recipe.data.train_sources()] == [

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from shitate.cli import app
 from shitate.data.documents import chunks, import_documents, join_broken_lines, normalise, passages
-from shitate.errors import DataError
 
 HANDBOOK = Path(__file__).parents[3] / "shared" / "data" / "employee-handbook"
 RULES = ["第1条 目的", "この規程は、社員の出張に関する事項を定める", "ものである。", "第2条 旅費", "出張旅費は、実費を支給する。"]

@@ -95,5 +95,47 @@ def test_context_goes_before_the_first_question():
 def test_atomic_write_roundtrip(tmp_path):
     out = tmp_path / "sub" / "out.jsonl"
     assert write_atomic(out, [{"messages": QA}] * 3) == 3
-    assert read_chat(out) == [{"messages": QA}] * 3
+    assert read_chat(out) == [(1, {"messages": QA}), (2, {"messages": QA}), (3, {"messages": QA})]
     assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]
+
+
+def test_a_csv_saved_by_excel_in_cp932_imports_as_it_is(tmp_path):
+    path = tmp_path / "qa.csv"
+    rows = "質問,回答\r\n有給休暇は何日?,入社半年で10日です。\r\n\"複数行の\r\n質問\",〜まで(①)です。\r\n"
+    path.write_bytes(rows.encode("cp932"))
+    detected, _ = import_records(path, question_column="質問", answer_column="回答")
+    named, _ = import_records(path, question_column="質問", answer_column="回答", encoding="cp932")
+    assert detected == named
+    assert [r["messages"][0]["content"] for r in detected] == ["有給休暇は何日?", "複数行の\n質問"]
+    assert detected[1]["messages"][1]["content"] == "〜まで(①)です。"
+
+
+def test_jsonl_in_shift_jis_is_refused_whole_and_imports_with_its_encoding(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes((json.dumps({"messages": QA[:1] + [{"role": "assistant", "content": "答えです"}]},
+                                 ensure_ascii=False) + "\n").encode("cp932") * 3)
+    with pytest.raises(DataError, match=r"qa.jsonl: is not UTF-8: it reads as cp932 — .*--encoding cp932"):
+        import_records(path)
+    records, _ = import_records(path, encoding="cp932")
+    assert len(records) == 3 and records[0]["messages"][1]["content"] == "答えです"
+    with pytest.raises(ShitateError, match="--encoding 'sjiss': not an encoding"):
+        import_records(path, encoding="sjiss")
+
+
+def test_one_stray_byte_is_reported_on_its_line_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    good = json.dumps({"messages": QA}).encode()
+    path.write_bytes(b"\n".join([good, good.replace(b'"A"', b'"A\xff"'), good]) + b"\n")
+    records, problems = import_records(path, skip_bad=True)
+    assert len(records) == 2
+    assert [str(p) for p in problems] == [f"{path}:2: not valid UTF-8 (byte 0xff at byte {good.index(b'A') + 2} of the "
+                                          "line) — re-save the file as UTF-8 or fix the line; a stray byte often comes "
+                                          "from pasting between programs"]
+
+
+def test_a_json_array_imports_with_the_line_of_each_item(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([{"instruction": "Q", "output": "A"}, {"instruction": "Q2"}], indent=2), encoding="utf-8")
+    records, problems = import_records(path, skip_bad=True)
+    assert records == [{"messages": QA}]
+    assert [(p.line, p.field, p.message) for p in problems] == [(6, None, "unrecognised record (keys: instruction)")]

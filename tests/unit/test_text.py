@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from shitate.data.collate import documents_to_rows, loss_positions, segments_batch
 from shitate.data.templates import IGNORE_INDEX

@@ -6,7 +6,10 @@ with optional "context" (a passage placed before the first question).
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import itertools
 import json
 import os
 import tempfile
@@ -32,24 +35,143 @@ class RecordError(ValueError):
         self.field, self.message, self.fix = field, message, fix
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any | Problem]]:
-    """Yield (1-based line, parsed object) or (line, Problem) for lines that are not JSON."""
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
-                                      "each line must be one complete JSON object")
+# A line longer than this is no training example (no model's context holds 8 MB of text): it is a file
+# without line breaks, or a document pasted into one field. Reading stops at the limit instead of
+# loading the whole line.
+MAX_LINE_BYTES = 8 * 2**20
 
 
-def _open_text(path: Path):  # noqa: ANN202 - a text handle
+def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) -> Iterator[tuple[int, Any | Problem]]:
+    """Yield (1-based line, parsed object) or (line, Problem) for lines that are not JSON.
+
+    The file must be UTF-8 unless `encoding` names another. A file that is one JSON array is refused
+    (with the fix), or read item by item with `arrays` (importers accept what people have).
+    """
+    path = Path(path)
+    lines = _decoded_lines(path, encoding)
+    for number, line in lines:
+        if isinstance(line, Problem) or not line.strip():
+            if isinstance(line, Problem):
+                yield number, line
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            if line.lstrip().startswith("["):
+                document = line + "".join(rest for _, rest in lines if isinstance(rest, str))
+                if _is_json_array(document):
+                    if not arrays:
+                        raise DataError([Problem(path, None, None, "is one JSON array, not JSON Lines (one object a "
+                                                 "line)", f"convert it with `shitate data import {path} --out "
+                                                 f"{path.with_suffix('.jsonl').name}`")]) from None
+                    yield from _array_items(document, number)
+                    return
+            yield number, Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
+                                  "each line must be one complete JSON object")
+
+
+def _is_json_array(document: str) -> bool:
+    try:
+        return isinstance(json.loads(document), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def _array_items(document: str, first_line: int) -> Iterator[tuple[int, Any]]:
+    """Each item of a JSON array with the line it starts on, so problems still point at a line."""
+    decoder, position = json.JSONDecoder(), document.index("[") + 1
+    while True:
+        while position < len(document) and document[position] in " \t\r\n,":
+            position += 1
+        if position >= len(document) or document[position] == "]":
+            return
+        item, end = decoder.raw_decode(document, position)
+        yield first_line + document.count("\n", 0, position), item
+        position = end
+
+
+def _decoded_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, str | Problem]]:
+    """Each line as text, or a Problem for a line that is too long or not in the file's encoding.
+
+    A file that is binary, or wholly in a Japanese legacy encoding (Shift_JIS from Excel and Windows
+    tools), is refused as a whole with the fix, rather than as thousands of undecodable lines.
+    """
+    from shitate.data.text import looks_binary
+
+    _check_encoding(encoding)
     if not path.is_file():
         raise ShitateError(f"{path}: file not found. Check the path (it is read relative to the current folder).")
-    # utf-8-sig: spreadsheets often save CSV with a byte-order mark that would otherwise end up in the first column name.
-    return path.open(encoding="utf-8-sig", newline="")
+    with path.open("rb") as handle:
+        if b"\x00" in handle.read(8192):
+            raise DataError([Problem(path, None, None, "is a binary file, not text",
+                                     "give a JSONL file (one JSON object a line, UTF-8)")])
+        handle.seek(0)
+        for number in itertools.count(1):
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                skipped = len(raw) + _skip_line(handle)
+                yield number, Problem(path, number, None, f"is {skipped / 2**20:.0f} MB on one line, more than any "
+                                      "training example", "split the text into records of one conversation (or one "
+                                      "document of at most a few thousand words) each")
+                continue
+            try:
+                yield number, raw.decode(encoding or ("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError as err:
+                content = path.read_bytes()
+                if looks_binary(content.decode("latin-1")):
+                    raise DataError([Problem(path, None, None, "is a binary file, not text",
+                                             "give a JSONL file (one JSON object a line, UTF-8)")]) from None
+                if encoding is None:
+                    legacy = _legacy_encoding(path, content)
+                    if legacy:
+                        raise DataError([Problem(path, None, None, f"is not UTF-8: it reads as {legacy}",
+                                                 f"convert it (`iconv -f {legacy} -t UTF-8 {path.name} > utf8.jsonl`) or "
+                                                 f"import it: `shitate data import {path.name} --encoding {legacy} "
+                                                 "--out utf8.jsonl`")]) from None
+                yield number, Problem(path, number, None, f"not valid {encoding or 'UTF-8'} (byte "
+                                      f"0x{raw[err.start]:02x} at byte {err.start + 1} of the line)",
+                                      "re-save the file as UTF-8 or fix the line; a stray byte often comes from "
+                                      "pasting between programs")
+
+
+def _skip_line(handle) -> int:  # noqa: ANN001 - a binary file
+    """Read past the rest of an over-long line without keeping it; the bytes skipped."""
+    skipped = 0
+    while chunk := handle.readline(MAX_LINE_BYTES):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
+
+
+def _legacy_encoding(path: Path, content: bytes) -> str | None:
+    """cp932 or euc_jp when the file is wholly in one (no line with non-ASCII bytes reads as UTF-8), else None:
+    a UTF-8 file with a stray byte is not re-read as Shift_JIS."""
+    from shitate.data.text import japanese_score, decode
+
+    for line in content.splitlines():
+        if not line.isascii():
+            try:
+                line.decode("utf-8")
+                return None
+            except UnicodeDecodeError:
+                continue
+    try:
+        text, encoding = decode(path)
+    except DataError:
+        return None
+    return None if encoding.startswith("utf") or japanese_score(text) <= 0 else encoding
+
+
+def _check_encoding(encoding: str | None) -> None:
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ShitateError(f"--encoding {encoding!r}: not an encoding Python knows; Japanese files are "
+                               "usually utf-8, cp932 (Shift_JIS, Excel on Windows) or euc_jp") from None
 
 
 def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
@@ -147,16 +269,17 @@ def _with_system(record: dict[str, Any], system: str | None) -> dict[str, Any]:
 
 
 def import_records(path: Path, fmt: str = "auto", system: str | None = None, question_column: str = "question",
-                   answer_column: str = "answer", skip_bad: bool = False) -> tuple[list[dict[str, Any]], list[Problem]]:
+                   answer_column: str = "answer", skip_bad: bool = False,
+                   encoding: str | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
     """Convert a file to canonical chat records; raise DataError unless skip_bad."""
     path = Path(path)
     if fmt == "auto":
         suffix = path.suffix.lower()
         fmt = "csv" if suffix == ".csv" else "tsv" if suffix in (".tsv", ".tab") else "auto"
     if fmt in ("csv", "tsv"):
-        rows = _read_table(path, "\t" if fmt == "tsv" else ",", question_column, answer_column)
+        rows = _read_table(path, "\t" if fmt == "tsv" else ",", question_column, answer_column, encoding)
     else:
-        rows = _convert_jsonl(path, fmt)
+        rows = _convert_jsonl(path, fmt, encoding)
     records, problems = [], []
     for _line, item in rows:
         if isinstance(item, Problem):
@@ -170,8 +293,8 @@ def import_records(path: Path, fmt: str = "auto", system: str | None = None, que
     return records, problems
 
 
-def _convert_jsonl(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
-    for line, obj in read_jsonl(path):
+def _convert_jsonl(path: Path, fmt: str, encoding: str | None) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
+    for line, obj in read_jsonl(path, encoding, arrays=True):
         if isinstance(obj, Problem):
             yield line, obj
             continue
@@ -187,24 +310,42 @@ def _convert_jsonl(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] |
             yield line, Problem(path, line, err.field, err.message, err.fix)
 
 
-def _read_table(path: Path, delimiter: str, question_column: str, answer_column: str) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        missing = [c for c in (question_column, answer_column) if c not in columns]
-        if missing:
-            raise DataError([Problem(path, 1, ", ".join(missing), f"column not found; the header has: {', '.join(columns)}",
-                                     "name the columns with --question-column/--answer-column")])
-        for row in reader:
-            line = reader.line_num
-            try:
-                yield line, _pair(_text(row, question_column), _text(row, answer_column))
-            except RecordError as err:
-                yield line, Problem(path, line, err.field, err.message, err.fix)
+def _read_table(path: Path, delimiter: str, question_column: str, answer_column: str,
+                encoding: str | None = None) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
+    from shitate.data.text import decode
+
+    if not path.is_file():
+        raise ShitateError(f"{path}: file not found. Check the path (it is read relative to the current folder).")
+    _check_encoding(encoding)
+    # Excel on a Japanese Windows saves CSV in cp932: detect it (or take the user's --encoding) rather than fail.
+    text = decode(path, encoding)[0]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    if not columns:
+        raise DataError([Problem(path, None, None, "is empty (no header row)",
+                                 f"the first row must name the columns, e.g. {question_column},{answer_column}")])
+    missing = [c for c in (question_column, answer_column) if c not in columns]
+    if missing:
+        raise DataError([Problem(path, 1, ", ".join(missing), f"column not found; the header has: {', '.join(columns)}",
+                                 _header_fix(columns, delimiter))])
+    for row in reader:
+        line = reader.line_num
+        try:
+            yield line, _pair(_text(row, question_column), _text(row, answer_column))
+        except RecordError as err:
+            yield line, Problem(path, line, err.field, err.message, err.fix)
 
 
-def read_chat(path: Path) -> list[dict[str, Any]]:
-    """Read a canonical chat JSONL strictly; any problem raises DataError listing all of them."""
+def _header_fix(columns: list[str], delimiter: str) -> str:
+    other = next((d for d in (";", "\t", ",", "|") if d != delimiter and len(columns) == 1 and d in columns[0]), None)
+    if other:
+        return (f"the header reads as one column: the file seems separated by {other!r}, not {delimiter!r}; save it "
+                "as comma-separated CSV" + (" or pass --format tsv" if other == "\t" else ""))
+    return "name the columns with --question-column/--answer-column"
+
+
+def read_chat(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, record) of a canonical chat JSONL, read strictly; any problem raises DataError listing all of them."""
     records, problems = [], []
     for line, obj in read_jsonl(Path(path)):
         if isinstance(obj, Problem):
@@ -215,7 +356,7 @@ def read_chat(path: Path) -> list[dict[str, Any]]:
                                     "on chats", "for continued pretraining on text set `stage: pretrain` in the recipe"))
             continue
         try:
-            records.append(_chat(obj if isinstance(obj, dict) else {}))
+            records.append((line, _chat(obj if isinstance(obj, dict) else {})))
         except RecordError as err:
             problems.append(Problem(path, line, err.field, err.message, err.fix or "run `shitate data check` for details"))
     if problems:

@@ -44,8 +44,8 @@ def detect_preference_format(record: Any) -> str | None:
     """Which preference shape a JSON record has, if any."""
     if not isinstance(record, dict):
         return None
-    if is_preference_record(record) or {"answer_chosen", "answer_rejected"} <= record.keys():
-        return "preference"
+    if record.keys() & {"chosen", "rejected"} or {"answer_chosen", "answer_rejected"} <= record.keys():
+        return "preference"  # a pair with one side missing is still a pair, and `data check` names the side
     if ("prompt" in record or "question" in record) and isinstance(record.get("answers") or record.get("ranking"), list):
         return "ranked"
     if {"answer_1", "answer_2", "g1_winner", "g2_winner"} <= record.keys():
@@ -170,6 +170,9 @@ def read_preferences(path: Path) -> list[tuple[int, dict[str, Any]]]:
     for line, obj in read_jsonl(path):
         if isinstance(obj, Problem):
             problems.append(obj)
+        elif isinstance(obj, dict) and (obj.keys() & {"chosen", "rejected"}) and not is_preference_record(obj):
+            side = "rejected" if "chosen" in obj else "chosen"
+            problems.append(Problem(path, line, side, "missing", 'a pair is {"prompt": …, "chosen": …, "rejected": …}'))
         elif not is_preference_record(obj):
             kind = detect_preference_format(obj)
             if kind:

@@ -42,34 +42,40 @@ def looks_binary(text: str) -> bool:
     return "\x00" in text or len(_CONTROL.findall(text)) > 0.01 * max(len(text), 1)
 
 
-def decode(path: Path) -> tuple[str, str]:
-    """(text, encoding) of a text file; DataError naming the file for binary or undecodable content."""
+def decode(path: Path, encoding: str | None = None) -> tuple[str, str]:
+    """(text, encoding) of a text file, in `encoding` or the one detected; DataError naming the file for binary
+    or undecodable content."""
     raw = Path(path).read_bytes()
     if b"\x00" in raw[:8192]:
         raise DataError([Problem(path, None, None, "is a binary file, not text",
                                  "give a .txt/.md file or a {\"text\": …} JSONL; convert PDF or Word files to text first")])
     decoded = {}
-    for encoding in ENCODINGS:
+    for candidate in (encoding,) if encoding else ENCODINGS:
         try:
-            decoded[encoding] = raw.decode(encoding)
-        except UnicodeDecodeError:
+            decoded[candidate] = raw.decode(candidate)
+        except UnicodeDecodeError as err:
+            if encoding:
+                raise DataError([Problem(path, None, None, f"is not {encoding} (byte 0x{raw[err.start]:02x} at byte "
+                                         f"{err.start + 1})", "leave out --encoding to let shitate detect it")]) from None
             continue
-        if encoding == "utf-8-sig":
+        if candidate == "utf-8-sig":
             break  # valid UTF-8 is taken as UTF-8
     if decoded:
         # EUC-JP bytes often decode as cp932 too, as half-width katakana and rare kanji: keep the reading
         # with the most hiragana, katakana and common kanji.
-        encoding = max(decoded, key=lambda e: _japanese_score(decoded[e]))
+        encoding = max(decoded, key=lambda e: japanese_score(decoded[e]))
         text = decoded[encoding]
         if looks_binary(text):
             raise DataError([Problem(path, None, None, "is a binary file, not text (many control characters)",
                                      "give a .txt/.md file or a {\"text\": …} JSONL")])
+        if encoding.replace("_", "").lower() in ("cp932", "shiftjis", "sjis", "mskanji"):
+            text = text.replace("\uff5e", "\u301c")  # cp932 has one wave dash and decodes it as FULLWIDTH TILDE
         return text.replace("\r\n", "\n"), encoding
     raise DataError([Problem(path, None, None, f"is not text in any of {', '.join(ENCODINGS)}",
                              "re-save it as UTF-8 (e.g. `iconv -f ENCODING -t UTF-8`)")])
 
 
-def _japanese_score(text: str) -> int:
+def japanese_score(text: str) -> int:
     common = sum(1 for c in text if "\u3041" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff")
     halfwidth_katakana = sum(1 for c in text if "\uff61" <= c <= "\uff9f")
     return common - 2 * halfwidth_katakana

@@ -55,6 +55,7 @@ def resolve(reference: str, progress: bool = True) -> ModelSource:
             base = resolve(run.recipe_setting("model", DEFAULT_MODEL), progress).for_training()
             return ModelSource("run", reference, base.folder, adapter=final, run=path, merged=base.merged)
         if (path / "config.json").is_file():
+            _check_model_folder(path)
             return ModelSource("folder", reference, str(path))
         if run.is_started():
             raise run.unfinished_error()
@@ -70,6 +71,33 @@ def resolve(reference: str, progress: bool = True) -> ModelSource:
         return ModelSource("hub", reference, reference)
     raise ModelError(f"{reference}: no such file or folder. Give {DEFAULT_MODEL}, a local model folder, "
                      "a .gguf file, a run folder (runs/NAME), or a hub id such as org/name.")
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", *(f"*{suffix}" for suffix in (".bin", ".pt", ".pth")))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def _check_model_folder(path: Path) -> None:
+    """A folder with a config.json but no weights or no tokenizer is a half-copied download: say so now,
+    not as a library's error deep inside loading (or, for the tokenizer, a silent fallback)."""
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelError(f"{path}: has a config.json but no weights (model.safetensors). Copy the model's "
+                         "*.safetensors files into it, or give the folder they are in.")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}). Copy them from where "
+                         "the model came from.")
+
+
+def _check_vocabulary(source: ModelSource, tokenizer: Any) -> None:
+    """A tokenizer with ids past the model's embedding table would fail mid-training (or read garbage on a GPU)."""
+    try:
+        rows = load_config(source).get_text_config().vocab_size
+    except ModelError:
+        return  # no config to compare with: the model's own loading says what is wrong
+    if rows and len(tokenizer) > rows:
+        raise ModelError(f"{source.reference}: the tokenizer does not match the model: its vocabulary has "
+                         f"{len(tokenizer):,} tokens but the model's embedding has {rows:,} rows. Use the tokenizer "
+                         "that came with the model (its tokenizer files beside config.json).")
 
 
 def _check_hub_reachable(reference: str) -> None:
@@ -93,9 +121,11 @@ def load_tokenizer(source: ModelSource) -> Any:
 
     quiet_libraries()
     try:
-        return AutoTokenizer.from_pretrained(source.folder, local_files_only=source.kind != "hub")
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=source.kind != "hub")
     except OSError as err:
         raise _load_error(source, err) from None
+    _check_vocabulary(source, tokenizer)
+    return tokenizer
 
 
 def load_config(source: ModelSource) -> Any:

@@ -33,7 +33,7 @@ from shitate.data.collate import Example, split_by_tokens, tree_batch
 from shitate.data.mix import SourceShare, mix
 from shitate.data.preference import encode_pair, read_preferences
 from shitate.data.templates import ChatTemplate, get_template
-from shitate.errors import ConfigError, DataError, Problem
+from shitate.errors import ConfigError
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
 from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
@@ -42,7 +42,7 @@ from shitate.models.reward import RewardModel
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import bradley_terry_losses, dpo_losses, orpo_losses
-from shitate.train.session import DryRun, Objective, Session
+from shitate.train.session import DryRun, Objective, Session, drop_answerless
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False,
@@ -118,16 +118,14 @@ def read_data(recipe: Recipe, source: ModelSource, model_type: str | None) -> Pa
 
 def encode_pairs(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTemplate) -> list[Example]:
     """A preference JSONL as tree-shaped examples; every problem of the file is raised at once."""
-    examples, problems = [], []
+    examples, answerless = [], []
     for line, pair in read_preferences(Path(path)):
         example = encode_pair(pair, tokenizer, template, recipe.train.max_length, recipe.data.system)
         if example is None:
-            problems.append(Problem(path, line, None, f"no answer tokens left within max_length "
-                                    f"{recipe.train.max_length}", "raise train.max_length or shorten the prompt"))
+            answerless.append(line)
         else:
             examples.append(example)
-    if problems:
-        raise DataError(problems)
+    drop_answerless(Path(path), answerless, len(examples), recipe.train)
     return examples
 
 

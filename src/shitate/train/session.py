@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe
+from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe, TrainSpec
 from shitate.data.collate import Example, split_by_tokens
-from shitate.errors import ConfigError, TrainingInterrupted
+from shitate.errors import ConfigError, DataError, Problem, TrainingInterrupted
 from shitate.memory import available_bytes, bound_kernel_caches, peak_gpu_bytes, peak_rss_bytes, training_bytes
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
@@ -305,6 +305,20 @@ class DryRun:
     projected_seconds: float
     precision: str
     device: str
+
+
+def drop_answerless(path: Path, lines: list[int], kept: int, spec: TrainSpec) -> None:
+    """Examples whose whole answer lies past max_length teach nothing: every stage drops them with a warning that
+    names their lines (or stops, with `train.overlong: error`), never silently."""
+    if not lines:
+        return
+    fix = "raise train.max_length or shorten the prompt"
+    if spec.overlong == "error" or kept == 0:
+        raise DataError([Problem(path, line, None, f"no answer tokens left within max_length {spec.max_length}", fix)
+                         for line in lines])
+    shown = ", ".join(map(str, lines[:10])) + (" …" if len(lines) > 10 else "")
+    say(f"[yellow]warning:[/] {path}: dropped {len(lines)} example(s) whose whole answer lies past max_length "
+        f"{spec.max_length} (line {shown}); {fix} to keep them, or set train.overlong: error to stop instead.")
 
 
 def random_states() -> dict[str, Any]:

@@ -27,7 +27,7 @@ from shitate.models.load import ModelSource, load_config, load_model, load_token
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
-from shitate.train.session import DryRun, Objective, Session
+from shitate.train.session import DryRun, Objective, Session, drop_answerless
 
 
 def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bool = False, dry_run: bool = False,
@@ -114,21 +114,21 @@ def encode_chats(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTempl
         raise DataError([Problem(path, None, None, "is raw text, and stage sft trains on chats (JSONL with "
                                  '"messages")', "for continued pretraining on text set `stage: pretrain`; to make "
                                  "chats from question/answer data use `shitate data import`")])
-    examples, problems = [], []
-    for number, record in enumerate(read_chat(path), start=1):
+    examples, problems, answerless = [], [], []
+    for line, record in read_chat(path):
         messages = conversation(record, recipe.data.system)
         if messages[-1]["role"] != "assistant":
-            problems.append(Problem(path, number, "messages", "does not end with an assistant turn",
+            problems.append(Problem(path, line, "messages", "does not end with an assistant turn",
                                     "run `shitate data check` on the file"))
             continue
         example = encode_chat(messages, tokenizer, template, recipe.train.max_length)
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
-            problems.append(Problem(path, number, None, f"no answer tokens left within max_length "
-                                    f"{recipe.train.max_length}", "raise train.max_length or shorten the prompt"))
+            answerless.append(line)
             continue
         examples.append(example)
     if problems:
         raise DataError(problems)
+    drop_answerless(path, answerless, len(examples), recipe.train)
     return examples
 
 
