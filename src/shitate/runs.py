@@ -144,7 +144,13 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the half line a killed process was appending: that step is redone after resume
+        return records
 
     def validation_before_and_after(self) -> dict[str, dict[str, float]]:
         """First and last value of each validation statistic but the loss (val_*): read back from metrics.jsonl,
@@ -224,14 +230,22 @@ class RunFolder:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "trainable.safetensors"))
             torch.save(state, staging / "state.pt")
             (staging / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2), encoding="utf-8")
+            _sync(staging)  # on disk before the rename: after a power cut the name never points at empty files
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
+            _sync_entry(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target
+
+    def clear_leftovers(self) -> None:
+        """Remove the temporary folders of writes a killed process never finished (SIGKILL skips every cleanup)."""
+        for pattern in ("checkpoints/.step-*", *(f".{kind}.*" for kind in FINAL_KINDS)):
+            for leftover in self.path.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
     def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -260,6 +274,22 @@ class RunFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+def _sync(folder: Path) -> None:
+    for file in folder.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _sync_entry(folder)
+
+
+def _sync_entry(folder: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def find_run(path: Path | str) -> RunFolder | None:

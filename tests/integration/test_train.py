@@ -95,6 +95,22 @@ def test_an_example_whose_whole_answer_is_past_max_length_is_dropped_with_a_warn
         (3, "no answer tokens left within max_length 96"), (7, "no answer tokens left within max_length 96")]
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    full = tmp_path / "full"
+    assert train(recipe, full, "--set", "train.keep_checkpoints=3").exit_code == 0
+    crashed = crashed_copy(full, tmp_path / "crashed", last_checkpoint=9)
+    (crashed / "checkpoints/step-9/state.pt").write_bytes(b"\x80\x02 cut short")
+    (crashed / "checkpoints/.step-12.abc").mkdir()  # the temporary folder of a write that was killed
+    result = train(recipe, crashed, "--resume", "--set", "train.keep_checkpoints=3")
+    assert result.exit_code == 0, result.output
+    said = "".join(result.output.split())  # the console wraps long paths anywhere
+    assert f"{crashed}/checkpoints/step-9isdamaged(UnpicklingError" in said and "fromstep-6." in said
+    assert_same_adapter(full, crashed)
+    assert [m["step"] for m in metrics(crashed) if "loss" in m] == list(range(1, 13))
+    assert not list((crashed / "checkpoints").glob(".step-*"))
+
+
 def test_an_existing_run_is_never_overwritten_without_force(tmp_path, tiny_model):
     recipe = make_recipe(tmp_path, tiny_model)
     run = tmp_path / "run"

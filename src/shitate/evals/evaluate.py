@@ -25,7 +25,7 @@ def _cached_answers(path: Path, conversations: list[list[dict[str, str]]], loade
     """Answers for each conversation, reusing what an earlier (interrupted) evaluation saved."""
     from shitate.models.inference import answer
 
-    done = [json.loads(line)["answer"] for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    done = _saved_answers(path)
     with status(f"answering {len(conversations) - len(done)} questions…"):
         for start in range(len(done), len(conversations), spec.batch_size):
             batch = answer(loaded, conversations[start:start + spec.batch_size], spec)
@@ -34,6 +34,25 @@ def _cached_answers(path: Path, conversations: list[list[dict[str, str]]], loade
                     handle.write(json.dumps({"answer": text}, ensure_ascii=False) + "\n")
             done += batch
     return done
+
+
+def _saved_answers(path: Path) -> list[str]:
+    """The answers a cache holds, up to the first line a killed evaluation left half written (that line and any
+    after it are dropped from the file, so new answers append after whole lines)."""
+    from shitate.data.formats import write_lines
+
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    answers = []
+    for line in lines:
+        try:
+            answers.append(json.loads(line)["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    if len(answers) < len(lines):
+        write_lines(path, lines[:len(answers)])
+    return answers
 
 
 def answers_check(recipe: Recipe) -> Any:

@@ -115,11 +115,11 @@ class Session:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer(model)
         self.scheduler = self._scheduler()
-        if self.resume_from is not None:
-            self.start_step = self._restore(self.resume_from)
+        if self.resume:
+            self.start_step = self._restore_newest_readable()
             if self.is_main:
+                self.run.clear_leftovers()
                 self.run.forget_metrics_after(self.start_step)
-            say(f"Resuming {self.run.path} from {self.resume_from.name}.")
         module, self.optimizer = self.accelerator.prepare(objective.module, self.optimizer)
         say(f"[bold]{self.recipe.name}[/]: {summary}, {self.precision}, {self.recipe.adapter.method} "
             f"({self.trainable:,} of {self.total:,} parameters trained), {self.planned_steps} steps on {self.device}.")
@@ -207,8 +207,25 @@ class Session:
         self.run.save_checkpoint(step, trainable_state(self.model), state, {"epoch": epoch},
                                  keep=self.spec.keep_checkpoints)
 
-    def _restore(self, folder: Path) -> int:
-        tensors, state, progress = self.run.read_checkpoint(folder)
+    def _restore_newest_readable(self) -> int:
+        """Restore the newest checkpoint that reads back whole; a damaged one (a disk fault, a power cut before
+        its data reached the disk) is skipped with a warning. The step restored; 0 when there is none."""
+        for folder in reversed(self.run.checkpoints()):
+            try:
+                saved = self.run.read_checkpoint(folder)
+            # Any failure to read our own files means damage: safetensors, pickle and JSON each raise their own.
+            except Exception as err:  # noqa: BLE001
+                say(f"[yellow]warning:[/] {folder} is damaged ({type(err).__name__}: {str(err)[:120]}); using the "
+                    "checkpoint before it.")
+                continue
+            step = self._restore(folder, *saved)
+            say(f"Resuming {self.run.path} from {folder.name}.")
+            return step
+        if self.resume_from is not None:
+            say(f"[yellow]warning:[/] no checkpoint of {self.run.path} reads back; starting again from step 0.")
+        return 0
+
+    def _restore(self, folder: Path, tensors: dict[str, Any], state: dict[str, Any], progress: dict[str, Any]) -> int:
         parameters = dict(self.model.named_parameters())
         missing = [name for name in tensors if name not in parameters]
         if missing:
