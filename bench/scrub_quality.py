@@ -26,7 +26,7 @@ def main() -> None:
         started = time.perf_counter()
         scores = measure(lines)
         seconds = time.perf_counter() - started
-        print(f"\n{name} ({sum(1 for l in lines if l.strip() and not l.startswith('#'))} lines, {seconds:.2f} s)")
+        print(f"\n{name} ({sum(1 for text in lines if text.strip() and not text.startswith('#'))} lines, {seconds:.2f} s)")
         print(f"  {'kind':<10}{'labels':>7}{'found':>7}{'precision':>11}{'recall':>8}{'F1':>7}")
         for kind in (*KINDS, "all"):
             s = scores[kind]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
@@ -38,7 +38,7 @@ def data_import(
     out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),
     format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text; "
                                              "preference pairs: preference, ranked, judgment"),
-    system: Optional[str] = typer.Option(None, help="system prompt to put before every conversation"),
+    system: str | None = typer.Option(None, help="system prompt to put before every conversation"),
     question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
     answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
     skip_bad: bool = typer.Option(False, help="write the good records (or files) and list the bad ones instead of "
@@ -46,20 +46,19 @@ def data_import(
     max_chars: int = typer.Option(800, help="documents: longest passage in characters (0: one passage per section)"),
     overlap: int = typer.Option(100, help="documents: characters of whole sentences a long section's next passage "
                                           "repeats"),
-    encoding: Optional[str] = typer.Option(None, help="the file's encoding, e.g. cp932 (default: UTF-8; CSV/TSV: "
+    encoding: str | None = typer.Option(None, help="the file's encoding, e.g. cp932 (default: UTF-8; CSV/TSV: "
                                                       "UTF-8, cp932 or EUC-JP, detected)"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
     """Convert a data file to shitate's chat JSONL, documents to passages split by heading and article (text JSONL
     with source and heading, for pretrain and `data synth`), or
     preference data to prompt/chosen/rejected pairs (for reward, dpo, orpo)."""
-    from shitate.data.formats import FORMATS, import_records, write_jsonl
     from shitate.data.documents import DOCUMENT_SUFFIXES, import_documents
+    from shitate.data.formats import FORMATS, import_records, write_jsonl
+    from shitate.data.preference import PREFERENCE_FORMATS, import_preferences, looks_like_preferences
     from shitate.data.text import read_documents
     from shitate.errors import DataError, ShitateError
     from shitate.progress import say
-
-    from shitate.data.preference import PREFERENCE_FORMATS, import_preferences, looks_like_preferences
 
     known = FORMATS + ("text",) + PREFERENCE_FORMATS
     if format not in known:
@@ -107,9 +106,9 @@ def data_check(
     model: str = typer.Option("gemma-3-270m", help=f"tokenizer for token counts and length checks: {MODEL_HELP}"),
     template: str = typer.Option("auto", help="chat template: auto, gemma, chatml, llama3, plain"),
     max_length: int = typer.Option(512, help="warn about examples (or documents: the block size) longer than this"),
-    system: Optional[str] = typer.Option(None, help="system prompt that training will add"),
+    system: str | None = typer.Option(None, help="system prompt that training will add"),
     tokens: bool = typer.Option(True, help="count tokens (loads the model's tokenizer)"),
-    against: Optional[Path] = typer.Option(None, help="a test file: flag training records that repeat (error) or "
+    against: Path | None = typer.Option(None, help="a test file: flag training records that repeat (error) or "
                                                       "nearly repeat (warning) one of its questions"),
     threshold: float = typer.Option(0.8, min=0.1, max=1.0, help="--against: similarity from which a question nearly "
                                                                 "repeats (character 3-gram Jaccard)"),
@@ -139,7 +138,8 @@ def data_check(
     if report.tokens:
         console.print("tokens by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.tokens.items())))
         lengths = report.lengths
-        console.print(f"tokens per {'pair' if pairs else 'example'} (with template): min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, "
+        console.print(f"tokens per {'pair' if pairs else 'example'} (with template): min {min(lengths)}, "
+                      f"mean {sum(lengths) / len(lengths):.0f}, "
                       f"max {max(lengths)}, total {sum(lengths)}")
         peak = max(count for _, _, count in histogram(lengths))
         for low, high, count in histogram(lengths):
@@ -186,13 +186,13 @@ def data_synth(
                                               "generator writes them"),
     generator: str = typer.Option("gemma-3-270m", help=f"model mode: {MODEL_HELP}, or an OpenAI-compatible URL "
                                                         "(http://host:port/v1[#model])"),
-    prompt: Optional[Path] = typer.Option(None, help="model mode: your own copy of the few-shot prompt "
+    prompt: Path | None = typer.Option(None, help="model mode: your own copy of the few-shot prompt "
                                                      "({passage} is replaced); default data/prompts/synth_qa.txt"),
     per_passage: int = typer.Option(3, min=1, help="model mode: most pairs kept from one passage"),
     min_support: float = typer.Option(0.6, min=0, max=1, help="drop answers whose character bigrams are less than "
                                                               "this share in their passage"),
     max_answer_chars: int = typer.Option(1000, help="drop longer answers"),
-    limit: Optional[int] = typer.Option(None, help="only the first N passages (try a prompt quickly)"),
+    limit: int | None = typer.Option(None, help="only the first N passages (try a prompt quickly)"),
     force: bool = typer.Option(False, help="overwrite OUT if it exists"),
 ) -> None:
     """Write question/answer pairs grounded in passages, filtered (unsupported answers, duplicates, answers
@@ -232,7 +232,7 @@ def data_synth(
 @data_app.command("scrub")
 def data_scrub(
     file: Path = typer.Argument(..., help="a JSONL (every string in each record) or a text file"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the masked copy to write"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="the masked copy to write"),
     dry_run: bool = typer.Option(False, help="list what would be masked, write nothing"),
     allow: list[str] = typer.Option([], help="text never to mask (a public phone number, the company's name); "
                                              "repeat it, or give @FILE with one per line"),
@@ -260,7 +260,7 @@ def data_scrub(
     text, _ = decode(file)
     lines = text.split("\n")
     lines = lines[:-1] if lines and lines[-1] == "" else lines
-    masked, total = [], {}
+    masked, total = [], dict[str, int]()
     with work_bar() as bar:
         task = bar.add_task("scrubbing", total=len(lines))
         for line, findings in scrub_lines(lines, scrubber, jsonl=file.suffix.lower() == ".jsonl", path=file):
@@ -271,7 +271,7 @@ def data_scrub(
                 bar.console.print(f"{file}:{finding.line}: {finding.kind} {finding.text!r} → {finding.mask}",
                                   highlight=False)
     summary = ", ".join(f"{kind} {count}" for kind, count in sorted(total.items())) or "nothing found"
-    if dry_run:
+    if dry_run or out is None:
         say(f"{file}: {summary} (dry run: nothing written).")
         return
     write_lines(out, masked)
@@ -311,7 +311,7 @@ def data_estimate(
     set_: list[str] = typer.Option([], "--set", help="override a recipe setting, e.g. train.epochs=1"),
     shots: int = typer.Option(5, min=0, help="examples a few-shot prompt would carry instead of tuning"),
     requests: int = typer.Option(10_000, min=0, help="requests to price"),
-    prices: Optional[Path] = typer.Option(None, help="your copy of the price table (default: shitate's "
+    prices: Path | None = typer.Option(None, help="your copy of the price table (default: shitate's "
                                                      "data/prices.yaml)"),
     measure: bool = typer.Option(True, help="time two training steps on this machine to project the run"),
 ) -> None:
@@ -352,7 +352,7 @@ def train(
     recipe: Path = typer.Argument(..., help="recipe YAML (see examples/*/recipe.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set train.epochs=2 (repeatable)"),
     resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
-    out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
+    out: Path | None = typer.Option(None, help="run folder (default runs/NAME)"),
     force: bool = typer.Option(False, help="replace an existing run folder"),
     dry_run: bool = typer.Option(False, help="train two steps, report speed, memory and the projected time; keep nothing"),
     nproc: int = typer.Option(1, min=1, help="processes, data-parallel: one a GPU (accelerate launch), or CPU "
@@ -422,15 +422,15 @@ def generate(
 @app.command()
 def chat(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    system: Optional[str] = typer.Option(None, help="system prompt"),
+    system: str | None = typer.Option(None, help="system prompt"),
     template: str = typer.Option("auto", help="chat template (a run folder brings its own)"),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
 ) -> None:
     """Talk to a model in the terminal; answers stream as they are written. Empty line or Ctrl-D to quit."""
     from shitate.config import GenerateSpec
-    from shitate.progress import console
     from shitate.models.inference import load_for_inference, stream_answer
+    from shitate.progress import console
 
     loaded = load_for_inference(model, template)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -459,15 +459,14 @@ def compare(
     tuned: str = typer.Argument(..., help=MODEL_HELP),
     prompts: Path = typer.Argument(..., help="chat JSONL (last answer = reference) or {\"prompt\": …} lines"),
     out: Path = typer.Option(Path("compare.jsonl"), help="where to save the answers"),
-    recipe: Optional[Path] = typer.Option(None, help="take the rubric, system prompt and generation settings from here "
+    recipe: Path | None = typer.Option(None, help="take the rubric, system prompt and generation settings from here "
                                                      "(default: TUNED's recipe when it is a run folder)"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="override the recipe's generate.max_new_tokens"),
+    max_new_tokens: int | None = typer.Option(None, help="override the recipe's generate.max_new_tokens"),
 ) -> None:
     """Ask two models the same questions and show the answers side by side, with rubric totals."""
     from shitate.config import GenerateSpec, load_recipe
     from shitate.evals.compare import compare as run_compare
     from shitate.evals.compare import print_comparison
-
     from shitate.runs import find_run
 
     tuned_run = find_run(tuned)
@@ -489,7 +488,7 @@ def score(
     model: str = typer.Argument(..., help="a reward model: a finished run folder of stage reward"),
     file: Path = typer.Argument(..., help='JSONL of {"prompt": …, "answer": …} (or preference pairs, or chats '
                                           "ending with the answer)"),
-    out: Optional[Path] = typer.Option(None, help="also write the scores as JSONL here"),
+    out: Path | None = typer.Option(None, help="also write the scores as JSONL here"),
 ) -> None:
     """Score prompt/answer pairs with a reward model and print them, highest first."""
     from rich.table import Table
@@ -511,7 +510,7 @@ def score(
     loaded = load_for_inference(model)
     recipe = run.recipe()
     scores = reward_scores(loaded, items, recipe.data.system, recipe.train.max_length)
-    rows = [{"prompt": prompt[-1]["content"], "answer": answer_text(answer), "score": value}
+    rows: list[dict[str, Any]] = [{"prompt": prompt[-1]["content"], "answer": answer_text(answer), "score": value}
             for (prompt, answer), value in zip(items, scores)]
     table = Table("score", "prompt", "answer", show_lines=True)
     for row in sorted(rows, key=lambda r: -1e30 if r["score"] is None else -r["score"]):
@@ -526,10 +525,10 @@ def score(
 def evaluate(
     target: str = typer.Argument(..., help=f"a run folder (base vs tuned), or one model: {MODEL_HELP}"),
     tasks: str = typer.Option("", help="comma-separated: jcommonsenseqa (jcqa), jnli, jsts, jsquad, translation, summarization"),
-    limit: Optional[int] = typer.Option(None, help="examples per task (default: all)"),
-    test: Optional[Path] = typer.Option(None, help="questions with reference answers (default: the run's data.test)"),
+    limit: int | None = typer.Option(None, help="examples per task (default: all)"),
+    test: Path | None = typer.Option(None, help="questions with reference answers (default: the run's data.test)"),
     jglue: Path = typer.Option(Path("../shared/data/jglue"), help="folder with the JGLUE v1.3 JSON files"),
-    out: Optional[Path] = typer.Option(None, help="where results.json and report.html go (default: RUN/eval)"),
+    out: Path | None = typer.Option(None, help="where results.json and report.html go (default: RUN/eval)"),
     judge: list[str] = typer.Option([], help="a judge: a model (as for MODEL) or an OpenAI-compatible URL such as "
                                              "http://127.0.0.1:8080/v1; repeat for an ensemble"),
     judge_mode: str = typer.Option("pairwise", help="pairwise (base vs tuned, both orders), score (0–100) or likert (0/1/2)"),
@@ -538,7 +537,7 @@ def evaluate(
     general: int = typer.Option(0, help="general-ability check: this many everyday prompts, judged pairwise"),
     chat_bench: Path = typer.Option(Path("../shared/data/chat-bench/rakuda-v2-ja.jsonl"),
                                     help="everyday prompts for --general (JSONL with turns or prompt)"),
-    pairs: Optional[Path] = typer.Option(None, help="preference pairs (prompt/chosen/rejected JSONL): how often each "
+    pairs: Path | None = typer.Option(None, help="preference pairs (prompt/chosen/rejected JSONL): how often each "
                                                     "model finds the chosen answer likelier (default: a reward, dpo "
                                                     "or orpo run's data.test)"),
 ) -> None:
@@ -563,7 +562,7 @@ def serve(
     models: list[str] = typer.Argument(..., help="models to serve: MODEL or NAME=MODEL (" + MODEL_HELP + ")"),
     host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network"),
     port: int = typer.Option(8000),
-    api_key: Optional[str] = typer.Option(None, envvar="SHITATE_API_KEY",
+    api_key: str | None = typer.Option(None, envvar="SHITATE_API_KEY",
                                           help="require Authorization: Bearer KEY (or set SHITATE_API_KEY)"),
     log_prompts: bool = typer.Option(False, help="log request contents (off: company data stays out of logs)"),
     cache_tokens: int = typer.Option(32768, help="each model's KV cache, in tokens: how much conversation all "
@@ -597,7 +596,7 @@ def serve(
 @app.command()
 def ui(
     base: str = typer.Option("gemma-3-270m", help="the model the chat tab compares against: " + MODEL_HELP),
-    tuned: Optional[str] = typer.Option(None, help="a run folder to chat with (training in the UI replaces it)"),
+    tuned: str | None = typer.Option(None, help="a run folder to chat with (training in the UI replaces it)"),
     recipe: list[Path] = typer.Option([], help="recipes offered in the train tab (default: examples/*/recipe*.yaml)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(7860),
@@ -613,7 +612,7 @@ def ui(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="a run folder made by shitate train"),
-    out: Optional[Path] = typer.Option(None, help="where to write the merged model (default RUN/export)"),
+    out: Path | None = typer.Option(None, help="where to write the merged model (default RUN/export)"),
     dtype: str = typer.Option("bf16", help="bf16, f16 or fp32: the merged weights' type"),
     gguf: list[str] = typer.Option([], "--gguf", help="also write a GGUF for llama.cpp/Ollama: f16, bf16 or q8_0 "
                                                       "(repeatable)"),
@@ -643,7 +642,8 @@ def audit(run: Path = typer.Argument(..., help="a run folder")) -> None:
     any changed or is missing)."""
     from shitate.errors import ShitateError
     from shitate.progress import console
-    from shitate.runs import RunFolder, audit as audit_run
+    from shitate.runs import RunFolder
+    from shitate.runs import audit as audit_run
 
     folder = RunFolder(run)
     manifest = folder.manifest()

@@ -212,7 +212,7 @@ class RubricCheck(Spec):
     value: int | float | str | None = Field(None, description="the number for max_sentences, max_chars, japanese (share)")
 
     @model_validator(mode="after")
-    def _has_what_it_checks(self) -> "RubricCheck":
+    def _has_what_it_checks(self) -> RubricCheck:
         if self.check in ("ends_with", "contains", "not_contains", "regex") and not self.values:
             raise ValueError(f"check {self.check} needs `values: [...]` (the strings to look for)")
         if self.check in ("max_sentences", "max_chars") and not isinstance(self.value, int):
@@ -369,7 +369,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None, check_files: boo
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). Check indentation and colons.") from None
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). "
+                          "Check indentation and colons.") from None
     if raw is None:
         raise ConfigError(f"{path}: the recipe is empty. Copy one from examples/ (e.g. examples/kids_qa/recipe.yaml).")
     if not isinstance(raw, dict):

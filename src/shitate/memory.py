@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 # Entries each of oneDNN's two shape-keyed caches may hold (its default is 1024). One training step
 # uses a few dozen distinct matmul shapes, reused by every layer, so 32 keeps the step's hits; but
 # every new batch width adds ~9 MB of entries, and at 1024 they grew a run's memory by ~0.3 GB.
@@ -52,7 +51,7 @@ def return_free_heap() -> None:
         _libc.malloc_trim(0)
 
 
-_libc = None
+_libc: Any = None  # the C library once looked up; False where it has no malloc_trim
 
 
 # Activation bytes a decoder layer keeps per token in bf16, per unit of width, fitted on Gemma 3 270M
@@ -75,7 +74,8 @@ def training_bytes(config: Any, precision: str, micro_batch_tokens: int, trainab
     """Memory training adds on top of the loaded model: activations, the loss chunk, optimizer state."""
     activations = activation_bytes_per_token(config, precision) * micro_batch_tokens
     if checkpointing:  # one layer's activations at a time, plus every layer's input
-        activations = activations / config.num_hidden_layers + 2 * config.hidden_size * config.num_hidden_layers * micro_batch_tokens
+        layer_inputs = 2 * config.hidden_size * config.num_hidden_layers * micro_batch_tokens
+        activations = activations / config.num_hidden_layers + layer_inputs
     # A chunk of logits in the compute dtype (they become their own gradient in place).
     loss = loss_chunk * config.vocab_size * (2 if precision == "bf16" else 4)
     # fp32 weights' gradients plus AdamW's two moments; a full fine-tune also upcasts the weights it trains.

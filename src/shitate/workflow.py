@@ -8,6 +8,7 @@ as their reward, and SFT's in-training answer check is the evaluation's, so both
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,9 @@ def check_data(file: Path, model: str | None = "gemma-3-270m", template: str = "
     return check_file(file, tokenizer, chat_template, max_length, system), "chats"
 
 
-def evaluate_target(target: str, tasks: list[str] = (), limit: int | None = None, test: Path | None = None,
-                    jglue: Path = Path("../shared/data/jglue"), out: Path | None = None, judges: list[str] = (),
-                    judge_mode: str = "pairwise", judge_prompts: list[Path] = (), general: int = 0,
+def evaluate_target(target: str, tasks: Sequence[str] = (), limit: int | None = None, test: Path | None = None,
+                    jglue: Path = Path("../shared/data/jglue"), out: Path | None = None, judges: Sequence[str] = (),
+                    judge_mode: str = "pairwise", judge_prompts: Sequence[Path] = (), general: int = 0,
                     chat_bench: Path = Path("../shared/data/chat-bench/rakuda-v2-ja.jsonl"),
                     pairs: Path | None = None) -> Path:
     """Evaluate a run (base vs tuned) or one model; return the folder with results.json and report.html."""
@@ -127,7 +128,10 @@ def estimate_data(file: Path, recipe: Recipe, shots: int = 5, prices: Path | Non
     measured = None
     if measure:  # a dry run trains in a temporary folder of its own: runs/<name> is not touched
         data = recipe.data.model_copy(update={"train": file})
-        measured = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True)
+        from shitate.train.session import DryRun
+
+        report_of_two_steps = train_recipe(recipe.model_copy(update={"data": data}), dry_run=True)
+        measured = report_of_two_steps if isinstance(report_of_two_steps, DryRun) else None
     return usage, estimate(usage, services) if kind == "chats" else [], as_of, measured
 
 

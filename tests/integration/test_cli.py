@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_train import make_recipe
 from typer.testing import CliRunner
 
 from conftest import kids_records
 from shitate.cli import app
-from test_train import make_recipe
 
 runner = CliRunner()
 

@@ -1,8 +1,8 @@
 """Checks on the real embedded default (Gemma 3 270M); slow, so CI skips them. Run with `pytest -m slow`."""
 
 import pytest
-from conftest import MULTI_TURN
 
+from conftest import MULTI_TURN
 from shitate.data.templates import (
     IGNORE_INDEX,
     encode_chat,

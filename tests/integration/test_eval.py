@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import make_recipe
 from typer.testing import CliRunner
 
 from conftest import SHARED_DATA
 from shitate.cli import app
 from shitate.errors import ShitateError
-from test_train import make_recipe
 
 runner = CliRunner()
 JGLUE = SHARED_DATA / "jglue"

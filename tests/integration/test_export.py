@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import make_recipe, train
 from typer.testing import CliRunner
 
 from shitate.cli import app
-from test_train import make_recipe, train
 
 runner = CliRunner()
 

@@ -119,7 +119,7 @@ train: {{epochs: 6, batch_size: 4, learning_rate: 1.0e-2, max_length: 96, precis
             break
         # Kill once the run has trained a step past where it resumed (so every life makes progress), either at a
         # random moment after that or the instant a checkpoint's temporary folder appears (mid-write).
-        if not _wait(lambda: _logged_step(run) > start_step + 1, process):
+        if not _wait(lambda step=start_step: _logged_step(run) > step + 1, process):
             break  # it finished before we could kill it
         if kills % 2:
             _wait(lambda: next((run / "checkpoints").glob(".step-*"), None) is not None, process)

@@ -8,10 +8,10 @@ import asyncio
 import ipaddress
 import socket
 
+from test_train import make_recipe
 from typer.testing import CliRunner
 
 from shitate.cli import app
-from test_train import make_recipe
 
 runner = CliRunner()
 

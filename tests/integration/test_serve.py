@@ -27,12 +27,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model):
     """Two names for the tiny model, behind an API key, in a uvicorn thread."""
+    import torch
     import uvicorn
 
     from shitate.serve.engine import open_engines
     from shitate.serve.server import create_app
-
-    import torch
 
     # fp32: greedy answers of a random tiny model have near-ties that bf16 rounding resolves differently in a
     # batch of eight than alone.

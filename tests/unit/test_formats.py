@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conftest import SHARED_DATA, write_jsonl
-from shitate.data.formats import conversation, import_records, read_chat, write_jsonl as write_atomic
+from shitate.data.formats import conversation, import_records, read_chat
+from shitate.data.formats import write_jsonl as write_atomic
 from shitate.errors import DataError, ShitateError
 
 QA = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]

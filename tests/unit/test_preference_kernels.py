@@ -62,9 +62,9 @@ def pair_model(request, tiny_model, tokenizer):
     """The tiny model with packed attention on each device (a GPU runs SDPA where a CPU runs its own short kernel)."""
     from transformers import AutoModelForCausalLM
 
+    from shitate.data.preference import encode_pair
     from shitate.data.templates import get_template
     from shitate.models.attention import use_packed_attention
-    from shitate.data.preference import encode_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().to(request.param)
     use_packed_attention(model)
@@ -93,8 +93,7 @@ def _plain_answer_logps(model, example) -> list[float]:
 
 def test_tree_rows_give_each_answer_the_log_probability_of_a_plain_forward(pair_model, tokenizer):
     from shitate.data.collate import tree_batch
-    from shitate.models.logprobs import AnswerLogProbs
-    from shitate.models.logprobs import logprob_inputs
+    from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 
     model, examples = pair_model
     batch = tree_batch(examples, capacity=4096, pad_id=tokenizer.pad_token_id, device=model.device)

@@ -1,6 +1,6 @@
 import pytest
-from conftest import MULTI_TURN
 
+from conftest import MULTI_TURN
 from shitate.data.templates import (
     IGNORE_INDEX,
     encode_chat,

@@ -17,7 +17,8 @@ import torch
 
 from shitate.data.templates import IGNORE_INDEX
 
-Example = dict[str, list[int]]
+# input_ids and labels, and what a stage adds: branch lengths of a tree, a pair's reference log-probabilities.
+Example = dict[str, Any]
 
 
 def pad_batch(examples: list[Example], pad_id: int, device: Any) -> dict[str, Any]:
@@ -178,7 +179,7 @@ def tree_batch(examples: list[dict[str, Any]], capacity: int, pad_id: int, devic
     last = [0] * first_answer[-1]
     packed_lengths = []
     for r, row in enumerate(rows):
-        start, lengths = 0, []
+        start, lengths = 0, list[Any]()  # each example's branch lengths, then the padding's length
         for index in row:
             example = examples[index]
             shared, *branches = example["branches"]

@@ -186,21 +186,21 @@ def sections(lines: list[str]) -> Iterator[tuple[list[str], list[str]]]:
             yield [title for _, title in path], [line for line in body if line.strip()]
 
     for line in lines:
-        heading = _HEADING.match(line)
+        heading, article = _HEADING.match(line), None
         if heading:
             level, title = len(heading.group(1)), heading.group(2).strip()
         elif CHAPTER.match(line):
             level, title = 7, line  # below any Markdown heading of the same document
-        elif ARTICLE.match(line):
+        elif article := ARTICLE.match(line):
             level, title = 8, line
         else:
             body.append(line)
             continue
         first_sentence = ""
-        if not heading and level == 8:
+        if article is not None:
             # Laws put an article's caption on the line before it — （目的）/第1条 この規則は… — and its first
             # sentence on the article's own line; a short text without 。 after the number is the caption itself.
-            number = ARTICLE.match(line).group()
+            number = article.group()
             rest = line[len(number):].strip()
             caption = body.pop() if body and _CAPTION.fullmatch(body[-1]) else ""
             if rest.startswith(("（", "(")) and rest.find("）") > 0:
@@ -295,7 +295,7 @@ def read_passages(path: Path) -> list[dict[str, str]]:
         problem = obj if isinstance(obj, Problem) else text_record_problem(path, line, obj)
         if problem is not None:
             problems.append(problem)
-        else:
+        elif isinstance(obj, dict):  # text_record_problem found none, so it is a dict with text
             records.append({"text": obj["text"].strip(), "source": str(obj.get("source", path)),
                             "heading": str(obj.get("heading", ""))})
     if problems:

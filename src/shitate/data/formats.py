@@ -149,7 +149,7 @@ def _skip_line(handle) -> int:  # noqa: ANN001 - a binary file
 def _legacy_encoding(path: Path, content: bytes) -> str | None:
     """cp932 or euc_jp when the file is wholly in one (no line with non-ASCII bytes reads as UTF-8), else None:
     a UTF-8 file with a stray byte is not re-read as Shift_JIS."""
-    from shitate.data.text import japanese_score, decode
+    from shitate.data.text import decode, japanese_score
 
     for line in content.splitlines():
         if not line.isascii():
@@ -327,7 +327,7 @@ def _read_table(path: Path, delimiter: str, question_column: str, answer_column:
     missing = [c for c in (question_column, answer_column) if c not in columns]
     if missing:
         raise DataError([Problem(path, 1, ", ".join(missing), f"column not found; the header has: {', '.join(columns)}",
-                                 _header_fix(columns, delimiter))])
+                                 _header_fix(list(columns), delimiter))])
     for row in reader:
         line = reader.line_num
         try:

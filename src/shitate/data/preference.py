@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shitate.data.formats import ROLES, read_jsonl
 from shitate.data.validate import FileReport
 from shitate.errors import DataError, Problem
+
+if TYPE_CHECKING:  # collate brings torch, which reading and checking a data file does not need
+    from shitate.data.collate import Example
 
 Messages = list[dict[str, str]]
 SIDES = ("prompt", "chosen", "rejected")
@@ -111,8 +114,10 @@ def canonical_pair(record: dict[str, Any]) -> dict[str, Any]:
 def _ranked_pairs(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Answers listed best first (or with a `ranks` list, 1 = best) → every (better, worse) pair; ties give none."""
     prompt = record.get("prompt", record.get("question"))
-    answers = record.get("answers") or record.get("ranking")
+    answers: list[Any] = record.get("answers") or record.get("ranking") or []
     ranks = record.get("ranks") or list(range(1, len(answers) + 1))
+    if not isinstance(ranks, list):
+        raise ValueError(f"ranks: is {type(ranks).__name__}; give a list of numbers, 1 = best")
     if len(ranks) != len(answers):
         raise ValueError(f"ranks: {len(ranks)} ranks for {len(answers)} answers")
     if len(answers) < 2:
@@ -280,7 +285,7 @@ def prompt_key(record: dict[str, Any]) -> str:
 
 
 def encode_pair(pair: dict[str, Any], tokenizer: Any, template: Any, max_length: int,
-                system: str | None) -> dict[str, list[int]] | None:
+                system: str | None) -> Example | None:
     """{input_ids: prompt + chosen + rejected, labels, branches: [prompt, chosen, rejected] lengths}; None when
     an answer has no token left within max_length."""
     answers = [answer_messages(pair[side], side) for side in ("chosen", "rejected")]
@@ -288,7 +293,7 @@ def encode_pair(pair: dict[str, Any], tokenizer: Any, template: Any, max_length:
 
 
 def encode_answers(prompt: Messages, answers: list[Messages], tokenizer: Any, template: Any,
-                   max_length: int) -> dict[str, list[int]] | None:
+                   max_length: int) -> Example | None:
     """One prompt and its answers as a tree-shaped example: the prompt once, then each answer (collate.tree_batch).
 
     Each answer is rendered with the prompt whole through the template, as training and inference

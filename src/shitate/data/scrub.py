@@ -25,9 +25,10 @@ from typing import Any
 from shitate.errors import DataError, Problem, require
 
 KINDS = ("EMAIL", "PHONE", "MYNUMBER", "CARD", "POSTAL", "ADDRESS", "NAME")
-PREFECTURES = ("北海道 青森県 岩手県 宮城県 秋田県 山形県 福島県 茨城県 栃木県 群馬県 埼玉県 千葉県 東京都 神奈川県 新潟県 富山県 "
-               "石川県 福井県 山梨県 長野県 岐阜県 静岡県 愛知県 三重県 滋賀県 京都府 大阪府 兵庫県 奈良県 和歌山県 鳥取県 島根県 "
-               "岡山県 広島県 山口県 徳島県 香川県 愛媛県 高知県 福岡県 佐賀県 長崎県 熊本県 大分県 宮崎県 鹿児島県 沖縄県").split()
+PREFECTURES = ("北海道 青森県 岩手県 宮城県 秋田県 山形県 福島県 茨城県 栃木県 群馬県 埼玉県 千葉県 "
+               "東京都 神奈川県 新潟県 富山県 石川県 福井県 山梨県 長野県 岐阜県 静岡県 愛知県 三重県 "
+               "滋賀県 京都府 大阪府 兵庫県 奈良県 和歌山県 鳥取県 島根県 岡山県 広島県 山口県 徳島県 "
+               "香川県 愛媛県 高知県 福岡県 佐賀県 長崎県 熊本県 大分県 宮崎県 鹿児島県 沖縄県").split()
 # Words of business text that IPADIC also lists as surnames; more go in an allow-list (--allow).
 NOT_NAMES = frozenset({"日当"})
 HONORIFICS = ("さん", "様", "さま", "氏", "君", "くん", "ちゃん", "先生", "殿", "部長", "課長", "係長", "社長")
@@ -46,7 +47,8 @@ PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("MYNUMBER", re.compile(_GROUP_START + r"[0-9]{4}[ \-]?[0-9]{4}[ \-]?[0-9]{4}" + _GROUP_END)),
     # Loose on purpose (+81, brackets, hyphens or none); _valid then wants a Japanese number's 10 or 11 digits.
     ("PHONE", re.compile(r"(?:\+81[ \-]?|(?<![0-9+]))\(?0?[0-9]{1,4}\)?[ \-(]?[0-9]{1,4}\)?[ \-]?[0-9]{3,4}" + _END)),
-    ("POSTAL", re.compile(r"〒\s*[0-9]{3}-?[0-9]{4}" + _END + r"|(?<=郵便番号)\s*[:：]?\s*[0-9]{3}-?[0-9]{4}" + _END + "|" + _D + r"[0-9]{3}-[0-9]{4}" + _END
+    ("POSTAL", re.compile(r"〒\s*[0-9]{3}-?[0-9]{4}" + _END
+                          + r"|(?<=郵便番号)\s*[:：]?\s*[0-9]{3}-?[0-9]{4}" + _END + "|" + _D + r"[0-9]{3}-[0-9]{4}" + _END
                           + r"(?=\s*(?:" + "|".join(PREFECTURES) + "))")),
     ("ADDRESS", re.compile(r"(?:" + "|".join(PREFECTURES) + rf")(?:{_PLACE}{{1,6}}?[市郡])?{_PLACE}{{1,8}}?[市区町村]"
                            rf"(?:{_PLACE}{{0,10}}?)(?:{_BLOCK}){{1,5}}"
@@ -265,19 +267,20 @@ def scrub_lines(lines: Sequence[str], scrubber: Scrubber, jsonl: bool,
             yield scrubber.scrub(line, number)
         else:
             found: list[Finding] = []
+            yield json.dumps(_scrub_strings(records[number], scrubber, number, found), ensure_ascii=False), found
 
-            def walk(value: Any) -> Any:
-                if isinstance(value, str):
-                    text, findings = scrubber.scrub(value, number)
-                    found.extend(findings)
-                    return text
-                if isinstance(value, list):
-                    return [walk(v) for v in value]
-                if isinstance(value, dict):
-                    return {k: (v if k == "role" else walk(v)) for k, v in value.items()}
-                return value
 
-            yield json.dumps(walk(records[number]), ensure_ascii=False), found
+def _scrub_strings(value: Any, scrubber: Scrubber, line: int, found: list[Finding]) -> Any:
+    """Every string of a JSON value scrubbed (roles left alone), the findings appended to `found`."""
+    if isinstance(value, str):
+        text, findings = scrubber.scrub(value, line)
+        found.extend(findings)
+        return text
+    if isinstance(value, list):
+        return [_scrub_strings(v, scrubber, line, found) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k == "role" else _scrub_strings(v, scrubber, line, found)) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------

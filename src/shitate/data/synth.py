@@ -27,7 +27,8 @@ from shitate.data.dedupe import duplicates
 from shitate.data.documents import ARTICLE
 
 PROMPT = Path(__file__).parent / "prompts" / "synth_qa.txt"
-_PAIR = re.compile(r"質問\s*[:：]\s*(?P<q>.+?)\s*\n+\s*(?:回答|答え|A)\s*[:：]\s*(?P<a>.+?)\s*(?=\n\s*質問\s*[:：]|\n\s*\n|\n\s*文章\s*[:：]|$)",
+_PAIR = re.compile(r"質問\s*[:：]\s*(?P<q>.+?)\s*\n+\s*(?:回答|答え|A)\s*[:：]\s*(?P<a>.+?)"
+                   r"\s*(?=\n\s*質問\s*[:：]|\n\s*\n|\n\s*文章\s*[:：]|$)",
                    re.S)
 
 

@@ -9,8 +9,9 @@ tokenizer's own Jinja template) gets a correct mask for free.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from shitate.errors import ConfigError
 

@@ -91,7 +91,8 @@ def read_documents(path: Path) -> list[Document]:
     """Every document of a text JSONL, a text file, or a folder of them; all problems raised at once."""
     path = Path(path)
     if not path.exists():
-        raise DataError([Problem(path, None, None, "not found", "check the path (relative paths are read from the recipe's folder)")])
+        raise DataError([Problem(path, None, None, "not found",
+                                 "check the path (relative paths are read from the recipe's folder)")])
     if path.is_dir():
         files = text_files(path)
         if not files:
@@ -109,9 +110,13 @@ def read_documents(path: Path) -> list[Document]:
 
 
 def _read_text_jsonl(path: Path) -> list[Document]:
-    documents, problems = [], []
+    documents: list[Document] = []
+    problems: list[Problem] = []
     for item in text_jsonl_records(path):
-        (problems if isinstance(item, Problem) else documents).append(item)
+        if isinstance(item, Problem):
+            problems.append(item)
+        else:
+            documents.append(item)
     if problems:
         raise DataError(problems)
     return documents

@@ -29,7 +29,8 @@ class FileReport:
 
 def _message_problems(path: Path, line: int, messages: Any, markers: tuple[str, ...]) -> list[Problem]:
     if not isinstance(messages, list) or not messages:
-        return [Problem(path, line, "messages", "missing or not a non-empty list", 'use {"messages": [{"role": "user", "content": …}, …]}')]
+        return [Problem(path, line, "messages", "missing or not a non-empty list",
+                        'use {"messages": [{"role": "user", "content": …}, …]}')]
     problems = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -97,7 +98,8 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
         key = "\x1e".join(m["content"].strip() for m in messages)
         if key in seen:
             report.duplicates += 1
-            report.warnings.append(Problem(path, line, None, "repeats an earlier conversation", "`shitate data split` keeps repeats together; consider removing them"))
+            report.warnings.append(Problem(path, line, None, "repeats an earlier conversation",
+                                           "`shitate data split` keeps repeats together; consider removing them"))
         seen.add(key)
         report.turns.update(m["role"] for m in messages)
         if tokenizer is not None and template is not None:

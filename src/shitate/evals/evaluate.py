@@ -10,12 +10,14 @@ so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from shitate.config import GenerateSpec, Recipe
 from shitate.errors import ShitateError
 from shitate.evals import metrics
+from shitate.evals.judge import Mode
 from shitate.evals.rubric import passes
 from shitate.evals.tasks import jglue
 from shitate.progress import say, status
@@ -103,7 +105,7 @@ def general_questions(path: Path, count: int) -> list[str]:
     return questions
 
 
-def _judge_results(asks: dict[str, Any], mode: str, prompt_files: list[Path], labels: list[str],
+def _judge_results(asks: dict[str, Any], mode: Mode, prompt_files: list[Path], labels: list[str],
                    questions: list[str], answers: dict[str, list[str]], references: list[str | None]) -> dict[str, Any]:
     """Every judge with every prompt on every side (score/likert) or on the pair (pairwise), combined as an ensemble."""
     from shitate.evals import judge as judging
@@ -144,9 +146,9 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test_items: list[dict[str, Any]],
-        tasks: list[str], jglue_folder: Path, limit: int | None, template: str = "auto", judges: list[str] = (),
-        judge_mode: str = "pairwise", judge_prompts: list[Path] = (), general: list[str] = (),
-        pairs: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        tasks: Sequence[str], jglue_folder: Path, limit: int | None, template: str = "auto", judges: Sequence[str] = (),
+        judge_mode: str = "pairwise", judge_prompts: Sequence[Path] = (), general: Sequence[str] = (),
+        pairs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Evaluate each (label, model reference) side; write results.json and report.html into out_dir."""
     from shitate.evals.report import write_report
     from shitate.models.inference import choice_logprobs, continue_texts, load_for_inference
@@ -158,6 +160,9 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     if test_items and any(r is None for r in references):
         raise ShitateError("the test set has questions without a reference answer (a final assistant turn); "
                            "reference metrics need one for every question")
+    if judge_mode not in get_args(Mode):
+        raise ShitateError(f"--judge-mode {judge_mode!r}: expected one of {', '.join(get_args(Mode))}")
+    mode = cast(Mode, judge_mode)
     if judge_mode == "pairwise" and judges and len(sides) != 2:
         raise ShitateError("--judge-mode pairwise compares two models: evaluate a run folder (base vs tuned), "
                            "or use --judge-mode score or likert for one model")
@@ -209,7 +214,7 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     labels = [label for label, _ in sides]
     if asks and test_items:
         with status(f"judging {len(test_items)} answers with {len(asks)} judge(s)…"):
-            results["judge"] = _judge_results(asks, judge_mode, list(judge_prompts), labels, results["questions"],
+            results["judge"] = _judge_results(asks, mode, list(judge_prompts), labels, results["questions"],
                                               results["answers"], references)
     if general:
         with status(f"general-ability check: {len(general)} everyday prompts, judged pairwise…"):

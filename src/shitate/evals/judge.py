@@ -157,7 +157,7 @@ def pairwise(ask: Callable[[list[str]], list[str]], template: str, questions: li
                                       for q, a, b in zip(questions, first, second)], retries)
     backward = judge(ask, "pairwise", [template.format(question=q, answer_a=b, answer_b=a)
                                        for q, a, b in zip(questions, first, second)], retries)
-    outcomes = []
+    outcomes: list[str | None] = []
     for one, two in zip(forward.values, backward.values):
         if one is None or two is None:
             outcomes.append(None)
@@ -180,7 +180,7 @@ class Ensemble:
     verdicts: list[list[Any]] = field(default_factory=list)
 
     def combined(self) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for item in zip(*self.verdicts):
             known = [v for v in item if v is not None]
             if not known:
@@ -191,7 +191,8 @@ class Ensemble:
                 counts = {v: known.count(v) for v in known}
                 best = max(counts.values())
                 winners = [v for v, c in counts.items() if c == best]
-                out.append(winners[0] if len(winners) == 1 else ("tie" if self.mode == "pairwise" else round(sum(known) / len(known))))
+                disagreed = "tie" if self.mode == "pairwise" else round(sum(known) / len(known))
+                out.append(winners[0] if len(winners) == 1 else disagreed)
         return out
 
     def agreement(self) -> float:

@@ -118,7 +118,7 @@ def reward_scores(loaded: Any, items: list[tuple[list[dict[str, str]], list[dict
     scores: list[float | None] = [None] * len(items)
     order = iter(kept)
     with status(f"scoring {len(kept)} answers…"):
-        for group in split_by_tokens([examples[i] for i in kept], CAPACITY, packed=True):
+        for group in split_by_tokens([e for e in examples if e is not None], CAPACITY, packed=True):
             batch = tree_batch(group, CAPACITY, pad, device)
             for value in reward_model(**batch).tolist():
                 scores[next(order)] = value

@@ -87,8 +87,10 @@ def render(results: dict[str, Any]) -> str:
 
 def _judge_section(title: str, judged: dict[str, Any]) -> str:
     e = html.escape
-    rows = "".join(f"<tr><td>{e(str(k))}</td><td class='num'>{e(_fmt(v))}</td></tr>" for k, v in _flatten(judged["combined"]))
-    per_judge = "".join(f"<tr><td>{e(str(k))}</td><td class='num'>{e(_fmt(v))}</td></tr>" for k, v in _flatten(judged["per_judge"]))
+    def table(values: dict[str, Any]) -> str:
+        return "".join(f"<tr><td>{e(str(k))}</td><td class='num'>{e(_fmt(v))}</td></tr>" for k, v in _flatten(values))
+
+    rows, per_judge = table(judged["combined"]), table(judged["per_judge"])
     agreement = f"<p>agreement between judges: {judged['agreement']:.0%}</p>" if "agreement" in judged else ""
     return (f"<h2>{e(title)}</h2><p>mode: {e(judged['mode'])}; judges: {e(', '.join(judged['judges']))}</p>"
             f"<table><tr><th>combined</th><th></th></tr>{rows}</table>{agreement}"

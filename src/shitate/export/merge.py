@@ -126,7 +126,6 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
     import torch
 
     from shitate.models.inference import load_for_inference
-
     from shitate.runs import RunFolder
 
     reference = load_for_inference(str(run), dtype=torch.float32)

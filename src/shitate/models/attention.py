@@ -152,7 +152,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model: torch.nn.Module) -> None:
+def use_packed_attention(model: Any) -> None:
     """Switch a loaded model to packed-aware attention (padded batches still work)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask

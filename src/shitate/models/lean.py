@@ -151,13 +151,13 @@ class LeanReport:
 
 def make_lean(model: nn.Module) -> LeanReport:
     """Swap in the lean forwards where they apply (plain LoRA linear layers, Gemma RMSNorms and MLPs)."""
-    from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
 
     swapped = skipped = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and not module.lora_variant and type(module.base_layer) is nn.Linear:
-            module.forward = types.MethodType(_lean_lora_forward, module)
+            module.forward = types.MethodType(_lean_lora_forward, module)  # type: ignore[method-assign]
             swapped += 1
         elif isinstance(module, LoraLayer):
             skipped += 1

@@ -34,7 +34,7 @@ class ModelSource:
     # another run (ppo from an sft run) trained its adapter on that run's merged model.
     merged: tuple[Path, ...] = ()
 
-    def for_training(self) -> "ModelSource":
+    def for_training(self) -> ModelSource:
         """The model to train on: this source with its own adapter merged in, so a new adapter goes on top."""
         if self.adapter is None:
             return self
@@ -163,6 +163,7 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
             refuse_pickle(folder)
     # Merging in fp32 keeps the small LoRA deltas that bf16 weights would round away; cast afterwards.
     load_dtype = torch.float32 if source.merged and not four_bit else dtype or torch.float32
+    model: Any  # the transformers model, then PEFT's wrapper of it
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=load_dtype,
                                                      local_files_only=source.kind != "hub",

@@ -50,7 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             losses[start:start + chunk_size] = sums.log() + row_max - target_logits
             if need_hidden or grad_weight is not None:
                 _softmax_minus_one_hot_(logits, y, row_max, sums, softcap)
-                if need_hidden:
+                if grad_hidden is not None:
                     grad_hidden[start:start + chunk_size] = (logits @ w).to(hidden.dtype)
                 if grad_weight is not None:
                     grad_weight += (logits.T @ h).float()
@@ -63,8 +63,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         grad_hidden, grad_weight, *inputs = ctx.saved_tensors
         scale = grad_output[:, None] if ctx.per_row else grad_output
+        scale_weight: float | torch.Tensor
         if ctx.per_row and ctx.need_weight:
-            grad_weight = _weighted_weight_grad(*inputs, grad_output, *ctx.settings)
+            hidden, weight, targets = inputs
+            grad_weight = _weighted_weight_grad(hidden, weight, targets, grad_output, *ctx.settings)
             scale_weight = 1.0
         else:
             scale_weight = grad_output
@@ -135,9 +137,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
 
 
-def decoder_states(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def decoder_states(causal_lm: Any, input_ids: torch.Tensor, attention_mask: Any = None,
                    position_ids: torch.Tensor | None = None,
-                   packed_lengths: list[list[Any]] | None = None) -> tuple[nn.Module, torch.Tensor]:
+                   packed_lengths: list[list[Any]] | None = None) -> tuple[Any, torch.Tensor]:
     """(the bare causal LM, the decoder's last hidden states): every loss projects only the positions it needs."""
     base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
     extra: dict[str, Any] = {}
@@ -153,6 +155,8 @@ def decoder_states(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask
 
 class AnswerLogProbs(nn.Module):
     """Summed log-probability and token count of each answer in a tree batch (data/collate.tree_batch)."""
+
+    causal_lm: Any  # a transformers model (or PEFT's wrapper of one): typed loosely upstream
 
     def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

@@ -21,7 +21,9 @@ REWARD_HEAD_FILE = "reward_head.safetensors"
 class RewardModel(nn.Module):
     """A causal LM's decoder with a scalar head read at an answer's last token: how good the answer is."""
 
-    def __init__(self, causal_lm: nn.Module) -> None:
+    causal_lm: Any  # a transformers model (or PEFT's wrapper of one): typed loosely upstream
+
+    def __init__(self, causal_lm: Any) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         width = causal_lm.config.hidden_size

@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +77,9 @@ class _Lane:
         # The KV cache is sized here. Left to itself transformers takes most of the free memory (on a CPU, of the
         # machine's RAM, for every batcher), and where attention runs with dense masks (CPUs) their size grows
         # with the cache times the tokens of one step, so both are kept moderate.
-        wanted = {"per_request_processors": sampled, "max_requests_per_batch": max_requests, "max_batch_tokens": 512,
-                  "page_size": PAGE_TOKENS, "num_blocks": max(1, cache_tokens // PAGE_TOKENS)}
+        wanted: dict[str, Any] = {"per_request_processors": sampled, "max_requests_per_batch": max_requests,
+                                  "max_batch_tokens": 512, "page_size": PAGE_TOKENS,
+                                  "num_blocks": max(1, cache_tokens // PAGE_TOKENS)}
         # Settings this transformers release does not know (page_size arrived after 5.17) keep its defaults.
         accepted = inspect.signature(ContinuousBatchingConfig.__init__).parameters
         batching = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in accepted})
@@ -143,7 +144,7 @@ class Engine:
         return self.loaded.tokenizer(bos + prompt, add_special_tokens=False)["input_ids"]
 
     # --- answering -------------------------------------------------------------------------------------------------
-    async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Piece]:
+    async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"{self.name}-{next(self._ids)}"

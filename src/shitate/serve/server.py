@@ -14,8 +14,8 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal, Optional, Union
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,22 +37,22 @@ class _Common(BaseModel):
     # Unknown OpenAI fields (logprobs, user, …) are accepted and ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="ignore")
     model: str
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    stop: Union[str, list[str], None] = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    seed: Optional[int] = None
+    seed: int | None = None
     stream: bool = False
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class RequestError(Exception):
@@ -70,49 +70,13 @@ class RequestError(Exception):
 # --- the app ------------------------------------------------------------------------------------------------------
 
 def create_app(engines: dict[str, Engine], api_key: str | None = None, log_prompts: bool = False) -> Any:
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
 
     app = FastAPI(title="shitate", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                error = RequestError(401, "missing or wrong API key: send Authorization: Bearer KEY "
-                                          "(the key given to shitate serve)", code="invalid_api_key",
-                                     kind="authentication_error")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
-
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, error: RequestError) -> Any:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> Any:
-        # FastAPI's own refusals (a body it cannot decode, an unknown route) in OpenAI's shape.
-        message = str(error.detail)
-        if error.status_code == 400 and "parsing the body" in message:
-            message = "the request body is not valid JSON in UTF-8"
-        return JSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code)
-
-    @app.exception_handler(EngineFailed)
-    async def failed(request: Request, error: EngineFailed) -> Any:
-        return JSONResponse(RequestError(503, str(error), kind="server_error").body(), status_code=503)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> Any:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON in UTF-8"
-        return JSONResponse(RequestError(400, message, param=where or None).body(), status_code=400)
+    if api_key:
+        _require_key(app, api_key)
+    _answer_errors_as_openai_does(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -165,6 +129,57 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
     return app
 
 
+def _require_key(app: Any, api_key: str) -> None:
+    """Every request but /health must carry `Authorization: Bearer KEY`."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Any:
+        if request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+                error = RequestError(401, "missing or wrong API key: send Authorization: Bearer KEY "
+                                          "(the key given to shitate serve)", code="invalid_api_key",
+                                     kind="authentication_error")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+
+def _answer_errors_as_openai_does(app: Any) -> None:
+    """Refusals (ours, FastAPI's and the engine's) as OpenAI's error body, so clients show the message."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> Any:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Any:
+        # FastAPI's own refusals (a body it cannot decode, an unknown route) in OpenAI's shape.
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "the request body is not valid JSON in UTF-8"
+        return JSONResponse(RequestError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.exception_handler(EngineFailed)
+    async def failed(request: Request, error: EngineFailed) -> Any:
+        return JSONResponse(RequestError(503, str(error), kind="server_error").body(), status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> Any:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON in UTF-8"
+        return JSONResponse(RequestError(400, message, param=where or None).body(), status_code=400)
+
+
 def _engine(engines: dict[str, Engine], name: str) -> Engine:
     if name not in engines:
         if len(engines) == 1 and name in ("", "default"):
@@ -209,7 +224,7 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-async def _merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+async def _merged(streams: list[AsyncGenerator[Piece, None]]) -> AsyncIterator[tuple[int, Piece]]:
     """Pieces of several answers as each arrives, tagged with its answer's index; closing it cancels them all."""
     import asyncio
 

@@ -118,7 +118,7 @@ def validation_loss(session: Session, objective: Objective, examples: list[Examp
     was_training = module.training
     module.eval()
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
-    total, count, sums = 0.0, 0, {}
+    total, count, sums = 0.0, 0, dict[str, float]()
     for start in range(0, len(ordered), session.spec.batch_size):
         for chunk in session.micro_batches(ordered[start:start + session.spec.batch_size], objective.packed):
             with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):

@@ -3,6 +3,8 @@ preference losses, each a formula a test checks against values computed by hand.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,8 @@ class AnswerLoss(nn.Module):
 
     Being a module (not a function) lets DDP/FSDP wrap it and sync gradients as usual.
     """
+
+    causal_lm: Any  # a transformers model (or PEFT's wrapper of one): typed loosely upstream
 
     chunk_size = LOSS_CHUNK
 

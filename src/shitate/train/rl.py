@@ -33,14 +33,15 @@ from torch import nn
 from shitate.config import Recipe
 from shitate.data.collate import split_by_tokens, tree_batch
 from shitate.data.formats import read_questions
+from shitate.data.mix import mix
 from shitate.data.templates import IGNORE_INDEX, get_template, stop_token_ids
 from shitate.errors import ConfigError, TrainingDiverged
 from shitate.models.adapters import prepare_for_training
 from shitate.models.load import load_config, load_model, load_tokenizer, resolve
+from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.progress import say, status, training_bar
 from shitate.runs import RunFolder
 from shitate.train.loop import epoch_batches
-from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.train.session import DryRun, Objective, Session
 
 RubricReward = Callable[[list[str]], list[float]]  # answers → share of the rubric's checks each passes
@@ -66,7 +67,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     Returns (advantages, returns = advantages + values).
     """
     advantages = torch.zeros_like(rewards)
-    running = 0.0
+    running: float | torch.Tensor = 0.0
     for t in reversed(range(rewards.shape[0])):
         following = values[t + 1] if t + 1 < rewards.shape[0] else 0.0
         delta = rewards[t] + gamma * following - values[t]
@@ -136,7 +137,9 @@ class Rollout:
 class Policy(nn.Module):
     """The model being trained and, for ppo, a value head read at the positions that predict each answer token."""
 
-    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype, value_head: bool) -> None:
+    causal_lm: Any  # a transformers model (or PEFT's wrapper of one): typed loosely upstream
+
+    def __init__(self, causal_lm: Any, compute_dtype: torch.dtype, value_head: bool) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.logprobs = AnswerLogProbs(causal_lm, compute_dtype)
@@ -176,7 +179,8 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         template = get_template(recipe.template if source.run is None else
                                 RunFolder(source.run).recipe_setting("template", recipe.template), tokenizer,
                                 config.model_type)
-        prompts = _encode_prompts(recipe.data.train, recipe, tokenizer, template)
+        prompts, _ = mix(recipe.data.train_sources(), lambda path: _encode_prompts(path, recipe, tokenizer, template),
+                         recipe.train.seed)
         validation = _encode_prompts(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
         model = load_model(source.for_training(), dtype=session.base_dtype())
         reward_model = _load_reward_model(spec, session) if spec.reward_model and spec.reward_model_weight > 0 else None
@@ -197,15 +201,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 f"{spec.samples_per_prompt} answers a rollout, reward: " + _describe_reward(spec, recipe),
         template=template.name, model_source={"kind": source.kind, "folder": source.folder})
 
-    def reward(batches: list[dict[str, Any]], answers: list[str]) -> torch.Tensor:
-        total = torch.zeros(len(answers))
-        if rubric_reward is not None and spec.rubric_weight > 0:
-            total += spec.rubric_weight * torch.tensor(rubric_reward(answers), dtype=torch.float32)
-        if reward_model is not None:  # read at each answer's last token, in the rollout's answer order
-            total += spec.reward_model_weight * torch.cat([_in_precision(session, lambda b: reward_model(**b), batch)
-                                                           .float().cpu() for batch in batches])
-        return total
-
+    reward = _reward_function(spec, rubric_reward, reward_model, session)
     sampler = Sampler(tokenizer, template, spec, pad_id, session.device)
     validate = _validation(session, policy, sampler, validation, reward)
     total_seconds, tokens, step = 0.0, 0, session.start_step
@@ -235,12 +231,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                              "samples": [{"prompt": prompts[batch[0]]["prompt"], "answer": a}
                                          for a in rollout.answers[:spec.samples_per_prompt][:2]]})
                 bar.update(task, completed=step, loss=stats["loss"], tokens_per_s=tokens / total_seconds)
-                if spec.max_kl is not None and stats["kl"] > spec.max_kl:
-                    raise TrainingDiverged(
-                        f"the mean KL to the start model reached {stats['kl']:.2f} at step {step}, past "
-                        f"{recipe.stage}.max_kl {spec.max_kl}: the policy is drifting away (often to exploit the reward)."
-                        f" The last checkpoint in {session.run.path / 'checkpoints'} is kept; raise {recipe.stage}."
-                        "kl_coef or lower train.learning_rate, and resume with --resume or start again.")
+                _stop_if_drifting(stats["kl"], step, recipe, session)
                 if dry_run:
                     continue
                 if spec.validation_every and step % spec.validation_every == 0:
@@ -260,6 +251,32 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         say(f"{name.replace('_', ' ')} on the validation prompts: {values['before']:.3f} before, "
             f"{values['after']:.3f} after training.")
     return session.finish(policy, source, tokens, total_seconds, step, **facts)
+
+
+def _reward_function(spec: Any, rubric_reward: RubricReward | None, reward_model: Any,
+                     session: Session) -> Callable[[list[dict[str, Any]], list[str]], torch.Tensor]:
+    """The recipe's reward for a rollout's answers: the rubric's pass share and the reward model's score, weighted."""
+
+    def reward(batches: list[dict[str, Any]], answers: list[str]) -> torch.Tensor:
+        total = torch.zeros(len(answers))
+        if rubric_reward is not None and spec.rubric_weight > 0:
+            total += spec.rubric_weight * torch.tensor(rubric_reward(answers), dtype=torch.float32)
+        if reward_model is not None:  # read at each answer's last token, in the rollout's answer order
+            total += spec.reward_model_weight * torch.cat([_in_precision(session, lambda b: reward_model(**b), batch)
+                                                           .float().cpu() for batch in batches])
+        return total
+
+    return reward
+
+
+def _stop_if_drifting(kl: float, step: int, recipe: Recipe, session: Session) -> None:
+    spec = getattr(recipe, recipe.stage)
+    if spec.max_kl is not None and kl > spec.max_kl:
+        raise TrainingDiverged(
+            f"the mean KL to the start model reached {kl:.2f} at step {step}, past {recipe.stage}.max_kl "
+            f"{spec.max_kl}: the policy is drifting away (often to exploit the reward). The last checkpoint in "
+            f"{session.run.path / 'checkpoints'} is kept; raise {recipe.stage}.kl_coef or lower "
+            "train.learning_rate, and resume with --resume or start again.")
 
 
 def _describe_reward(spec: Any, recipe: Recipe) -> str:
@@ -294,7 +311,7 @@ class Sampler:
         self.stops = [s for s in stop_token_ids(tokenizer, template) if s is not None]
 
     @torch.no_grad()
-    def __call__(self, causal_lm: nn.Module, prompts: list[dict[str, Any]], samples: int,
+    def __call__(self, causal_lm: Any, prompts: list[dict[str, Any]], samples: int,
                  greedy: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
         rows = [p["prompt_ids"] for p in prompts for _ in range(samples)]
         width = max(len(r) for r in rows)
@@ -375,6 +392,7 @@ def advantages_and_returns(rollout: Rollout, spec: Any, stage: str) -> tuple[tor
     if stage == "grpo":
         return group_advantages(rollout.rewards, spec.samples_per_prompt)[owners], None
     # ppo: −β·KL on every token, the reward on the last; GAE answer by answer.
+    assert rollout.old_values is not None, "a ppo rollout carries the value head's estimates"
     token_rewards = -spec.kl_coef * kl_estimate(rollout.old_logps, rollout.reference_logps)
     advantages, returns = torch.zeros_like(token_rewards), torch.zeros_like(token_rewards)
     for answer in range(answers):
@@ -402,7 +420,7 @@ def update(policy: Policy, rollout: Rollout, spec: Any, stage: str, session: Ses
             totals["policy_loss"] += loss.item()
             if stage == "grpo" and spec.kl_coef > 0:
                 loss = loss + spec.kl_coef * kl_estimate(logps.float(), rollout.reference_logps[span], "k3").sum()
-            if values is not None:
+            if values is not None and rollout.old_values is not None and returns is not None:
                 value_loss = clipped_value_loss(values, rollout.old_values[span], returns[span],
                                                 spec.value_clip_range).sum()
                 totals["value_loss"] += value_loss.item()

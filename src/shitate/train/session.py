@@ -133,7 +133,7 @@ class Session:
                                     total_steps=self.planned_steps, **manifest_facts)
         return dataclasses.replace(objective, module=module)
 
-    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(self, model: Any) -> torch.optim.Optimizer:
         adapter = self.recipe.adapter
         if adapter.method == "loraplus":
             # PEFT's LoRA+ optimizer: the same AdamW, with B matrices in a group of ratio × the learning rate.
@@ -266,7 +266,7 @@ class Session:
                                   f"shitate train RECIPE --resume --out {self.run.path}")
 
     # --- after the loop -------------------------------------------------------------------------
-    def finish(self, model: torch.nn.Module, source: ModelSource, tokens: int, seconds: float, steps: int,
+    def finish(self, model: Any, source: ModelSource, tokens: int, seconds: float, steps: int,
                **facts: Any) -> Path:
         """Loss plot, final weights (adapter/, or model/ with its tokenizer; written atomically), closing manifest."""
         kind = "model" if self.recipe.adapter.method == "full" else "adapter"
@@ -291,7 +291,7 @@ class Session:
         return self.run.path
 
     def report_dry_run(self, objective: Objective, validation_tokens: int, tokens: int,
-                       step_seconds: list[float]) -> "DryRun":
+                       step_seconds: list[float]) -> DryRun:
         """Measured speed and memory of the first steps, and what the whole run would take; keep nothing."""
         import shutil
 

@@ -92,7 +92,8 @@ def run_jnli(loaded: Any, rows: list[dict[str, Any]], logprobs: Callable, **_: A
 def run_jsts(loaded: Any, rows: list[dict[str, Any]], logprobs: Callable, **_: Any) -> TaskResult:
     import math
 
-    prompts = [f"文1: {r['sentence1']}\n文2: {r['sentence2']}\n二つの文の意味の近さを0から5で答えてください。\n答え:" for r in rows]
+    prompts = [f"文1: {r['sentence1']}\n文2: {r['sentence2']}\n二つの文の意味の近さを0から5で答えてください。\n答え:"
+               for r in rows]
     scores = logprobs(loaded, prompts, [[str(k) for k in range(6)]] * len(rows))
     predicted = []
     for s in scores:  # the expected score under the model's distribution over 0…5
@@ -154,7 +155,7 @@ def run_summarization(loaded: Any, rows: list[dict[str, Any]], generate: Callabl
                       answers)
 
 
-TASKS = {
+TASKS: dict[str, tuple[Callable[..., list[dict[str, Any]]], Callable[..., TaskResult]]] = {
     "jcommonsenseqa": (load_jcommonsenseqa, run_jcommonsenseqa),
     "jnli": (load_jnli, run_jnli),
     "jsts": (load_jsts, run_jsts),
