@@ -81,7 +81,17 @@ def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
     assert result.exit_code == 0 and result.stdout.startswith("なんで")
 
 
-def test_chat_streams_answers_until_an_empty_line(tmp_path, tiny_model):
-    result = runner.invoke(app, ["chat", str(tiny_model), "--max-new-tokens", "4"], input="なんで空は青いの?\n\n")
+def test_chat_streams_each_answer_and_keeps_the_conversation_until_an_empty_line(tmp_path, tiny_model):
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import answer, load_for_inference
+
+    result = runner.invoke(app, ["chat", str(tiny_model), "--max-new-tokens", "6"],
+                           input="なんで空は青いの?\n夕焼けは?\n\nこれは読まれない\n")
     assert result.exit_code == 0, result.output
-    assert "model>" in result.output
+    replies = [part.split("\n")[0].strip() for part in result.output.split("model> ")[1:]]
+    # What the model answers to the same turns without chat: the first alone, the second after the first exchange.
+    loaded, spec = load_for_inference(str(tiny_model)), GenerateSpec(max_new_tokens=6, temperature=0.0)
+    first = answer(loaded, [[{"role": "user", "content": "なんで空は青いの?"}]], spec)[0].strip()
+    second = answer(loaded, [[{"role": "user", "content": "なんで空は青いの?"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "夕焼けは?"}]], spec)[0].strip()
+    assert first and second and replies == [first, second]

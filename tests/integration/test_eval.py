@@ -67,7 +67,10 @@ def test_jglue_tasks_run_on_a_model(tiny_model, tmp_path):
     assert set(found) == {"jcommonsenseqa accuracy", "jnli accuracy", "jnli precision", "jnli recall", "jnli macro_f1",
                           "jsts pearson", "jsts spearman", "jsquad exact_match", "jsquad char_f1", "translation BLEU",
                           "translation chrF", "summarization ROUGE-1", "summarization ROUGE-2", "summarization ROUGE-L"}
-    assert 0 <= found["jcommonsenseqa accuracy"] <= 1 and -1 <= found["jsts pearson"] <= 1
+    # Six questions each: accuracies are counts of six (the scoring itself is checked on known answers in
+    # tests/unit/test_jglue.py); this run shows every task runs end to end on a real model and the real files.
+    assert all((found[name] * 6) == pytest.approx(round(found[name] * 6)) for name in
+               ("jcommonsenseqa accuracy", "jnli accuracy", "jsquad exact_match"))
 
 
 def test_bad_eval_requests_are_explained(tiny_model, tmp_path):
@@ -151,7 +154,11 @@ def test_judges_over_an_endpoint_and_the_general_ability_check(trained_run, tmp_
     assert "General ability" in (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
     scores = json.loads((tmp_path / "scored" / "results.json").read_text(encoding="utf-8"))["judge"]
     assert scores["agreement"] == 1.0 and set(scores["combined"]) == {"base", "tuned"}
-    assert all(s["unparseable"] == 0 and 10 <= s["mean"] <= 90 for s in scores["combined"].values())
+    # The fake judge gives 90 to an answer ending in よ。 and 10 to any other, and both judges agree.
+    answers = json.loads((tmp_path / "scored" / "results.json").read_text(encoding="utf-8"))["answers"]
+    for side, combined in scores["combined"].items():
+        share = sum(a.strip().endswith("よ。") for a in answers[side]) / len(answers[side])
+        assert combined["unparseable"] == 0 and combined["mean"] == pytest.approx(10 + 80 * share)
 
 
 def test_an_unreachable_judge_fails_before_any_answer(trained_run, tmp_path):

@@ -215,13 +215,30 @@ def test_micro_batching_by_tokens_gives_the_same_step(tmp_path, tiny_model):
         torch.testing.assert_close(micro[name], whole[name], rtol=0, atol=1e-3)
 
 
-def test_answers_are_checked_during_training(tmp_path, tiny_model):
+def test_answers_are_checked_during_training(tmp_path, tiny_model, monkeypatch):
+    import shitate.models.inference as inference
+    from shitate.evals import metrics as scoring
+
     recipe = make_recipe(tmp_path, tiny_model, extra="  every_steps: 4\n  examples: 3\n")
+    validation = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in kids_records(40)[24:27]]
+    # The model in training answers; here its answers are fixed, so the logged scores have known values.
+    fixed = [validation[0][1], "ちがうよ。", "ちがう"]
+    seen = []
+
+    def answered(loaded, conversations, spec):
+        seen.append([c[-1]["content"] for c in conversations])
+        return fixed
+
+    monkeypatch.setattr(inference, "answer", answered)
     result = train(recipe, tmp_path / "run", "--set", "train.max_steps=8")
     assert result.exit_code == 0, result.output
     checks = [m for m in metrics(tmp_path / "run") if "eval_chrF" in m]
-    assert [m["step"] for m in checks] == [4, 8]
-    assert all(0 <= m["eval_rubric/yo"] <= 1 and m["eval_chrF"] >= 0 for m in checks)
+    assert [m["step"] for m in checks] == [4, 8] and seen == [[q for q, _ in validation]] * 2
+    expected_yo = sum(a.endswith("よ。") for a in fixed) / 3
+    expected_chrf = scoring.chrf(fixed, [a for _, a in validation])
+    assert 0 < expected_chrf < 100 and expected_yo == 2 / 3
+    assert all(m["eval_rubric/yo"] == pytest.approx(expected_yo) and m["eval_chrF"] == pytest.approx(expected_chrf)
+               for m in checks)
 
 
 def test_each_adapter_method_trains_with_a_falling_loss(tmp_path, tiny_model):
