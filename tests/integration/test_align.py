@@ -137,3 +137,19 @@ def test_eval_reports_preference_accuracy_before_and_after(tmp_path, tiny_model)
     assert found["tuned"]["preference accuracy"] == 1.0
     assert found["tuned"]["log-prob margin per token"] > found["base"]["log-prob margin per token"] + 0.5
     assert found["tuned"]["implicit reward accuracy"] == 1.0 and "implicit reward accuracy" not in found["base"]
+
+
+def test_dpo_in_two_processes_follows_the_loss_curve_of_one(tmp_path, tiny_model):
+    from test_train import DATA_PARALLEL_TOLERANCE, launched
+
+    recipe = make_recipe(tmp_path, tiny_model, "dpo")
+    for nproc in (1, 2):
+        result = launched(recipe, tmp_path / f"run-{nproc}", nproc, port=29518)
+        assert result.returncode == 0, result.stderr[-3000:]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / f"run-{n}" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for n in (1, 2)]
+    margins = [[v["val_reward_margin"] for v in validations(tmp_path / f"run-{n}")] for n in (1, 2)]
+    print(f"dpo, 1 vs 2 processes, largest loss difference: {max(abs(a - b) for a, b in zip(*losses)):.2e}")
+    assert len(losses[1]) == 12 and max(abs(a - b) for a, b in zip(*losses)) < DATA_PARALLEL_TOLERANCE
+    assert margins[1][-1] > margins[1][0] + 0.5
+    assert max(abs(a - b) for a, b in zip(*margins)) < DATA_PARALLEL_TOLERANCE

@@ -180,24 +180,39 @@ def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_the_same_recipe_trains_data_parallel_under_a_launcher(tmp_path, tiny_model):
-    """Two processes (gloo on the CPU), each with half of every step's examples; the loss still falls."""
+def launched(recipe: Path, run: Path, nproc: int, *extra: str, port: int = 29517):
+    """`shitate train RECIPE --nproc N`: torchrun on a CPU, gloo between the processes, one thread each."""
     import os
     import subprocess
     import sys
 
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",  # gloo, CPU
-           "PET_MASTER_PORT": "29517"}  # torchrun reads its options from PET_* variables
-    # --nproc builds the launcher's command (torchrun on a CPU) and runs this same command under it.
-    result = subprocess.run([sys.executable, "-m", "shitate.cli", "train", str(make_recipe(tmp_path, tiny_model)),
-                             "--nproc", "2", "--out", str(run)], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["processes"] == 2 and manifest["steps"] == 12
-    losses = [m["loss"] for m in metrics(run) if "loss" in m]
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 1.0
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PET_MASTER_PORT": str(port)}  # torchrun reads its options from PET_* variables
+    return subprocess.run([sys.executable, "-m", "shitate.cli", "train", str(recipe), "--nproc", str(nproc),
+                           "--out", str(run), *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+# Two processes take the same steps as one up to the order of floating-point sums (each process adds its half,
+# then gloo adds the halves): 3e-5 at most in the loss over 12 steps at a learning rate of 3e-2 (Intel Xeon).
+DATA_PARALLEL_TOLERANCE = 1e-3
+
+
+def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model)
+    no_dropout = ("--set", "adapter.dropout=0.0")  # dropout masks are drawn per process
+    for nproc in (1, 2):
+        result = launched(recipe, tmp_path / f"run-{nproc}", nproc, *no_dropout)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (metrics(tmp_path / f"run-{n}") for n in (1, 2))
+    assert json.loads((tmp_path / "run-2" / "manifest.json").read_text())["processes"] == 2
+    losses = [[m["loss"] for m in run if "loss" in m] for run in (one, two)]
+    assert len(losses[1]) == 12 and sum(losses[1][-3:]) < sum(losses[1][:3]) - 1.0
+    gaps = [abs(a - b) for a, b in zip(*losses)]
+    validation = [[m["val_loss"] for m in run if "val_loss" in m] for run in (one, two)]
+    print(f"1 vs 2 processes, largest loss difference: {max(gaps):.2e} (validation {max(abs(a - b) for a, b in zip(*validation)):.2e})")
+    assert max(gaps) < DATA_PARALLEL_TOLERANCE
+    assert all(abs(a - b) < DATA_PARALLEL_TOLERANCE for a, b in zip(*validation))
+    assert [p.name for p in (tmp_path / "run-2").iterdir()] and not list((tmp_path / "run-2").glob(".*"))
 
 
 def test_micro_batching_by_tokens_gives_the_same_step(tmp_path, tiny_model):

@@ -85,17 +85,29 @@ def train_step(session: Session, objective: Objective, examples: list[Example]) 
     """One optimizer step over micro-batches; returns (mean loss per loss term, real tokens processed)."""
     module, accelerator, device = objective.module, session.accelerator, session.device
     module.train()
-    # Under accelerate launch each process takes its share of the step's examples; DDP averages the gradients.
-    examples = examples[accelerator.process_index::accelerator.num_processes] or examples[:1]
-    terms = sum(objective.loss_terms(e) for e in examples)
+    # Under a launcher each process takes its share of the step's examples and DDP averages the gradients. Each
+    # share's loss is divided by the step's loss terms over all processes (times their number, which DDP's mean
+    # divides back out), so the step is the one a single process takes on the whole batch, however unevenly the
+    # answer tokens fall. A process left without examples (a short last batch) runs one at weight 0: every process
+    # must take part in the gradient exchange.
+    share = examples[accelerator.process_index::accelerator.num_processes]
+    weight = 1.0 if share else 0.0
+    share = share or examples[:1]
+    terms = weight * sum(objective.loss_terms(e) for e in share)
+    step_terms = terms
+    if accelerator.num_processes > 1:
+        step_terms = accelerator.reduce(torch.tensor(float(terms), device=device), "sum").item()
+    divisor = step_terms / accelerator.num_processes
     total_loss, real_tokens = torch.zeros((), device=device), 0
-    for chunk in session.micro_batches(examples, objective.packed):
+    for chunk in session.micro_batches(share, objective.packed):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
-            loss_sum = module(**objective.make_batch(chunk, device))[0]
-        accelerator.backward(loss_sum / terms)
+            loss_sum = weight * module(**objective.make_batch(chunk, device))[0]
+        accelerator.backward(loss_sum / divisor)
         total_loss += loss_sum.detach()  # read once per step: on a GPU each .item() waits for the device
         real_tokens += sum(len(e["input_ids"]) for e in chunk)
-    loss = total_loss.item() / terms
+    if accelerator.num_processes > 1:  # the logged loss is the whole step's, as one process would log it
+        total_loss = accelerator.reduce(total_loss, "sum")
+    loss = total_loss.item() / step_terms
     if not math.isfinite(loss):  # before the update: the weights and the last checkpoint stay good
         session.optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"the loss became {loss} at step {session.scheduler.last_epoch + 1}, so training stopped "
