@@ -83,6 +83,32 @@ def training_bytes(config: Any, precision: str, micro_batch_tokens: int, trainab
     return int(1.2 * (activations + loss + optimizer))
 
 
+# What each engine splits across the devices (configs/accelerate/): nothing, the optimizer state, also the
+# gradients, also the weights. FSDP's full shard splits what ZeRO-3 does.
+ENGINES = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients"),
+           "zero3": ("optimizer", "gradients", "weights")}
+
+
+def per_device_bytes(config: Any, total_parameters: int, trainable_parameters: int, micro_batch_tokens: int,
+                     devices: int, engine: str, checkpointing: bool = True) -> dict[str, int]:
+    """Memory on each of `devices` GPUs for training in bf16 under `engine`, by part.
+
+    The accounting of the ZeRO paper (Rajbhandari et al. 2020, section 3) for mixed precision: bf16 weights
+    (2 bytes a parameter, frozen or trained), bf16 gradients of the trained parameters (2 bytes), and AdamW's
+    fp32 master copy and two moments (12 bytes a trained parameter); each part an engine shards is divided by
+    the devices. Activations are each device's own, for its micro-batch.
+    """
+    sharded = ENGINES[engine]
+
+    def split(part: str, size: float) -> int:
+        return int(size / devices) if part in sharded else int(size)
+
+    activations = training_bytes(config, "bf16", micro_batch_tokens, 0, False, loss_chunk=1024,
+                                 checkpointing=checkpointing)
+    return {"weights": split("weights", 2 * total_parameters), "gradients": split("gradients", 2 * trainable_parameters),
+            "optimizer": split("optimizer", 12 * trainable_parameters), "activations": activations}
+
+
 def available_bytes(device: str) -> int:
     """Memory this process can still take: free GPU memory, or the machine's available RAM."""
     if device.startswith("cuda"):

@@ -166,6 +166,7 @@ def test_dry_run_reports_speed_memory_and_time_and_keeps_nothing(tmp_path, tiny_
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "tokens/s" in output and "peak memory" in output and "whole run 12 steps, about" in output
+    assert "on 8 GPUs ddp" in output and "zero3" in output
     assert not run.exists()
 
 

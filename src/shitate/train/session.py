@@ -26,7 +26,15 @@ import torch
 from shitate.config import CPU_MICRO_BATCH_TOKENS, Recipe, TrainSpec
 from shitate.data.collate import Example, split_by_tokens
 from shitate.errors import ConfigError, DataError, Problem, TrainingInterrupted
-from shitate.memory import available_bytes, bound_kernel_caches, peak_gpu_bytes, peak_rss_bytes, training_bytes
+from shitate.memory import (
+    ENGINES,
+    available_bytes,
+    bound_kernel_caches,
+    peak_gpu_bytes,
+    peak_rss_bytes,
+    per_device_bytes,
+    training_bytes,
+)
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
 from shitate.progress import say
@@ -308,8 +316,22 @@ class Session:
             f"  peak memory    {peak_rss_bytes() / 1e9:.2f} GB resident (estimated training share "
             f"{self._training_bytes(objective) / 1e9:.2f} GB)\n"
             f"{gpu_line}"
-            f"  whole run      {self.planned_steps} steps, about {_duration(projected)} including validation")
+            f"  whole run      {self.planned_steps} steps, about {_duration(projected)} including validation\n"
+            f"{self._device_plan(objective)}")
         return DryRun(self.planned_steps, per_step, tokens_per_s, projected, self.precision, str(self.device))
+
+
+    def _device_plan(self, objective: Objective) -> str:
+        """Planned memory a GPU on several GPUs, by engine (`--nproc N --engine …`), for the same micro-batches."""
+        micro_batch = self._largest_micro_batch(self.train_set, objective.packed)
+        lines = []
+        for devices in (2, 8):
+            plans = {engine: sum(per_device_bytes(self.config, self.total, self.trainable, micro_batch, devices, engine,
+                                                  self.spec.activation_checkpointing).values())
+                     for engine in ENGINES}
+            lines.append(f"  on {devices} GPUs      " + ", ".join(f"{engine} {size / 2**30:.1f}" for engine, size in
+                                                               plans.items()) + " GiB each (planned, bf16)")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
