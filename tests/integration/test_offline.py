@@ -77,3 +77,53 @@ def test_main_commands_open_no_outside_connection(tmp_path, tiny_model, monkeypa
     except OSError:
         pass
     assert attempts == ["192.0.2.1"]
+
+
+GUARD = '''
+import ipaddress, os, socket
+
+def _local(address):
+    if not isinstance(address, tuple):
+        return True
+    try:
+        return address[0] == "localhost" or ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:
+        return False
+
+def _refuse(what):
+    with open(os.environ["SHITATE_TEST_ATTEMPTS"], "a") as log:
+        log.write(repr(what) + "\\n")
+    raise OSError(f"test: outside connection to {what} refused")
+
+_connect, _connect_ex, _lookup = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+socket.socket.connect = lambda self, address: _connect(self, address) if _local(address) else _refuse(address)
+socket.socket.connect_ex = lambda self, address: _connect_ex(self, address) if _local(address) else _refuse(address)
+socket.getaddrinfo = lambda host, *a, **k: _lookup(host, *a, **k) if host is None or _local((host, 0)) else _refuse(host)
+'''
+
+
+def test_the_commands_try_no_connection_even_with_the_hub_left_online(tmp_path, tiny_model):
+    """Separate processes without HF_HUB_OFFLINE (a user's ordinary shell): with local models, transformers and the
+    hub library are never asked to look anything up, so the guard (installed by sitecustomize) logs nothing."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "guard").mkdir()
+    (tmp_path / "guard" / "sitecustomize.py").write_text(GUARD, encoding="utf-8")
+    attempts = tmp_path / "attempts.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(PYTHONPATH=str(tmp_path / "guard"), SHITATE_TEST_ATTEMPTS=str(attempts))
+    recipe, run = make_recipe(tmp_path, tiny_model), tmp_path / "run"
+    for args in (["data", "check", str(tmp_path / "train.jsonl"), "--model", str(tiny_model)],
+                 ["train", str(recipe), "--out", str(run), "--set", "train.max_steps=2"],
+                 ["eval", str(run)],
+                 ["generate", str(run), "空は", "--max-new-tokens", "3"]):
+        result = subprocess.run([sys.executable, "-m", "shitate.cli", *args], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+        assert not attempts.exists(), (args, attempts.read_text())
+    # The guard is live in those processes: a connection attempt is logged and refused.
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and attempts.read_text().strip() == "'192.0.2.1'"  # its name lookup, first
