@@ -117,3 +117,12 @@ def test_a_kl_past_the_limit_stops_training_with_the_reason(tmp_path, tiny_model
     recipe.write_text(recipe.read_text().replace("kl_coef: 0.01}", f"kl_coef: 0.01, max_kl: {limit}}}"))
     result = train(recipe, tmp_path / "run")
     assert result.exit_code == 1 and "past grpo.max_kl" in str(result.exception)
+
+
+def test_prompts_from_several_sources_are_mixed_by_weight(tmp_path, tiny_model):
+    recipe = make_recipe(tmp_path, tiny_model, "grpo")
+    write_jsonl(tmp_path / "more.jsonl", [{"prompt": f"追加の質問{i}は?"} for i in range(4)])
+    mixed = "[{path: prompts.jsonl}, {path: more.jsonl, weight: 0.5}]"
+    result = train(recipe, tmp_path / "run", "--set", f"data.train={mixed}", "--set", "train.max_steps=1")
+    assert result.exit_code == 0, result.output
+    assert f"{len(QUESTIONS) + 2} prompts" in " ".join(result.output.split())  # all of one, half of the other
