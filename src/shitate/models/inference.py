@@ -183,14 +183,26 @@ def _choice_tree(tokenizer: Any, prompt: str, options: list[str]) -> dict[str, A
             "choice_count": options}
 
 
-def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]], spec: GenerateSpec) -> Iterator[str]:
-    """Yield the answer's text piece by piece as it is generated."""
+def _japanese_streamer_class() -> type:
     from transformers import TextIteratorStreamer
 
+    class JapaneseStreamer(TextIteratorStreamer):
+        """transformers' streamer holds text back until a space or a kanji, so kana-only Japanese appeared all at
+        once at the end: release it after any CJK, kana or full-width character too — never half a character
+        (an incomplete byte sequence decodes as U+FFFD)."""
+
+        def _is_chinese_char(self, cp: int) -> bool:
+            return (cp >= 0x3000 and cp != 0xFFFD) or super()._is_chinese_char(cp)
+
+    return JapaneseStreamer
+
+
+def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]], spec: GenerateSpec) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated."""
     tokenizer = loaded.tokenizer
     text = loaded.template(messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _japanese_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer}
     worker = Thread(target=lambda: loaded.model.generate(**kwargs), daemon=True)
     worker.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +28,46 @@ class TrainingJob:
     def __init__(self) -> None:
         self.thread: threading.Thread | None = None
         self.run: Path | None = None
+        self.recipe: Any = None
         self.error: str | None = None
+        self.stopped: str | None = None
 
-    def start(self, recipe: Any, out: Path) -> None:
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, recipe: Any, out: Path, resume: bool = False) -> None:
+        from shitate.errors import TrainingInterrupted
         from shitate.workflow import train_recipe
 
-        if self.thread is not None and self.thread.is_alive():
-            raise RuntimeError("a training run is already going; wait for it to finish")
-        self.run, self.error = out, None
+        if self.running():
+            raise RuntimeError("a training run is already going; stop it or wait for it to finish")
+        self.run, self.recipe, self.error, self.stopped = out, recipe, None, None
 
         def work() -> None:
             try:
-                train_recipe(recipe, out=out, force=True)
+                train_recipe(recipe, out=out, resume=resume, force=not resume)
+            except TrainingInterrupted as stopped:  # the Stop button: a checkpoint was saved
+                self.stopped = str(stopped)
             except Exception as err:  # noqa: BLE001 — shown on the page, as the terminal would print it
                 self.error = str(err)
 
         self.thread = threading.Thread(target=work, daemon=True)
         self.thread.start()
+
+    def stop(self) -> str:
+        """Stop after the current step, with a checkpoint, as Ctrl-C does in the terminal."""
+        from shitate.train.session import request_stop
+
+        if not self.running():
+            return "学習中ではありません / No training is running."
+        request_stop()
+        return "このステップの後で止めます / Stopping after this step (a checkpoint is saved)…"
+
+    def resume(self) -> str:
+        if self.running() or self.run is None or self.stopped is None:
+            return "再開できる停止中の学習はありません / No stopped run to resume."
+        self.start(self.recipe, self.run, resume=True)
+        return f"再開しました / Resumed: {self.run}"
 
     def progress(self) -> tuple[str, Any]:
         """(status line, loss table) from the run folder."""
@@ -62,7 +86,9 @@ class TrainingJob:
         done = max((r["step"] for r in rows if r["kind"] == "train"), default=0)
         if self.error:
             state = f"エラー / Error: {self.error}"
-        elif self.thread is not None and self.thread.is_alive():
+        elif self.stopped and not self.running():
+            state = f"停止 / Stopped at step {done} / {total}; checkpoint saved — 再開 / Resume continues it"
+        elif self.running():
             state = f"学習中 / Training: step {done} / {total}"
         else:
             state = f"完了 / Done: {done} steps — {self.run}"
@@ -73,8 +99,8 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
     """The Gradio app. `base` and `tuned` are what the chat tab compares; training sets `tuned` to its run."""
     import gradio as gr
 
-    from shitate.config import GenerateSpec, load_recipe
-    from shitate.models.inference import answer, load_for_inference
+    from shitate.config import load_recipe
+    from shitate.models.inference import load_for_inference
     from shitate.runs import RunFolder
     from shitate.workflow import check_data, evaluate_target
 
@@ -115,23 +141,13 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
         out = evaluate_target(str(job.run))
         return f"レポート / Report: {out / 'report.html'}\n\n" + (out / "results.json").read_text(encoding="utf-8")[:4000]
 
-    def run_chat(message: str, base_history: list, tuned_history: list) -> tuple[list, list, str]:
-        spec = GenerateSpec(max_new_tokens=64, temperature=0.0)
-        turn = {"role": "user", "content": message}
+    def run_chat(message: str, base_history: list, tuned_history: list) -> Iterator[tuple[list, list, str]]:
         # Both sides get the tuned run's system prompt, as `shitate compare` gives them.
         system = None
         if state["tuned"] and RunFolder(state["tuned"]).recipe_file.is_file():
             system = (RunFolder(state["tuned"]).recipe_setting("data", {}) or {}).get("system")
-        opening = [{"role": "system", "content": system}] if system else []
-
-        def conversation(history: list) -> list[dict[str, str]]:  # each side continues its own conversation
-            return opening + [{"role": m["role"], "content": _text(m["content"])} for m in history] + [turn]
-
-        base_reply = answer(loaded(base), [conversation(base_history)], spec)[0]
-        tuned_reply = (answer(loaded(state["tuned"]), [conversation(tuned_history)], spec)[0] if state["tuned"]
-                       else "(no tuned model yet)")
-        return (base_history + [turn, {"role": "assistant", "content": base_reply}],
-                tuned_history + [turn, {"role": "assistant", "content": tuned_reply}], "")
+        tuned_model = loaded(state["tuned"]) if state["tuned"] else None
+        yield from stream_both(message, base_history, tuned_history, loaded(base), tuned_model, system)
 
     with gr.Blocks(title="shitate 仕立て") as app:
         gr.Markdown("# shitate 仕立て — データ・学習・評価・チャット / data, training, evaluation, chat")
@@ -148,11 +164,16 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
                                  type="filepath")
             steps = gr.Number(value=0, label="最大ステップ数（0 = レシピ通り）/ Max steps (0 = as the recipe says)",
                               elem_id="steps")
-            train_button = gr.Button("学習開始 / Start training", elem_id="train")
-            started = gr.Markdown()
+            with gr.Row():
+                train_button = gr.Button("学習開始 / Start training", elem_id="train")
+                stop_button = gr.Button("停止 / Stop", elem_id="stop")
+                resume_button = gr.Button("再開 / Resume", elem_id="resume")
+            started = gr.Markdown(elem_id="started")
             progress = gr.Markdown(elem_id="progress")
             curve = gr.LinePlot(x="step", y="loss", color="kind", label="損失 / Loss")
             train_button.click(run_train, [recipe_box, train_data, steps], started)
+            stop_button.click(job.stop, None, started)
+            resume_button.click(job.resume, None, started)
             gr.Timer(1.0).tick(job.progress, None, [progress, curve])
         with gr.Tab("評価 / Evaluate"):
             eval_button = gr.Button("評価する / Evaluate the run", elem_id="evaluate")
@@ -166,6 +187,35 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
             send = gr.Button("送信 / Send", elem_id="send")
             send.click(run_chat, [message, base_chat, tuned_chat], [base_chat, tuned_chat, message])
     return app
+
+
+def stream_both(message: str, base_history: list, tuned_history: list, base: Any, tuned: Any,
+                system: str | None) -> Iterator[tuple[list, list, str]]:
+    """Both chat panes as the answers are written: the base model's answer streams in, then the tuned one's."""
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import stream_answer
+
+    spec = GenerateSpec(max_new_tokens=64, temperature=0.0)
+    turn = {"role": "user", "content": message}
+    opening = [{"role": "system", "content": system}] if system else []
+
+    def conversation(history: list) -> list[dict[str, str]]:  # each side continues its own conversation
+        return opening + [{"role": m["role"], "content": _text(m["content"])} for m in history] + [turn]
+
+    replies = {"base": "", "tuned": "" if tuned is not None else "(no tuned model yet)"}
+
+    def panes() -> tuple[list, list, str]:
+        return (base_history + [turn, {"role": "assistant", "content": replies["base"]}],
+                tuned_history + [turn, {"role": "assistant", "content": replies["tuned"]}], "")
+
+    for side, model, history in (("base", base, base_history), ("tuned", tuned, tuned_history)):
+        if model is None:
+            continue
+        for piece in stream_answer(model, conversation(history), spec):
+            replies[side] += piece
+            yield panes()
+        replies[side] = replies[side].strip()
+    yield panes()
 
 
 def _text(content: Any) -> str:

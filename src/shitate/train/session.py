@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -260,9 +261,10 @@ class Session:
 
         try:
             previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: leave signals alone
+        except ValueError:  # not the main thread (the web UI trains in one): its Stop button calls request_stop
             previous = None
-        self.stop_requested = lambda: requested["stop"]
+        _stop_request.clear()
+        self.stop_requested = lambda: requested["stop"] or _stop_request.is_set()
         try:
             yield
         finally:
@@ -344,6 +346,15 @@ class DryRun:
     projected_seconds: float
     precision: str
     device: str
+
+
+# Set by request_stop (the web UI's Stop button) for the run in progress; a session clears it when it starts.
+_stop_request = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the training run in progress to stop as Ctrl-C does: after this step, with a checkpoint to resume from."""
+    _stop_request.set()
 
 
 def drop_answerless(path: Path, lines: list[int], kept: int, spec: TrainSpec) -> None:
