@@ -396,8 +396,8 @@ def _launch(nproc: int, engine: str) -> int:
 
 
 LAUNCH_OPTIONS = ("--nproc", "--engine")
-# Shipped beside the package in a source checkout (pip install -e .), as DESIGN.md lays it out.
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+# Package data, so an installed wheel has them too; configs/accelerate/ in a checkout links here.
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "configs" / "accelerate"
 
 
 @app.command()

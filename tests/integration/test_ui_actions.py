@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from test_train import make_recipe
 
 from conftest import kids_records
-from test_train import make_recipe
 
 pytest.importorskip("gradio")
 

@@ -140,3 +140,11 @@ def test_a_json_array_imports_with_the_line_of_each_item(tmp_path):
     records, problems = import_records(path, skip_bad=True)
     assert records == [{"messages": QA}]
     assert [(p.line, p.field, p.message) for p in problems] == [(6, None, "unrecognised record (keys: instruction)")]
+
+
+def test_a_broken_line_that_opens_a_bracket_does_not_hide_the_lines_after_it(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    good = json.dumps({"messages": QA})
+    path.write_text(f"[{good}\n{good}\n{{oops\n{good}\n", encoding="utf-8")
+    records, problems = import_records(path, skip_bad=True)
+    assert len(records) == 2 and [p.line for p in problems] == [1, 3]

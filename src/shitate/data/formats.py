@@ -48,33 +48,48 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     (with the fix), or read item by item with `arrays` (importers accept what people have).
     """
     path = Path(path)
-    lines = _decoded_lines(path, encoding)
+    lines: Iterator[tuple[int, str | Problem]] = _decoded_lines(path, encoding)
     for number, line in lines:
-        if isinstance(line, Problem) or not line.strip():
-            if isinstance(line, Problem):
-                yield number, line
+        if isinstance(line, str) and not line.strip():
             continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            if line.lstrip().startswith("["):
-                document = line + "".join(rest for _, rest in lines if isinstance(rest, str))
-                if _is_json_array(document):
-                    if not arrays:
-                        raise DataError([Problem(path, None, None, "is one JSON array, not JSON Lines (one object a "
-                                                 "line)", f"convert it with `shitate data import {path} --out "
-                                                 f"{path.with_suffix('.jsonl').name}`")]) from None
-                    yield from _array_items(document, number)
-                    return
-            yield number, Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
-                                  "each line must be one complete JSON object")
+        if isinstance(line, str) and line.lstrip().startswith("[") and not _is_json(line):
+            # The first record opens a bracket its line does not close: is the whole file one JSON array?
+            rest = list(lines)
+            document = line + "".join(text for _, text in rest if isinstance(text, str))
+            if _is_json_array(document):
+                if not arrays:
+                    raise DataError([Problem(path, None, None, "is one JSON array, not JSON Lines (one object a "
+                                             "line)", f"convert it with `shitate data import {path} --out "
+                                             f"{path.with_suffix('.jsonl').name}`")])
+                yield from _array_items(document, number)
+                return
+            lines = iter(rest)
+        yield from _parsed(path, itertools.chain([(number, line)], lines))
+        return
+
+
+def _parsed(path: Path, lines: Iterable[tuple[int, str | Problem]]) -> Iterator[tuple[int, Any | Problem]]:
+    for number, line in lines:
+        if isinstance(line, Problem):
+            yield number, line
+        elif line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, Problem(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})",
+                                      "each line must be one complete JSON object")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def _is_json_array(document: str) -> bool:
-    try:
-        return isinstance(json.loads(document), list)
-    except json.JSONDecodeError:
-        return False
+    return _is_json(document) and isinstance(json.loads(document), list)
 
 
 def _array_items(document: str, first_line: int) -> Iterator[tuple[int, Any]]:
