@@ -89,7 +89,10 @@ def _is_json(text: str) -> bool:
 
 
 def _is_json_array(document: str) -> bool:
-    return _is_json(document) and isinstance(json.loads(document), list)
+    try:
+        return isinstance(json.loads(document), list)
+    except json.JSONDecodeError:
+        return False
 
 
 def _array_items(document: str, first_line: int) -> Iterator[tuple[int, Any]]:
@@ -116,10 +119,12 @@ def _decoded_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, str 
     _check_encoding(encoding)
     if not path.is_file():
         raise ShitateError(f"{path}: file not found. Check the path (it is read relative to the current folder).")
+    binary = DataError([Problem(path, None, None, "is a binary file, not text",
+                                "give a JSONL file (one JSON object a line, UTF-8)")])
+    whole_file_checked = False
     with path.open("rb") as handle:
         if b"\x00" in handle.read(8192):
-            raise DataError([Problem(path, None, None, "is a binary file, not text",
-                                     "give a JSONL file (one JSON object a line, UTF-8)")])
+            raise binary
         handle.seek(0)
         for number in itertools.count(1):
             raw = handle.readline(MAX_LINE_BYTES + 1)
@@ -134,12 +139,12 @@ def _decoded_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, str 
             try:
                 yield number, raw.decode(encoding or ("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError as err:
-                content = path.read_bytes()
-                if looks_binary(content.decode("latin-1")):
-                    raise DataError([Problem(path, None, None, "is a binary file, not text",
-                                             "give a JSONL file (one JSON object a line, UTF-8)")]) from None
-                if encoding is None:
-                    legacy = _legacy_encoding(path, content)
+                if not whole_file_checked:  # once, at the first bad line: the file as a whole may explain it
+                    whole_file_checked = True
+                    content = path.read_bytes()
+                    if looks_binary(content.decode("latin-1")):
+                        raise binary from None
+                    legacy = _legacy_encoding(path, content) if encoding is None else None
                     if legacy:
                         raise DataError([Problem(path, None, None, f"is not UTF-8: it reads as {legacy}",
                                                  f"convert it (`iconv -f {legacy} -t UTF-8 {path.name} > utf8.jsonl`) or "
