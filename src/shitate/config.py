@@ -332,7 +332,12 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, for example --set train.epochs=2")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair!r}: the value is not a YAML scalar or list ({getattr(err, 'problem', err)}); "
+                              "quote it, e.g. --set data.system='…'") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
