@@ -231,9 +231,7 @@ class RunFolder:
             torch.save(state, staging / "state.pt")
             (staging / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2), encoding="utf-8")
             _sync(staging)  # on disk before the rename: after a power cut the name never points at empty files
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            _replace_folder(staging, target)
             _sync_entry(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -268,12 +266,21 @@ class RunFolder:
         staging = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{kind}."))
         try:
             write(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            _replace_folder(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Put `staging` in `target`'s place. The old folder is renamed aside first: deleting it in place could be cut
+    short by a kill, leaving a half-deleted folder under the final name."""
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sync(folder: Path) -> None:
