@@ -11,7 +11,8 @@ Each side runs in its own process (peak RSS is its own). TRL runs as its users r
 on the same basis — the wall time of the training steps, plus for shitate's dpo the one pass that
 computes the reference log-probabilities before training (TRL computes them inside its steps) — over
 the same numerator: the tokens of the pairs (prompt + chosen + rejected). Also printed: peak RSS,
-the validation loss after one epoch (the same pairs, the same loss), the CPU model.
+the validation loss before training and after one epoch (the same pairs, on shitate's definition of
+the loss; TRL's own where it differs), the CPU model.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/align_throughput.py                       # dpo, orpo, reward; all sides
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops, step_timer  # noqa: E402
+from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, step_timer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
@@ -100,7 +100,8 @@ def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_token
     train_share = len(train.read_text().splitlines()) / (len(train.read_text().splitlines())
                                                          + len(validation.read_text().splitlines()))
     seconds = step_seconds + reference_seconds[0] * train_share
-    return {"tokens_per_s": pair_tokens / seconds, "val_loss": [m["val_loss"] for m in metrics if "val_loss" in m][-1],
+    validation = [m["val_loss"] for m in metrics if "val_loss" in m]  # before the first step and after the epoch
+    return {"tokens_per_s": pair_tokens / seconds, "val_loss_before": validation[0], "val_loss": validation[-1],
             "wall_s": wall, "reference_s": reference_seconds[0] * train_share, "steps": manifest["steps"]}
 
 
@@ -159,11 +160,24 @@ def run_trl(stage: str, train: Path, validation: Path, out: Path, bf16_base: boo
         trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=as_dataset(train),
                                 eval_dataset=as_dataset(validation), processing_class=tokenizer, peft_config=lora,
                                 callbacks=[StepTimer()])
+    before = trainer.evaluate()  # on the untouched model: checks that both sides compute the same loss
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    return {"tokens_per_s": pair_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall,
+    after = trainer.evaluate()
+    return {"tokens_per_s": pair_tokens / StepTimer.seconds, "val_loss_before": _our_loss(stage, before),
+            "val_loss": _our_loss(stage, after), "trl_val_loss": after["eval_loss"], "wall_s": wall,
             "steps": trainer.state.global_step}
+
+
+def _our_loss(stage: str, metrics: dict) -> float:
+    """TRL's validation loss on shitate's definition. They differ for ORPO only: TRL 1.16 takes the NLL over the
+    prompt and the chosen answer ("computed over the full prompt and response"), shitate and the ORPO paper over
+    the answer. TRL logs the answer's mean log-probability (rewards/chosen = β·mean log p) and the mean
+    log σ(log odds), which give the answer-only loss: −mean log p − β·log σ."""
+    if stage != "orpo":
+        return metrics["eval_loss"]
+    return -metrics["eval_rewards/chosen"] / SETTINGS["beta"] - SETTINGS["beta"] * metrics["eval_log_odds_ratio"]
 
 
 def child(stage: str, side: str, train: Path, validation: Path, result: Path, pair_tokens: int) -> None:
@@ -172,7 +186,7 @@ def child(stage: str, side: str, train: Path, validation: Path, result: Path, pa
             figures = run_shitate(stage, train, validation, Path(folder), pair_tokens)
         else:
             figures = run_trl(stage, train, validation, Path(folder), side.endswith("-bf16"), pair_tokens)
-    figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     result.write_text(json.dumps(figures))
 
 
@@ -217,10 +231,12 @@ def main() -> None:
 
 def _print_table(stage: str, results: dict) -> None:
     print(f"\n{stage}")
-    print(f"{'side':<10} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'steps':>6} {'train() s':>9}")
+    print(f"{'side':<10} {'tokens/s':>9} {'peak RSS':>9} {'val loss before':>15} {'after':>7} {'TRL own loss':>12} "
+          f"{'steps':>6} {'train() s':>9}")
     for side, r in results.items():
-        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss']:>9.4f} {r['steps']:>6} "
-              f"{r['wall_s']:>9.1f}")
+        own = f"{r['trl_val_loss']:.4f}" if "trl_val_loss" in r else "-"
+        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss_before']:>15.4f} "
+              f"{r['val_loss']:>7.4f} {own:>12} {r['steps']:>6} {r['wall_s']:>9.1f}")
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
     if "shitate" not in results or not trl:
         return
@@ -229,7 +245,8 @@ def _print_table(stage: str, results: dict) -> None:
     leanest = min(trl, key=lambda s: trl[s]["peak_rss_gb"])
     print(f"shitate: tokens/s {ours['tokens_per_s'] / trl[fastest]['tokens_per_s']:.2f}× the fastest TRL side ({fastest}), "
           f"peak RSS {ours['peak_rss_gb'] / trl[leanest]['peak_rss_gb']:.2f}× the leanest ({leanest}), "
-          f"validation loss {ours['val_loss'] - trl[fastest]['val_loss']:+.4f} against {fastest}")
+          f"validation loss (shitate's definition) {ours['val_loss_before'] - trl[fastest]['val_loss_before']:+.4f} "
+          f"before training and {ours['val_loss'] - trl[fastest]['val_loss']:+.4f} after, against {fastest}")
 
 
 if __name__ == "__main__":

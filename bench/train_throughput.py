@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from shitate.memory import cpu_model  # noqa: F401 - align_throughput and serve_load import it from here
+from shitate.memory import cpu_model, peak_rss_bytes  # noqa: F401 - align_throughput and serve_load import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
@@ -205,7 +204,7 @@ def child(side: str, train: Path, validation: Path, result: Path, text: bool) ->
         else:
             figures = run_trl(train, validation, Path(folder), text, packing="pack" in side,
                               bf16_base=side.endswith("-bf16"))
-    figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     result.write_text(json.dumps(figures))
 
 

@@ -128,10 +128,20 @@ def peak_gpu_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far."""
+    """This process's peak resident memory so far.
+
+    Linux's VmHWM first: getrusage's ru_maxrss carries the parent's high-water mark across fork and exec, so a
+    run launched by a bigger process (the web UI, a bench's parent) would report the parent's peak as its own.
+    """
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii", errors="ignore").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -1,4 +1,7 @@
-from shitate.memory import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+import subprocess
+import sys
+
+from shitate.memory import KERNEL_CACHE_ENTRIES, bound_kernel_caches, peak_rss_bytes
 
 
 def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
@@ -29,3 +32,14 @@ def test_each_zero_stage_shards_one_more_part_across_the_devices():
     assert all(plan["activations"] == plans["ddp"]["activations"] for plan in plans.values())
     lora = per_device_bytes(config, 7 * billion, 40 * 10**6, 0, 8, "zero2")
     assert lora["weights"] == 14 * billion and lora["optimizer"] == 12 * 40 * 10**6 // 8  # the frozen base is whole
+
+
+def test_peak_rss_is_the_process_own_not_the_peak_of_the_parent_that_launched_it():
+    # ru_maxrss keeps the parent's high-water mark across fork and exec: a child launched from a 1 GB process
+    # would report 1 GB however little it used. The bench parents and the web UI launch runs this way.
+    held = bytearray(1024**3)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page so it is resident
+    child = subprocess.run([sys.executable, "-c", "from shitate.memory import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_rss_bytes() >= len(held)
+    assert int(child.stdout) < 0.5 * len(held)
