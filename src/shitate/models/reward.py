@@ -28,7 +28,7 @@ class RewardModel(nn.Module):
         self.causal_lm = causal_lm
         width = causal_lm.config.hidden_size
         self.head = nn.Linear(width, 1, device=next(causal_lm.parameters()).device)
-        nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)  # as TRL and InstructGPT start the head
+        nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)  # as OpenAI's lm-human-preferences starts it
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_lengths: list[list[Any]],
