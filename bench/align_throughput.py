@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, step_timer  # noqa: E402
@@ -35,7 +36,7 @@ from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, step
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
 SIDES = ("shitate", "trl", "trl-bf16")
-SETTINGS = {"batch_size": 8, "learning_rate": 1.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.0,
+SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 1.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.0,
             "seed": 42, "beta": 0.1}
 
 
@@ -53,6 +54,8 @@ def prepare_pairs(folder: Path, train_count: int, validation_count: int) -> tupl
     fitting, lengths = [], {}
     for pair in pairs:
         whole = encode_pair(pair, tokenizer, template, 10**6, None)
+        if whole is None:
+            continue
         prompt, chosen, rejected = whole["branches"]
         if prompt + max(chosen, rejected) <= SETTINGS["max_length"]:
             fitting.append(pair)
@@ -91,6 +94,7 @@ def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_token
     })
     started = time.perf_counter()
     run_dir = preference.run(recipe, out=out / "run", force=True)
+    assert isinstance(run_dir, Path)  # not a dry run
     wall = time.perf_counter() - started
     manifest = json.loads((run_dir / "manifest.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -100,8 +104,8 @@ def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_token
     train_share = len(train.read_text().splitlines()) / (len(train.read_text().splitlines())
                                                          + len(validation.read_text().splitlines()))
     seconds = step_seconds + reference_seconds[0] * train_share
-    validation = [m["val_loss"] for m in metrics if "val_loss" in m]  # before the first step and after the epoch
-    return {"tokens_per_s": pair_tokens / seconds, "val_loss_before": validation[0], "val_loss": validation[-1],
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]  # before the first step and after the epoch
+    return {"tokens_per_s": pair_tokens / seconds, "val_loss_before": val_losses[0], "val_loss": val_losses[-1],
             "wall_s": wall, "reference_s": reference_seconds[0] * train_share, "steps": manifest["steps"]}
 
 

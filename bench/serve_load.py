@@ -51,7 +51,7 @@ def load_level(url: str, users: int, per_user: int, max_tokens: int) -> dict:
     asked = questions(users * per_user)
 
     def user(index: int) -> list[tuple[float, int] | None]:
-        results = []
+        results: list[tuple[float, int] | None] = []
         for k in range(per_user):
             try:
                 results.append(ask(url, asked[index * per_user + k], max_tokens))
@@ -119,7 +119,7 @@ def main() -> None:
                 break
             except OSError:
                 if server.poll() is not None:
-                    sys.exit(f"the server stopped: {server.stderr.read().decode()[-2000:]}")
+                    sys.exit(f"the server stopped: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
                 time.sleep(0.5)
         ask(url, questions(1)[0], 4)  # warm-up
         levels = [load_level(url, int(n), args.per_user, args.max_tokens) for n in args.users.split(",")]

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from shitate.memory import cpu_model, peak_rss_bytes  # noqa: F401 - align_throughput and serve_load import them from here
 
@@ -39,7 +40,8 @@ PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogue
 # trl-*: TRL's defaults (fp32 base); trl-*-bf16: the frozen base loaded in bf16.
 SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16", "trl-pack-bf16")
 TRL_SIDES = tuple(side for side in SIDES if side.startswith("trl"))
-SETTINGS = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.05, "seed": 42}
+SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32,
+                            "dropout": 0.05, "seed": 42}
 
 
 def prepare_data(name: str, folder: Path, train_count: int, validation_count: int) -> tuple[Path, Path]:
@@ -49,8 +51,8 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
     from shitate.models.load import load_tokenizer, resolve
 
     if name == "kids":
-        train = read_chat(REPO / "examples/kids_qa/data/train.jsonl")[:train_count]
-        validation = read_chat(REPO / "examples/kids_qa/data/validation.jsonl")[:validation_count]
+        train = [r for _, r in read_chat(REPO / "examples/kids_qa/data/train.jsonl")][:train_count]
+        validation = [r for _, r in read_chat(REPO / "examples/kids_qa/data/validation.jsonl")][:validation_count]
     elif name == "text":
         # Dialogues of RealPersonaChat as plain text, six utterances a document (about 100-200 tokens).
         documents = []
@@ -119,7 +121,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
             return Dataset.from_list([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
         # The same rendered text shitate trains on, split where the answer starts.
         rows = [{"prompt": template(r["messages"][:-1], add_generation_prompt=True),
-                 "completion": r["messages"][-1]["content"] + template.end_of_turn} for r in read_chat(path)]
+                 "completion": r["messages"][-1]["content"] + template.end_of_turn} for _, r in read_chat(path)]
         return Dataset.from_list(rows)
 
     StepTimer = step_timer()
@@ -144,7 +146,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     return {"tokens_per_s": real_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall}
 
 
-def step_timer() -> type:
+def step_timer() -> Any:
     """A TRL callback class that adds up the wall time from each optimizer step's begin to its end: the same basis
     as shitate's step timer. Read `.seconds` after training."""
     from transformers import TrainerCallback
@@ -190,7 +192,7 @@ def flops_per_token(train: Path, text: bool) -> float:
         return 4 * body + 4 * head
     tokenizer = load_tokenizer(source)
     template = get_template("gemma", tokenizer)
-    examples = [encode_chat(r["messages"], tokenizer, template, SETTINGS["max_length"]) for r in read_chat(train)]
+    examples = [encode_chat(r["messages"], tokenizer, template, SETTINGS["max_length"]) for _, r in read_chat(train)]
     tokens = sum(len(e["input_ids"]) for e in examples)
     labelled = sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples)
     return 4 * body + 4 * head * labelled / tokens
