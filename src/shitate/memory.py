@@ -131,7 +131,8 @@ def peak_rss_bytes() -> int:
     """This process's peak resident memory so far.
 
     Linux's VmHWM first: getrusage's ru_maxrss carries the parent's high-water mark across fork and exec, so a
-    run launched by a bigger process (the web UI, a bench's parent) would report the parent's peak as its own.
+    process launched by a bigger one (a bench's sides, the ranks `train --nproc` starts) would report the
+    parent's peak as its own.
     """
     import resource
     import sys

@@ -36,7 +36,7 @@ def test_each_zero_stage_shards_one_more_part_across_the_devices():
 
 def test_peak_rss_is_the_process_own_not_the_peak_of_the_parent_that_launched_it():
     # ru_maxrss keeps the parent's high-water mark across fork and exec: a child launched from a 1 GB process
-    # would report 1 GB however little it used. The bench parents and the web UI launch runs this way.
+    # would report 1 GB however little it used. The benches and `train --nproc` launch processes this way.
     held = bytearray(1024**3)
     held[::4096] = b"\x01" * len(held[::4096])  # touch every page so it is resident
     child = subprocess.run([sys.executable, "-c", "from shitate.memory import peak_rss_bytes; print(peak_rss_bytes())"],
