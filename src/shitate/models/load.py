@@ -138,6 +138,13 @@ def load_config(source: ModelSource) -> Any:
         raise _load_error(source, err) from None
 
 
+def _contiguous_input(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The output layer's input made contiguous. generate() hands it the last position of a batch, a strided
+    slice; torch's CPU linear then expands the weight once per row and runs a batched matmul — for a 262k-word
+    vocabulary and 16 rows 18 s and 2.7 GB in bf16 at every batched prefill, against 0.07 s contiguous."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False, four_bit: bool = False) -> Any:
     """A causal LM from a source; a run folder's adapter is attached (and merged if asked).
 
@@ -170,6 +177,9 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
                                                      use_safetensors=None if pickle_allowed() else True, **extra)
     except OSError as err:
         raise _load_error(source, err) from None
+    output_layer = model.get_output_embeddings()
+    if output_layer is not None:
+        output_layer.register_forward_pre_hook(_contiguous_input)
     if source.merged:
         from peft import PeftModel
 

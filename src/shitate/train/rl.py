@@ -225,7 +225,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                 answer_tokens = int(rollout.owners.shape[0])
                 tokens, total_seconds = tokens + answer_tokens, total_seconds + elapsed
                 session.log({"step": step, "epoch": round(step / session.steps_per_epoch, 3), **stats,
-                             "lr": session.scheduler.get_last_lr()[0],
+                             "lr": session.scheduler.get_last_lr()[0], "answer_tokens": answer_tokens,
                              "rollout_tokens_per_s": answer_tokens / (sampled - started),
                              "update_tokens_per_s": answer_tokens * spec.update_epochs / (elapsed - (sampled - started)),
                              "samples": [{"prompt": prompts[batch[0]]["prompt"], "answer": a}
