@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, step_timer  # noqa: E402
+from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_side, step_timer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
@@ -222,13 +221,11 @@ def main() -> None:
             results = {}
             for side in args.sides.split(","):
                 result = Path(folder) / f"{stage}-{side}.json"
-                done = subprocess.run([sys.executable, __file__, "--stage", stage, "--side", side, "--train", str(train),
-                                       "--validation", str(validation), "--result", str(result), "--pair-tokens",
-                                       str(pair_tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                if done.returncode:
-                    print(f"  {stage} {side}: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+                figures = run_side(__file__, f"{stage} {side}", ["--stage", stage, "--side", side, "--train", str(train),
+                                   "--validation", str(validation), "--pair-tokens", str(pair_tokens)], result)
+                if figures is None:
                     continue
-                results[side] = json.loads(result.read_text())
+                results[side] = figures
                 print(f"  {stage} {side}: {results[side]['tokens_per_s']:.1f} tokens/s", flush=True)
             _print_table(stage, results)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, step_timer  # noqa: E402
+from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_side, step_timer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KIDS_RECIPE = REPO / "examples" / "kids_qa" / "recipe.yaml"
@@ -161,12 +160,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for side in args.sides.split(","):
             result = Path(folder) / f"{side}.json"
-            done = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--result",
-                                   str(result)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if done.returncode:
-                print(f"  {side}: failed: {done.stderr.strip().splitlines()[-3:]}", flush=True)
+            figures = run_side(__file__, side, ["--side", side, "--steps", str(args.steps)], result)
+            if figures is None:
                 continue
-            results[side] = json.loads(result.read_text())
+            results[side] = figures
             print(f"  {side}: {results[side]}", flush=True)
     print(f"\n{'side':<10} {'rollout tok/s':>13} {'update tok/s':>12} {'step tok/s':>10} {'peak RSS':>9} {'steps':>6} "
           f"{'wall s':>7}  rewards")

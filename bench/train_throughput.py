@@ -146,6 +146,17 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     return {"tokens_per_s": real_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall}
 
 
+def run_side(script: str, label: str, options: list[str], result: Path) -> dict | None:
+    """One bench side in a process of its own (so its peak memory is its own): its figures, or None with the
+    end of its error printed."""
+    done = subprocess.run([sys.executable, script, *options, "--result", str(result)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        print(f"  {label}: failed: {done.stderr.strip().splitlines()[-3:]}", flush=True)
+        return None
+    return json.loads(result.read_text())
+
+
 def step_timer() -> Any:
     """A TRL callback class that adds up the wall time from each optimizer step's begin to its end: the same basis
     as shitate's step timer. Read `.seconds` after training."""
