@@ -35,8 +35,8 @@ from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
 SIDES = ("shitate", "trl", "trl-bf16")
-SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 1.0e-4, "max_length": 256, "r": 16, "alpha": 32, "dropout": 0.0,
-            "seed": 42, "beta": 0.1}
+SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 1.0e-4, "max_length": 256, "r": 16, "alpha": 32,
+                            "dropout": 0.0, "seed": 42, "beta": 0.1}
 
 
 def prepare_pairs(folder: Path, train_count: int, validation_count: int) -> tuple[Path, Path, int]:

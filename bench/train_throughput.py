@@ -250,10 +250,11 @@ def main() -> None:
                 if text and side in ("shitate-whole",):
                     continue  # pretraining rows are one block each: whole steps and micro-batches are the same passes
                 result = Path(folder) / f"{data}-{side}.json"
-                subprocess.run([sys.executable, __file__, "--side", side, "--train", str(train), "--validation",
-                                str(validation), "--result", str(result), *(["--text"] if text else [])], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                results[side] = json.loads(result.read_text())
+                figures = run_side(__file__, f"{data} {side}", ["--side", side, "--train", str(train), "--validation",
+                                   str(validation), *(["--text"] if text else [])], result)
+                if figures is None:
+                    continue
+                results[side] = figures
                 print(f"  {data} {side}: {results[side]['tokens_per_s']:.1f} tokens/s", flush=True)
             _print_table(data, results, per_token, peak)
 
