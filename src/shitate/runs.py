@@ -236,7 +236,7 @@ class RunFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_folder(old)
         return target
 
     def clear_leftovers(self) -> None:
@@ -281,6 +281,15 @@ def _replace_folder(staging: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete a folder so that a kill part-way never leaves a half-deleted folder under its own name (which would
+    then be listed as a checkpoint): rename it to a temporary name first, which `clear_leftovers` also sweeps."""
+    doomed = folder.with_name(f".{folder.name}.removing")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _sync(folder: Path) -> None:
