@@ -40,7 +40,9 @@ PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogue
 # trl-*: TRL's defaults (fp32 base); trl-*-bf16: the frozen base loaded in bf16.
 SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16", "trl-pack-bf16")
 TRL_SIDES = tuple(side for side in SIDES if side.startswith("trl"))
-SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32,
+# The model every side trains: the default, or `--model` (any folder or GGUF shitate loads).
+MODEL = "gemma-3-270m"
+SETTINGS: dict[str, Any] = {"epochs": 1, "batch_size": 8, "learning_rate": 2.0e-4, "max_length": 256, "r": 16, "alpha": 32,
                             "dropout": 0.05, "seed": 42}
 
 
@@ -64,7 +66,7 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
         train, validation = documents[:train_count], documents[train_count:train_count + validation_count]
     else:
         # The first dolly-ja records (no context passage) that fit max_length: short Japanese chats of varied length.
-        tokenizer = load_tokenizer(resolve("gemma-3-270m", progress=False))
+        tokenizer = load_tokenizer(resolve(MODEL, progress=False))
         template = get_template("gemma", tokenizer)
         records, _ = import_records(DOLLY, fmt="dolly", skip_bad=True)
         fitting = [r for r in records if "context" not in r
@@ -83,10 +85,10 @@ def run_shitate(train: Path, validation: Path, out: Path, text: bool, checkpoint
 
     stage = {"stage": "pretrain", "pretrain": {"block_size": SETTINGS["max_length"]}} if text else {"stage": "sft"}
     recipe = Recipe.model_validate({
-        "name": "bench", "model": "gemma-3-270m", "template": "gemma", **stage,
+        "name": "bench", "model": MODEL, "template": "gemma", **stage,
         "data": {"train": str(train), "validation": str(validation)},
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
-        "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
+        "train": {"epochs": SETTINGS["epochs"], "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
                   "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
                   "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing,
                   "micro_batch_tokens": micro_batch_tokens},
@@ -112,7 +114,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     from shitate.data.templates import get_template
     from shitate.models.load import load_tokenizer, resolve
 
-    source = resolve("gemma-3-270m", progress=False)
+    source = resolve(MODEL, progress=False)
     tokenizer = load_tokenizer(source)
     template = get_template("gemma", tokenizer)
 
@@ -128,9 +130,10 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     dtype = torch.bfloat16 if bf16_base else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, local_files_only=True)
     config = SFTConfig(
-        output_dir=str(out / "trl"), num_train_epochs=1, per_device_train_batch_size=SETTINGS["batch_size"],
+        output_dir=str(out / "trl"), num_train_epochs=SETTINGS["epochs"], per_device_train_batch_size=SETTINGS["batch_size"],
         per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],
-        lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True, use_cpu=True,
+        lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=SETTINGS["seed"], logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         packing=packing, dataloader_num_workers=0, disable_tqdm=True,
         **({"dataset_text_field": "text"} if text else {"completion_only_loss": True, "eos_token": template.end_of_turn}),
@@ -139,7 +142,7 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
                       target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=as_dataset(train), eval_dataset=as_dataset(validation),
                          processing_class=tokenizer, peft_config=lora, callbacks=[StepTimer()])
-    real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * SETTINGS["epochs"]
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -175,15 +178,22 @@ def step_timer() -> Any:
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:
-    """bf16 matmul throughput on this machine: the ceiling MFU is measured against."""
+    """bf16 matmul throughput on the device training runs on: the ceiling MFU is measured against."""
     import torch
 
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        size, repeats = 8192, 50
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
     for _ in range(3):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
@@ -193,7 +203,7 @@ def flops_per_token(train: Path, text: bool) -> float:
     from shitate.data.templates import IGNORE_INDEX, encode_chat, get_template
     from shitate.models.load import load_tokenizer, resolve
 
-    source = resolve("gemma-3-270m", progress=False)
+    source = resolve(MODEL, progress=False)
     config = json.loads((Path(source.folder) / "config.json").read_text())
     head = config["vocab_size"] * config["hidden_size"]
     layer = (config["hidden_size"] * config["head_dim"] * (config["num_attention_heads"] * 2 + config["num_key_value_heads"] * 2)
@@ -218,40 +228,53 @@ def child(side: str, train: Path, validation: Path, result: Path, text: bool) ->
             figures = run_trl(train, validation, Path(folder), text, packing="pack" in side,
                               bf16_base=side.endswith("-bf16"))
     figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU the memory that limits a run is the GPU's
+        figures["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     result.write_text(json.dumps(figures))
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="kids,dolly,text", help="comma-separated: kids, dolly (sft), text (pretrain)")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--train-examples", type=int, default=80, help="examples trained on (one epoch)")
     parser.add_argument("--validation-examples", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=1, help="more epochs: more steps (a GPU needs more than 10)")
+    parser.add_argument("--model", default=MODEL, help="the model every side trains (default: the embedded Gemma 3 270M)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--validation", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--text", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    MODEL = args.model
+    SETTINGS["epochs"] = args.epochs
     if args.side:
         child(args.side, args.train, args.validation, args.result, args.text)
         return
 
     peak = matmul_peak_gflops()
-    print(f"CPU: {cpu_model()}; bf16 2048×2048 matmul: {peak:.0f} GFLOP/s; settings: {SETTINGS}, "
-          f"{args.train_examples} examples, 1 epoch", flush=True)
+    print(f"{device_name()}; bf16 matmul: {peak:.0f} GFLOP/s; model {MODEL}; settings: {SETTINGS}, "
+          f"{args.train_examples} examples", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for data in args.data.split(","):
             train, validation = prepare_data(data, Path(folder), args.train_examples, args.validation_examples)
             text = data == "text"
             per_token = flops_per_token(train, text)
             results = {}
+            if cuda_available():  # the first process on a GPU pays one-off kernel loading; no side should carry it
+                run_side(__file__, "warm-up", ["--side", "shitate", "--train", str(train), "--validation", str(validation),
+                                                "--model", MODEL, *(["--text"] if text else [])], Path(folder) / "warm-up.json")
             for side in args.sides.split(","):
                 if text and side in ("shitate-whole",):
                     continue  # pretraining rows are one block each: whole steps and micro-batches are the same passes
                 result = Path(folder) / f"{data}-{side}.json"
                 figures = run_side(__file__, f"{data} {side}", ["--side", side, "--train", str(train), "--validation",
-                                   str(validation), *(["--text"] if text else [])], result)
+                                   str(validation), "--model", MODEL, "--epochs", str(args.epochs),
+                                   *(["--text"] if text else [])], result)
                 if figures is None:
                     continue
                 results[side] = figures
@@ -261,16 +284,19 @@ def main() -> None:
 
 def _print_table(data: str, results: dict, per_token: float, peak: float) -> None:
     print(f"\n{data}: {per_token / 1e6:.0f} MFLOP per token (4 × body, plus 4 × output layer where labelled)")
-    print(f"{'side':<14} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'MFU':>6} {'train() s':>9}")
+    # On a GPU the memory compared is the GPU's peak (what limits a run there); on a CPU the process's peak RSS.
+    memory = "peak_gpu_gb" if any("peak_gpu_gb" in r for r in results.values()) else "peak_rss_gb"
+    memory_label = "peak GPU" if memory == "peak_gpu_gb" else "peak RSS"
+    print(f"{'side':<14} {'tokens/s':>9} {memory_label:>9} {'val loss':>9} {'MFU':>6} {'train() s':>9}")
     for side, r in results.items():
         mfu = r["tokens_per_s"] * per_token / (peak * 1e9)
-        print(f"{side:<14} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%} "
+        print(f"{side:<14} {r['tokens_per_s']:>9.1f} {r[memory]:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%} "
               f"{r['wall_s']:>9.1f}")
     trl = {s: results[s] for s in TRL_SIDES if s in results}
     if not trl:
         return
     fastest_side = max(trl, key=lambda s: trl[s]["tokens_per_s"])
-    leanest_side = min(trl, key=lambda s: trl[s]["peak_rss_gb"])
+    leanest_side = min(trl, key=lambda s: trl[s][memory])
     fastest, leanest = trl[fastest_side], trl[leanest_side]
     for side in ("shitate", "shitate-whole", "shitate-ckpt"):
         if side in results:
@@ -278,8 +304,22 @@ def _print_table(data: str, results: dict, per_token: float, peak: float) -> Non
             # Validation loss is compared with TRL padding to the longest: the same examples in the same steps.
             same_steps = trl.get("trl-pad-bf16", trl.get("trl-pad", fastest))
             print(f"{side}: tokens/s {ours['tokens_per_s'] / fastest['tokens_per_s']:.2f}× the fastest TRL side "
-                  f"({fastest_side}), peak RSS {ours['peak_rss_gb'] / leanest['peak_rss_gb']:.2f}× the leanest "
+                  f"({fastest_side}), {memory_label} {ours[memory] / leanest[memory]:.2f}× the leanest "
                   f"({leanest_side}), val loss {ours['val_loss'] - same_steps['val_loss']:+.4f} against TRL (pad)")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    """What the figures were measured on: the GPU when training runs on one, and always the CPU."""
+    import torch
+
+    gpu = f"GPU: {torch.cuda.get_device_name()}; " if torch.cuda.is_available() else ""
+    return f"{gpu}CPU: {cpu_model()}"
 
 
 if __name__ == "__main__":

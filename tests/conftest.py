@@ -13,6 +13,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich wraps printed messages at the terminal's width (80 columns under CliRunner), breaking a long temporary path
+# mid-word (`blan k.txt` under pytest-xdist's longer paths); tests read messages whole.
+os.environ["COLUMNS"] = "250"
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).parents[1]
