@@ -126,6 +126,45 @@ def test_n_max_tokens_stop_and_completions(client):
     assert {m.id for m in client.models.list().data} == {"tiny", "other"}
 
 
+def test_a_seeded_sampled_answer_is_the_same_alone_and_amid_other_requests(server, client):
+    def ask(seed: int | None, question: str = QUESTIONS[3]) -> str:
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              temperature=1.0, top_p=0.95, max_tokens=12, seed=seed).choices[0].message.content
+
+    alone = ask(11)
+    with ThreadPoolExecutor(8) as pool:  # six unseeded sampled requests share the batcher while seed 11 runs again
+        others = [pool.submit(ask, None, q) for q in QUESTIONS[:6]]
+        again = pool.submit(ask, 11)
+        assert again.result() == alone and all(o.result() is not None for o in others)
+    assert {ask(seed) for seed in (12, 13, 14)} != {alone}  # the seed is what chose the answer
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=1.0, top_p=0.95, max_tokens=12,
+        seed=11, stream=True))
+    assert streamed == alone
+    assert not server["engines"]["tiny"].active
+
+
+def test_nucleus_sampling_keeps_the_smallest_set_that_reaches_top_p():
+    import math
+    from collections import Counter
+
+    import torch
+
+    from shitate.serve.engine import draw_token
+
+    logits = torch.tensor([math.log(0.5), math.log(0.3), math.log(0.2)])
+    generator = torch.Generator().manual_seed(0)
+    assert {draw_token(logits, 1.0, 0.5, generator) for _ in range(200)} == {0}
+    drawn = Counter(draw_token(logits, 1.0, 0.6, generator) for _ in range(4000))
+    assert set(drawn) == {0, 1} and abs(drawn[0] / 4000 - 0.5 / 0.8) < 0.03
+    drawn = Counter(draw_token(logits, 1.0, 1.0, generator) for _ in range(4000))
+    assert abs(drawn[2] / 4000 - 0.2) < 0.03
+    cold = Counter(draw_token(logits, 0.1, 1.0, generator) for _ in range(500))  # a low temperature sharpens
+    assert cold[0] > 490
+    first = [draw_token(logits, 1.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(first)) == 1  # the same generator state, the same draw
+
+
 def test_bad_requests_get_openai_shaped_errors(server, client):
     with pytest.raises(openai.NotFoundError, match="'nope' is not served here"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "a"}])

@@ -13,8 +13,10 @@ Nothing here mutates the shared model or tokenizer per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
+import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # a sampled answer with a seed is drawn from its own generator: reproducible
 
 
 @dataclass
@@ -123,10 +126,21 @@ class Engine:
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
         self._ids = itertools.count()
         self.active: set[str] = set()  # requests in a batcher now
+        # Held by a seeded request's step (the batchers paused meanwhile) and by a batcher's start, so that no
+        # batcher runs the model during such a step.
+        self._solo = threading.Lock()
+        from transformers import ContinuousBatchingManager
+
+        # Releases without the batcher's pause answer a seeded request in the batch (not reproducible, as before).
+        self._can_pause = hasattr(ContinuousBatchingManager, "pause")
+        # transformers renamed the forward's cache argument; the old name warns of its removal.
+        self._cache_argument = "cache" if "cache" in inspect.signature(self._model.forward).parameters \
+            else "past_key_values"
 
     def _lane(self, sampled: bool) -> _Lane:
         if sampled not in self._lanes:  # the first sampled request starts its batcher (a second or so)
-            self._lanes[sampled] = _Lane(self.name, self._model, sampled, *self._lane_settings)
+            with self._solo:
+                self._lanes[sampled] = _Lane(self.name, self._model, sampled, *self._lane_settings)
         return self._lanes[sampled]
 
     def close(self) -> None:
@@ -146,6 +160,10 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------------
     async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
+        if sampling.seed is not None and sampling.temperature > 0 and self._can_pause:
+            async for piece in self._seeded_answer(prompt_ids, sampling):
+                yield piece
+            return
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"{self.name}-{next(self._ids)}"
         lane = self._lane(sampling.temperature > 0)
@@ -199,6 +217,65 @@ class Engine:
         decoded.released += new
         return Piece(new, reason, len(tokens))
 
+    async def _seeded_answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
+        """A sampled answer with a seed, decoded on its own beside the batchers.
+
+        transformers' batcher draws every request's tokens from one generator, so what a request gets depends on
+        who else is being answered; OpenAI's `seed` promises the same answer for the same request. Such a request
+        is decoded alone (KV cache, one token a step) with a generator of its own, in a worker thread, and each of
+        its steps runs while the batchers are paused: a forward pass beside a running batcher's came out different
+        (transformers' batcher is not written to share the model with other threads but through its pause). The
+        request does not share the batch, and the batch waits for each of its steps: the price of being
+        reproducible."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[tuple[list[int], bool] | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: tuple[list[int], bool] | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        worker = loop.run_in_executor(None, self._decode_seeded, prompt_ids, sampling, emit, cancelled)
+        decoded, finished = _Decoded(), False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"generation failed: {item}") from item
+                tokens, finished = item
+                piece = self._release(decoded, tokens, sampling, finished)
+                finished = finished or piece.finish_reason is not None
+                if piece.text or piece.finish_reason:
+                    yield piece
+        finally:
+            cancelled.set()  # the client left, or a stop string ended the answer: the worker stops at its next step
+            await worker
+
+    def _decode_seeded(self, prompt_ids: list[int], sampling: Sampling, emit: Any, cancelled: threading.Event) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        try:
+            generator = torch.Generator().manual_seed(sampling.seed or 0)  # on the CPU: the same draws on any device
+            device = self._model.device
+            cache = DynamicCache(config=self._model.config)
+            step_ids, tokens = torch.tensor([prompt_ids], device=device), list[int]()
+            with torch.inference_mode():
+                while len(tokens) < sampling.max_tokens and not cancelled.is_set():
+                    with self._solo, contextlib.ExitStack() as paused:
+                        for lane in list(self._lanes.values()):
+                            paused.enter_context(lane.manager.pause())
+                        logits = self._model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
+                                             **{self._cache_argument: cache}).logits[0, -1]
+                    token = draw_token(logits, sampling.temperature, sampling.top_p, generator)
+                    tokens.append(token)
+                    done = token in self.stop_ids or len(tokens) == sampling.max_tokens
+                    emit((list(tokens), done))
+                    if done:
+                        return
+                    step_ids = torch.tensor([[token]], device=device)
+        except Exception as err:  # reported to the request that asked; the server goes on
+            emit(err)
+
     async def complete(self, prompt_ids: list[int], sampling: Sampling) -> Piece:
         """A whole answer at once."""
         parts, last = [], Piece("")
@@ -206,6 +283,19 @@ class Engine:
             parts.append(piece.text)
             last = piece
         return Piece("".join(parts), last.finish_reason or "length", last.completion_tokens)
+
+
+def draw_token(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    """One token from softmax(logits / temperature), within the smallest set of tokens whose probability reaches
+    top_p (nucleus sampling, as transformers' TopPLogitsWarper keeps it), drawn with `generator` (a CPU one)."""
+    import torch
+
+    probabilities = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return int(torch.multinomial(probabilities, 1, generator=generator))
+    ordered, order = probabilities.sort(descending=True)
+    ordered[(ordered.cumsum(0) - ordered) >= top_p] = 0.0  # the mass before a token already reaches top_p
+    return int(order[torch.multinomial(ordered, 1, generator=generator)])
 
 
 def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 32768,

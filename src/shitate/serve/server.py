@@ -9,6 +9,7 @@ before the body is read. Prompts are never logged unless the server was started 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -206,13 +207,21 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
         raise RequestError(400, "stop: up to 4 non-empty strings", param="stop")
     return Sampling(max_tokens=min(wanted, room),
                     temperature=defaults.temperature if body.temperature is None else body.temperature,
-                    top_p=defaults.top_p if body.top_p is None else body.top_p, stop=tuple(stops))
+                    top_p=defaults.top_p if body.top_p is None else body.top_p, stop=tuple(stops), seed=body.seed)
+
+
+def _choices(sampling: Sampling, n: int) -> list[Sampling]:
+    """The sampling of each of n choices: with a seed, choice i draws from seed + i, so the n answers differ and
+    each is reproducible."""
+    if sampling.seed is None:
+        return [sampling] * n
+    return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
 
 
 async def _gather(engine: Engine, prompt: list[int], sampling: Sampling, n: int) -> list[Piece]:
     import asyncio
 
-    return list(await asyncio.gather(*(engine.complete(prompt, sampling) for _ in range(n))))
+    return list(await asyncio.gather(*(engine.complete(prompt, choice) for choice in _choices(sampling, n))))
 
 
 def _usage(prompt_tokens: int, answers: list[Piece]) -> dict[str, int]:
@@ -262,7 +271,7 @@ async def _chat_stream(engine: Engine, body: ChatRequest, prompt: list[int], sam
     for i in range(body.n):
         yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
-    async for index, piece in _merged([engine.answer(prompt, sampling) for _ in range(body.n)]):
+    async for index, piece in _merged([engine.answer(prompt, choice) for choice in _choices(sampling, body.n)]):
         delta = {"content": piece.text} if piece.text else {}
         yield _event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": piece.finish_reason}]})
     yield "data: [DONE]\n\n"
@@ -271,7 +280,8 @@ async def _chat_stream(engine: Engine, body: ChatRequest, prompt: list[int], sam
 async def _completion_stream(engine: Engine, body: CompletionRequest, prompts: list[list[int]],
                              samplings: list[Sampling]) -> AsyncIterator[str]:
     head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
-    streams = [engine.answer(prompt, sampling) for prompt, sampling in zip(prompts, samplings) for _ in range(body.n)]
+    streams = [engine.answer(prompt, choice) for prompt, sampling in zip(prompts, samplings)
+               for choice in _choices(sampling, body.n)]
     async for index, piece in _merged(streams):
         yield _event({**head, "choices": [{"index": index, "text": piece.text, "finish_reason": piece.finish_reason,
                                            "logprobs": None}]})
