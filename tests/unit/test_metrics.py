@@ -71,6 +71,20 @@ def test_a_missing_optional_dependency_names_the_extra(monkeypatch):
         metrics.chrf(["あ"], ["あ"])
 
 
+def test_sacrebleu_without_mecab_is_named_before_it_fails_inside(monkeypatch):
+    """Plain `pip install sacrebleu` (no [ja]) imports, then raised a bare RuntimeError at the first Japanese BLEU."""
+    import sys
+
+    from shitate.errors import ShitateError
+
+    monkeypatch.setitem(sys.modules, "MeCab", None)
+    monkeypatch.setattr(metrics, "_MECAB", None)
+    with pytest.raises(ShitateError, match=r"needs the sacrebleu\[ja\] package: pip install 'shitate\[eval\]'"):
+        metrics.bleu(["空は青い"], ["空は青い"])
+    with pytest.raises(ShitateError, match=r"sacrebleu\[ja\]"):
+        metrics.japanese_tokens("空は青い")
+
+
 def test_an_answer_cites_the_article_its_reference_cites():
     assert metrics.citations("就業規則第７条（試用期間）では…労基法第89条に基づき") == {"就業規則第7条", "労基法第89条"}
     answers = ["就業規則第7条（試用期間）では、6か月とする。", "第7条によると6か月です。", "6か月です。", "なし"]

@@ -122,9 +122,10 @@ def japanese_tokens(text: str) -> list[str]:
 def _sacrebleu():  # noqa: ANN202 - the module
     from shitate.errors import require
 
-    # The MeCab tokenizer module needs MeCab and its dictionary: import it now, not halfway through an evaluation.
-    require("sacrebleu.tokenizers.tokenizer_ja_mecab", "eval", "BLEU, chrF and ROUGE on Japanese (with MeCab)",
-            package="sacrebleu[ja]")
+    # The MeCab tokenizer needs MeCab and its dictionary, and sacrebleu's module imports without them (it fails at
+    # its first use, with a RuntimeError): import them now, not halfway through an evaluation.
+    for module in ("sacrebleu.tokenizers.tokenizer_ja_mecab", "MeCab", "ipadic"):
+        require(module, "eval", "BLEU, chrF and ROUGE on Japanese (with MeCab)", package="sacrebleu[ja]")
     return require("sacrebleu", "eval", "BLEU, chrF and ROUGE on Japanese")
 
 
