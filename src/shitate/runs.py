@@ -273,23 +273,25 @@ class RunFolder:
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
-    """Put `staging` in `target`'s place. The old folder is renamed aside first: deleting it in place could be cut
-    short by a kill, leaving a half-deleted folder under the final name."""
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
+    """Put `staging` in `target`'s place; the old folder is moved aside first and deleted after."""
+    aside = _move_aside(target) if target.exists() else None
     os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_folder(folder: Path) -> None:
-    """Delete a folder so that a kill part-way never leaves a half-deleted folder under its own name (which would
-    then be listed as a checkpoint): rename it to a temporary name first, which `clear_leftovers` also sweeps."""
-    doomed = folder.with_name(f".{folder.name}.removing")
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(folder, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    shutil.rmtree(_move_aside(folder), ignore_errors=True)
+
+
+def _move_aside(folder: Path) -> Path:
+    """Rename a folder that is about to be deleted to a hidden name (which `clear_leftovers` sweeps): deleting it
+    in place could be cut short by a kill, leaving a half-deleted folder under its own name — listed as a finished
+    checkpoint, or taken for the final weights."""
+    aside = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    return aside
 
 
 def _sync(folder: Path) -> None:
