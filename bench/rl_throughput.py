@@ -1,10 +1,12 @@
-"""GRPO throughput: shitate's grpo stage against TRL 1.16's GRPOTrainer, same model, prompts and rule reward.
+"""RL throughput: shitate's grpo stage against TRL 1.16's GRPOTrainer, same model, prompts and rule reward; and
+shitate's ppo stage on the same prompts and reward (TRL's stable API no longer ships PPO, so it has no peer here).
 
 Both sides start from the base default model with the same LoRA settings and sample answers to the
 same kids_qa questions (4 prompts × 4 answers a step, up to 32 new tokens, temperature 1), rewarded by
 the kids_qa recipe's rubric (the share of its checks an answer passes: ends with 〜よ, one sentence)
 through the same function, with the same KL coefficient to the start and one optimizer step per
-rollout. TRL runs on a CPU as its users would there: no vLLM, its defaults otherwise (the base in fp32
+rollout (ppo: the same 16 answers a step, each with its own advantage from the value head and GAE). TRL runs
+on a CPU as its users would there: no vLLM, its defaults otherwise (the base in fp32
 under bf16 autocast), and once with the base loaded in bf16.
 
 Printed per side: rollout tokens/s (answer tokens over the time spent sampling and scoring them),
@@ -13,7 +15,7 @@ update tokens/s (answer tokens over the rest of the step), answer tokens/s over 
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/rl_throughput.py
-    .venv/bin/python bench/rl_throughput.py --steps 4 --sides shitate,trl-bf16
+    .venv/bin/python bench/rl_throughput.py --steps 4 --sides shitate,shitate-ppo,trl-bf16
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_
 REPO = Path(__file__).resolve().parents[1]
 KIDS_RECIPE = REPO / "examples" / "kids_qa" / "recipe.yaml"
 KIDS_TRAIN = REPO / "examples" / "kids_qa" / "data" / "train.jsonl"
-SIDES = ("shitate", "trl", "trl-bf16")
+SIDES = ("shitate", "shitate-ppo", "trl", "trl-bf16")  # shitate: stage grpo
 SETTINGS: dict[str, Any] = {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0,
                             "learning_rate": 1.0e-4, "kl_coef": 0.05, "r": 16, "alpha": 32, "seed": 42}
 
@@ -43,20 +45,21 @@ def kids_recipe() -> Any:
     return load_recipe(KIDS_RECIPE, check_files=False)
 
 
-def run_shitate(steps: int, out: Path) -> dict:
+def run_shitate(steps: int, out: Path, stage: str, start: Path | None) -> dict:
     from shitate.config import Recipe
     from shitate.evals.rubric import reward
     from shitate.train import rl
 
     kids = kids_recipe()
+    model = str(start) if stage == "ppo" else "gemma-3-270m"  # PPO starts from a tuned model
     recipe = Recipe.model_validate({
-        "name": "bench", "model": "gemma-3-270m", "template": "gemma", "stage": "grpo",
+        "name": "bench", "model": model, "template": "gemma", "stage": stage,
         "data": {"train": str(KIDS_TRAIN), "system": kids.data.system},
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": 0.0},
         "train": {"epochs": 1, "max_steps": steps, "batch_size": SETTINGS["prompts_per_step"],
                   "learning_rate": SETTINGS["learning_rate"], "warmup_ratio": 0.0, "max_length": 256,
                   "seed": SETTINGS["seed"], "precision": "bf16"},
-        "grpo": {"samples_per_prompt": SETTINGS["samples_per_prompt"], "max_new_tokens": SETTINGS["max_new_tokens"],
+        stage: {"samples_per_prompt": SETTINGS["samples_per_prompt"], "max_new_tokens": SETTINGS["max_new_tokens"],
                  "temperature": SETTINGS["temperature"], "kl_coef": SETTINGS["kl_coef"], "update_epochs": 1,
                  "rubric_weight": 1.0, "validation_every": 0},
         "eval": {"rubric": [check.model_dump() for check in kids.eval.rubric]},
@@ -74,6 +77,25 @@ def run_shitate(steps: int, out: Path) -> dict:
             "step_tokens_per_s": sum(tokens) / (rollout_seconds + update_seconds), "tokens": tokens,
             "rewards": [round(m["reward"], 3) for m in steps_logged], "wall_s": wall,
             "steps": len(steps_logged)}
+
+
+def start_run(out: Path) -> Path:
+    """A two-step LoRA SFT of the default model on kids_qa, in a process of its own so the ppo side's peak RSS is its
+    own: PPO starts, as InstructGPT does, from a tuned model (the stage refuses a bare base)."""
+    from shitate.config import Recipe
+    from shitate.train import sft
+
+    kids = kids_recipe()
+    recipe = Recipe.model_validate({
+        "name": "bench-start", "model": "gemma-3-270m", "template": "gemma", "stage": "sft",
+        "data": {"train": str(KIDS_TRAIN), "system": kids.data.system},
+        "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": 0.0},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "learning_rate": SETTINGS["learning_rate"],
+                  "seed": SETTINGS["seed"], "precision": "bf16"},
+    })
+    run_dir = sft.run(recipe, out=out / "start", force=True)
+    assert isinstance(run_dir, Path)  # not a dry run
+    return run_dir
 
 
 def run_trl(steps: int, out: Path, bf16_base: bool) -> dict:
@@ -136,10 +158,15 @@ def run_trl(steps: int, out: Path, bf16_base: bool) -> dict:
             "tokens": answer_tokens, "steps": trainer.state.global_step}
 
 
-def child(side: str, steps: int, result: Path) -> None:
+def child(side: str, steps: int, result: Path, start: Path | None) -> None:
+    if side == "start":
+        result.write_text(json.dumps({"run": str(start_run(result.parent))}))
+        return
     with tempfile.TemporaryDirectory() as folder:
-        figures = run_shitate(steps, Path(folder)) if side == "shitate" else run_trl(steps, Path(folder),
-                                                                                     side.endswith("-bf16"))
+        if side.startswith("shitate"):
+            figures = run_shitate(steps, Path(folder), "ppo" if side.endswith("-ppo") else "grpo", start)
+        else:
+            figures = run_trl(steps, Path(folder), side.endswith("-bf16"))
     figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3
     result.write_text(json.dumps(figures))
 
@@ -150,25 +177,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--start", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        child(args.side, args.steps, args.result)
+        child(args.side, args.steps, args.result, args.start)
         return
     print(f"CPU: {cpu_model()}; bf16 2048×2048 matmul: {matmul_peak_gflops():.0f} GFLOP/s; settings: {SETTINGS}, "
           f"{args.steps} steps", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
+        start: list[str] = []
+        if "shitate-ppo" in args.sides.split(","):
+            made = run_side(__file__, "start", ["--side", "start"], Path(folder) / "start.json")
+            start = ["--start", made["run"]] if made else []
         for side in args.sides.split(","):
             result = Path(folder) / f"{side}.json"
-            figures = run_side(__file__, side, ["--side", side, "--steps", str(args.steps)], result)
+            figures = run_side(__file__, side, ["--side", side, "--steps", str(args.steps), *start], result)
             if figures is None:
                 continue
             results[side] = figures
             print(f"  {side}: {results[side]}", flush=True)
-    print(f"\n{'side':<10} {'rollout tok/s':>13} {'update tok/s':>12} {'step tok/s':>10} {'peak RSS':>9} {'steps':>6} "
+    print(f"\n{'side':<11} {'rollout tok/s':>13} {'update tok/s':>12} {'step tok/s':>10} {'peak RSS':>9} {'steps':>6} "
           f"{'wall s':>7}  rewards")
     for side, r in results.items():
-        print(f"{side:<10} {r['rollout_tokens_per_s']:>13.1f} {r['update_tokens_per_s']:>12.1f} {r['step_tokens_per_s']:>10.1f} "
+        print(f"{side:<11} {r['rollout_tokens_per_s']:>13.1f} {r['update_tokens_per_s']:>12.1f} {r['step_tokens_per_s']:>10.1f} "
               f"{r['peak_rss_gb']:>7.2f}GB {r['steps']:>6} {r['wall_s']:>7.1f}  {r['rewards']}")
 
 

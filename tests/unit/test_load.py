@@ -36,3 +36,37 @@ def test_the_output_layer_gets_a_contiguous_input_when_a_batch_is_generated(tiny
     ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])
     model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert len(seen) == 3 and all(seen)
+
+
+def test_a_run_adapter_is_merged_in_fp32_one_layer_at_a_time(tmp_path, tiny_model):
+    """The same bf16 weights as loading the whole base in fp32, merging and casting, without that fp32 copy."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from shitate.models.load import ModelSource, load_model
+
+    base = tmp_path / "base"  # bf16 on disk, as the default model's cache is
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    torch.manual_seed(0)
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, parameter in tuned.named_parameters():
+        if "lora_B" in name:  # a fresh adapter's B is zero: give it a delta to merge
+            torch.nn.init.normal_(parameter, std=1e-3)
+    tuned.save_pretrained(tmp_path / "adapter")
+
+    merged = load_model(ModelSource("run", "run", str(base), merged=(tmp_path / "adapter",)), dtype=torch.bfloat16)
+    whole = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      str(tmp_path / "adapter")).merge_and_unload().to(torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    untouched = dict(plain.named_parameters())
+    expected = dict(whole.named_parameters())
+    assert sorted(expected) == sorted(name for name, _ in merged.named_parameters())  # no adapter modules left
+    for name, parameter in merged.named_parameters():
+        assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, expected[name]), name
+    # Buffers as a plain bf16 load has them: casting a whole fp32 model had rounded RoPE's frequencies to bf16.
+    for (name, buffer), (_, plain_buffer) in zip(merged.named_buffers(), plain.named_buffers(), strict=True):
+        assert buffer.dtype == plain_buffer.dtype and torch.equal(buffer, plain_buffer), name
+    assert not torch.equal(dict(merged.named_parameters())["model.layers.0.mlp.up_proj.weight"],
+                           untouched["model.layers.0.mlp.up_proj.weight"])  # the delta was merged, not dropped
