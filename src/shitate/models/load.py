@@ -205,6 +205,7 @@ def _merge_in_fp32(model: Any, adapter: Path) -> Any:
         for module in wrapped.modules():
             if isinstance(module, LoraLayer):
                 weight = module.get_base_layer().weight
+                assert isinstance(weight, torch.Tensor)  # every LoRA base layer (linear, embedding, conv) has one
                 kept = weight.dtype
                 weight.data = weight.data.float()
                 module.merge()  # PEFT's own merge (LoRA, DoRA, …), on the fp32 weight
