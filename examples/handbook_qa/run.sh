@@ -18,7 +18,7 @@ $shitate data scrub $demo/data/qa.jsonl --dry-run
 # Questions about one passage stay in one split, so the test asks about articles training never saw.
 $shitate data split $demo/data/qa.jsonl --sizes 0.8/0.1/0.1 --seed 42 --out-dir $demo/data --force
 # Template questions share long boilerplate (「就業規則では、…についてどのように定められていますか。」): flag from 0.9.
-$shitate data check $demo/data/train.jsonl --max-length 768 --against $demo/data/test.jsonl --threshold 0.9
+$shitate data check $demo/data/train.jsonl --max-length 1280 --against $demo/data/test.jsonl --threshold 0.9
 $shitate train $demo/recipe.yaml --out runs/handbook-qa --force
 $shitate compare gemma-3-270m runs/handbook-qa $demo/data/test.jsonl --out runs/handbook-qa/compare.jsonl
 $shitate eval runs/handbook-qa

@@ -53,3 +53,32 @@ def test_each_filter_drops_its_case_and_is_counted():
     assert records == [{"messages": [{"role": "user", "content": "試用期間は何か月ですか。"},
                                       {"role": "assistant", "content": "6か月間"}],
                         "context": ARTICLE["text"], "source": ARTICLE["source"], "heading": ARTICLE["heading"]}]
+
+
+def test_an_article_cut_into_passages_is_asked_about_whole(tmp_path):
+    """`data import` cuts a long article into overlapping passages; template mode asks about the whole article once,
+    not about its first piece while the later pieces are dropped as repeated questions."""
+    from shitate.data.documents import passages
+
+    clauses = [f"{n}. 社員は、第{n}項に定める手続きを{n}日以内に済ませなければならない。" for n in range(1, 9)]
+    (tmp_path / "01_就業規則.md").write_text("# 就業規則\n## 第9条 手続き\n" + "\n".join(clauses) + "\n", encoding="utf-8")
+    pieces = [p.record() for p in passages(tmp_path / "01_就業規則.md", max_chars=150, overlap=60)]
+    assert len(pieces) >= 3 and pieces[1]["text"].split("\n")[1] in pieces[0]["text"]  # cut, with overlap
+
+    records, report = synthesize(pieces)
+    assert report.dropped["duplicate question"] == 0
+    answers = {record["messages"][1]["content"] for record in records}
+    assert len(records) == 2 and len(answers) == 1  # the article's two questions, one answer
+    assert answers.pop().endswith("次のように定めています。\n" + "\n".join(clauses))  # every clause, each once
+    assert records[0]["context"] == "第9条 手続き\n" + "\n".join(clauses)
+
+    # An article too long for one answer keeps its pieces: the later ones are still counted as repeats.
+    records, report = synthesize(pieces, filters=SynthFilters(max_answer_chars=200))
+    assert report.dropped["duplicate question"] > 0 and all(len(r["messages"][1]["content"]) <= 200 for r in records)
+
+
+def test_pieces_without_a_shared_sentence_are_joined_by_a_line_break():
+    from shitate.data.synth import _join_overlapping
+
+    assert _join_overlapping("一つ目の文。二つ目の文。", "二つ目の文。三つ目の文。") == "一つ目の文。二つ目の文。三つ目の文。"
+    assert _join_overlapping("前の段落です。", "すぐ次の段落です。") == "前の段落です。\nすぐ次の段落です。"

@@ -95,6 +95,38 @@ def template_pairs(passage: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f"{where}「{title}」について教えてください。", body)]
 
 
+def whole_sections(passages: Sequence[dict[str, Any]], max_answer_chars: int) -> list[dict[str, Any]]:
+    """The passages, with each section that `data import` cut by length joined back into one (without the pieces'
+    overlap) as far as its template answer fits `max_answer_chars`.
+
+    Template mode asks one question of a section: left cut, its later pieces asked the first's
+    question again and were dropped as duplicates, so their text was never asked about.
+    """
+    joined: list[dict[str, Any]] = []
+    for passage in passages:
+        previous = joined[-1] if joined else None
+        title, _, body = passage["text"].partition("\n")
+        if (previous is not None and template_pairs(passage)
+                and all(previous.get(key) == passage.get(key) for key in ("source", "heading"))
+                and previous["text"].partition("\n")[0] == title):
+            previous_body = previous["text"].partition("\n")[2]
+            whole = {**previous, "text": f"{title}\n{_join_overlapping(previous_body, body)}"}
+            if all(len(answer) <= max_answer_chars for _, answer in template_pairs(whole)):
+                joined[-1] = whole
+                continue
+        joined.append(passage)
+    return joined
+
+
+def _join_overlapping(first: str, second: str) -> str:
+    """Two consecutive pieces of one text, the second starting with the first's last sentences: the text."""
+    for length in range(min(len(first), len(second)), 0, -1):
+        whole_sentences = length == len(second) or second[length] == "\n" or second[length - 1] in "。！？!?"
+        if (whole_sentences or length >= 16) and first.endswith(second[:length]):
+            return first + second[length:]
+    return f"{first}\n{second}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model mode
 
@@ -201,7 +233,9 @@ def synthesize(passages: Sequence[dict[str, Any]], mode: str = "template",
                on_batch: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], SynthReport]:
     """QA chat records (with `context`) for the passages, and what was kept and dropped."""
     report = SynthReport(passages=len(passages))
+    filters = filters or SynthFilters()
     if mode == "template":
+        passages = whole_sections(passages, filters.max_answer_chars)
         generated = [template_pairs(p) for p in passages]
         if on_batch is not None:
             on_batch(len(passages))
@@ -212,5 +246,5 @@ def synthesize(passages: Sequence[dict[str, Any]], mode: str = "template",
     report.generated = len(candidates)
     if empty := sum(1 for pairs in generated if not pairs):
         report.dropped["passage gave no pair"] = empty
-    return filter_pairs(candidates, filters or SynthFilters(), report), report
+    return filter_pairs(candidates, filters, report), report
 
