@@ -23,37 +23,24 @@ import numpy as np
 import torch
 from torch import nn
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integers as wide as x's elements
 
-
-def _kept_bits(x: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
-    """Dropout's mask for x as integers of x's width: all ones where an element is kept, zero where it is dropped
-    (so `_dropped` is one AND), drawn from a private generator so backward can draw the same mask again.
+def _dropped_positions(x: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
+    """Where dropout zeroes x, drawn from a private generator so backward can draw the same mask again.
 
     torch's bernoulli_ took ~1.2 ms per 330k elements here, more than the matmul it precedes; 64
-    random bits give four 16-bit draws, so drawing twice (forward and backward) is still cheaper
-    than one bernoulli_, and no byte per element of every adapted input is kept.
+    random bits give four 16-bit draws in ~0.45 ms, so drawing twice (forward and backward) is still
+    cheaper than one bernoulli_, and no byte per element of every adapted input is kept.
     """
-    threshold = -32768 + round(rate * 65536)  # P(draw < threshold) = rate, to 1/65536
-    words = (x.numel() + 3) // 4
-    bits = _BITS[x.element_size()]
+    count = (x.numel() + 3) // 4
     if x.device.type == "cpu":
-        # On a CPU numpy draws the bits (SFC64) 2.5-4x and compares them 4x faster than torch (a single-threaded
-        # Mersenne twister; a slower compare), and an AND is a fraction of torch.where's or masked_fill's time:
-        # a LoRA layer's forward and backward took 5-25% less time on a Xeon, kids_qa's steps 4-7% less for the
-        # generator alone (bench/train_throughput.py, side by side; the AND's gain there was within the noise).
-        draws = np.random.SFC64(seed).random_raw(words).view(np.int16)[:x.numel()]
-        kept = torch.empty(x.shape, dtype=bits)  # from torch's allocator, like the tensors around it
-        np.negative((draws >= threshold).view(np.int8), out=kept.numpy().reshape(-1))  # -1 sign-extends to all ones
-        return kept
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    device_draws = torch.randint(-2**63, 2**63 - 1, (words,), dtype=torch.int64, generator=generator, device=x.device)
-    return (device_draws.view(torch.int16)[:x.numel()] >= threshold).to(bits).neg_().view(x.shape)
-
-
-def _dropped(x: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
-    """x with dropout's zeros (not yet rescaled)."""
-    return (x.view(kept_bits.dtype) & kept_bits).view(x.dtype)
+        # numpy's SFC64 gives the raw bits 2.5-4x faster than torch's CPU generator (a single-threaded Mersenne
+        # twister): kids_qa trained 4-7% faster on a Xeon (bench/train_throughput.py, side by side).
+        words = torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    else:
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        words = torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=x.device)
+    draws = words.view(torch.int16)[:x.numel()].view(x.shape)
+    return draws < -32768 + round(rate * 65536)  # P = rate, to 1/65536
 
 
 class _LoraAdd(torch.autograd.Function):
@@ -67,7 +54,7 @@ class _LoraAdd(torch.autograd.Function):
                 scale: float, dropout: float) -> torch.Tensor:
         compute = x.dtype
         seed = int(torch.randint(0, 2**62, (1,))) if dropout > 0 else 0  # from the global RNG: seeded, resumable
-        dropped = _dropped(x, _kept_bits(x, dropout, seed)) if dropout > 0 else x
+        dropped = torch.where(_dropped_positions(x, dropout, seed), 0, x) if dropout > 0 else x
         low = dropped.reshape(-1, x.shape[-1]) @ weight_a.to(compute).T
         # 1/(1-p) rides on the rank-r product's scale, not on the full-width input: same value, less work.
         alpha = scale / (1.0 - dropout)
@@ -84,14 +71,14 @@ class _LoraAdd(torch.autograd.Function):
         # Adapter gradients as autocast computes them for PEFT: a matmul in the compute dtype, cast to the weight's.
         grad_b = (flat_grad.T @ low).mul_(ctx.alpha).to(weight_b.dtype)
         grad_low = (flat_grad @ weight_b.to(compute)).mul_(ctx.alpha)
-        kept_bits = _kept_bits(x, ctx.dropout, ctx.seed) if ctx.dropout > 0 else None
-        dropped = x if kept_bits is None else _dropped(x, kept_bits)
+        dropped_positions = _dropped_positions(x, ctx.dropout, ctx.seed) if ctx.dropout > 0 else None
+        dropped = x if dropped_positions is None else torch.where(dropped_positions, 0, x)
         grad_a = (grad_low.T @ dropped.reshape(-1, x.shape[-1])).to(weight_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = (grad_low @ weight_a.to(compute)).view(x.shape)
-            if kept_bits is not None:
-                grad_x.view(kept_bits.dtype).bitwise_and_(kept_bits)  # in place: dropout's zeros, as in forward
+            if dropped_positions is not None:
+                grad_x = grad_x.masked_fill_(dropped_positions, 0)
         return grad_out, grad_x, grad_a, grad_b, None, None
 
 
