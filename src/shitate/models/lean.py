@@ -19,7 +19,6 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,14 +30,9 @@ def _dropped_positions(x: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
     random bits give four 16-bit draws in ~0.45 ms, so drawing twice (forward and backward) is still
     cheaper than one bernoulli_, and no byte per element of every adapted input is kept.
     """
-    count = (x.numel() + 3) // 4
-    if x.device.type == "cpu":
-        # numpy's SFC64 gives the raw bits 2.5-4x faster than torch's CPU generator (a single-threaded Mersenne
-        # twister): kids_qa trained 4-7% faster on a Xeon (bench/train_throughput.py, side by side).
-        words = torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
-    else:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        words = torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=x.device)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, generator=generator,
+                          device=x.device)
     draws = words.view(torch.int16)[:x.numel()].view(x.shape)
     return draws < -32768 + round(rate * 65536)  # P = rate, to 1/65536
 
