@@ -235,10 +235,10 @@ def synthesize(passages: Sequence[dict[str, Any]], mode: str = "template",
     report = SynthReport(passages=len(passages))
     filters = filters or SynthFilters()
     if mode == "template":
+        if on_batch is not None:
+            on_batch(len(passages))  # every passage read, joined or not
         passages = whole_sections(passages, filters.max_answer_chars)
         generated = [template_pairs(p) for p in passages]
-        if on_batch is not None:
-            on_batch(len(passages))
     else:
         assert ask is not None, "model mode needs a generator"
         generated = model_pairs(ask, passages, per_passage, template, on_batch)
