@@ -106,12 +106,11 @@ def whole_sections(passages: Sequence[dict[str, Any]], max_answer_chars: int) ->
     for passage in passages:
         previous = joined[-1] if joined else None
         title, _, body = passage["text"].partition("\n")
-        if (previous is not None and template_pairs(passage)
-                and all(previous.get(key) == passage.get(key) for key in ("source", "heading"))
-                and previous["text"].partition("\n")[0] == title):
-            previous_body = previous["text"].partition("\n")[2]
+        previous_title, _, previous_body = previous["text"].partition("\n") if previous else ("", "", "")
+        if previous and previous_title == title and all(previous.get(k) == passage.get(k) for k in ("source", "heading")):
             whole = {**previous, "text": f"{title}\n{_join_overlapping(previous_body, body)}"}
-            if all(len(answer) <= max_answer_chars for _, answer in template_pairs(whole)):
+            pairs = template_pairs(whole)  # none for a section without a heading of its own: nothing to join for
+            if pairs and all(len(answer) <= max_answer_chars for _, answer in pairs):
                 joined[-1] = whole
                 continue
         joined.append(passage)
