@@ -9,7 +9,8 @@
 # .whl/ — wheels of what the GPU image lacks (bitsandbytes, pydantic, TRL, …; its own torch, transformers, tokenizers
 # and huggingface_hub are kept) — and .gpu/gemma-270m-shape/ — the default model's config and tokenizer, without its
 # weights (too large to carry): `run` builds a model of that shape with random weights, which times like the real one.
-# Environment for `run`: TESTS=0 skips the tests; EPOCHS (default 1), SIDES, TEST_S and BENCH_S (time limits).
+# Environment for `run`: TESTS=0 skips the tests; PROFILE=1 adds bench/gpu_profile.py (where a step's time goes);
+# TEST_PATHS, EPOCHS (default 1), SIDES, TEST_S, BENCH_S and PROFILE_S (time limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ prepare() {
     pinned=$("$python" -m pip list --format=freeze 2>/dev/null | grep -iE '^(peft|pydantic|pydantic_core|annotated-types|typing-inspection|gguf|trl|fastapi|starlette|uvicorn|sniffio|dill|multiprocess)==')
     # shellcheck disable=SC2086
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-        -d .whl $pinned 'datasets>=4.7,<5' bitsandbytes || return 1
+        -d .whl $pinned 'datasets>=4.7,<5' bitsandbytes pytest-xdist execnet || return 1
     "$python" - <<'EOF' || return 1
 import lzma, shutil
 from pathlib import Path
@@ -55,10 +56,11 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'pef
     local start=$SECONDS
     if [ "${TESTS:-1}" = 1 ]; then
         # Not the whole suite: documents, scrubbing, dedupe and the UI need packages the image lacks and no GPU.
-        timeout "${TEST_S:-280}" python3 -m pytest -q -p no:cacheprovider -n 6 -m 'not slow' tests/unit \
-            tests/integration/test_train.py tests/integration/test_align.py tests/integration/test_rl.py \
-            tests/integration/test_export.py tests/integration/test_pretrain.py tests/integration/test_serve.py \
-            > "$OUT/tests.log" 2>&1
+        local paths=${TEST_PATHS:-"tests/unit tests/integration/test_train.py tests/integration/test_align.py
+            tests/integration/test_rl.py tests/integration/test_export.py tests/integration/test_pretrain.py
+            tests/integration/test_serve.py"}
+        # shellcheck disable=SC2086
+        timeout "${TEST_S:-280}" python3 -m pytest -q -p no:cacheprovider -n 6 -m 'not slow' $paths > "$OUT/tests.log" 2>&1
         echo "tests rc $? in $((SECONDS - start)) s"
         grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -40
     fi
@@ -74,8 +76,14 @@ for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'
     shutil.copy('.gpu/gemma-270m-shape/' + name, '/tmp/gemma-270m-shape/' + name)
 "
     timeout "${BENCH_S:-200}" python3 bench/train_throughput.py --data kids --model /tmp/gemma-270m-shape \
-        --epochs "${EPOCHS:-1}" --sides "${SIDES:-shitate,trl-pad,trl-pad-bf16,trl-pack-bf16}" 2>&1 | tee "$OUT/bench.log"
+        --epochs "${EPOCHS:-1}" --sides "${SIDES:-shitate,shitate-percall,trl-pad,trl-pad-bf16,trl-pack-bf16}" 2>&1 | tee "$OUT/bench.log"
     echo "bench rc $? in $((SECONDS - start)) s"
+    if [ "${PROFILE:-0}" = 1 ]; then
+        start=$SECONDS
+        timeout "${PROFILE_S:-150}" python3 bench/gpu_profile.py --model /tmp/gemma-270m-shape --epochs 1 > "$OUT/profile.log" 2>&1
+        echo "profile rc $? in $((SECONDS - start)) s"
+        head -3 "$OUT/profile.log"
+    fi
 }
 
 case "${1:-}" in

@@ -39,6 +39,8 @@ PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogue
 # shitate-whole: each step in one pass (faster, more memory); shitate-ckpt: activation checkpointing.
 # trl-*: TRL's defaults (fp32 base); trl-*-bf16: the frozen base loaded in bf16.
 SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16", "trl-pack-bf16")
+# Not among the defaults, `shitate-percall`: on a GPU, what a CPU runs (an attention call per example, 128-row loss
+# chunks) — the GPU's own choices measured against it. On a CPU it is the same as `shitate`.
 TRL_SIDES = tuple(side for side in SIDES if side.startswith("trl"))
 # The model every side trains: the default, or `--model` (any folder or GGUF shitate loads).
 MODEL = "gemma-3-270m"
@@ -220,6 +222,11 @@ def flops_per_token(train: Path, text: bool) -> float:
 
 
 def child(side: str, train: Path, validation: Path, result: Path, text: bool) -> None:
+    if side == "shitate-percall":
+        from shitate.models import attention, logprobs
+
+        attention.use_one_masked_call = lambda device: False
+        logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):
             figures = run_shitate(train, validation, Path(folder), text, checkpointing=side == "shitate-ckpt",

@@ -38,3 +38,32 @@ def test_short_attention_in_bf16_is_as_close_to_exact_as_sdpa():
     ours = _example_attention(q, k, v, dropout=0.0, scaling=256**-0.5, sliding_window=None)
     # No further from the exact result than torch's own bf16 kernel (both ~0.009 here).
     assert (ours.double() - exact).abs().max() <= 1.1 * (sdpa.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_one_masked_call_computes_what_the_per_example_loop_computes(monkeypatch, sliding_window):
+    # What a GPU runs (one SDPA call under a batch mask) against what a CPU runs, on the same packed rows: plain
+    # examples, a tree (prefix 4, branches 3 and 5), a padding tail; GQA with 4 query heads on 1 key/value head.
+    from shitate.models import attention
+
+    packed_lengths = [[6, (4, 3, 5), 2], [9, 3, 8]]
+    torch.manual_seed(2)
+    q = torch.randn(2, 4, 20, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 20, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 20, 16, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 20, 4, 16, dtype=torch.float64)
+    module = torch.nn.Module()
+
+    def run():
+        out, _ = attention.packed_attention(module, q, k, v, None, scaling=0.25, sliding_window=sliding_window,
+                                            packed_lengths=packed_lengths)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+    monkeypatch.setattr(attention, "use_one_masked_call", lambda device: False)
+    loop, loop_grads = run()
+    monkeypatch.setattr(attention, "use_one_masked_call", lambda device: True)
+    masked, masked_grads = run()
+    # To fp32's precision: the CPU's short kernel computes its scores in fp32 (a wrong mask errs by ~1).
+    torch.testing.assert_close(masked, loop, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(masked_grads, loop_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 LOSS_CHUNK = 128  # positions whose logits exist at once: 67 MB in bf16 for Gemma 3's 262k words
+# A GPU runs a chunk's matmul in microseconds and then waits on the launches of its softmax slices: fewer, larger
+# chunks there (512 MB of bf16 logits for Gemma 3; the memory planner counts it).
+GPU_LOSS_CHUNK = 1024
+
+
+def loss_chunk_rows(device: torch.device | str) -> int:
+    """Positions projected onto the vocabulary at once on this device."""
+    return LOSS_CHUNK if torch.device(device).type == "cpu" else GPU_LOSS_CHUNK
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -136,10 +144,12 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor, row_max
         logits[:, start:start + width] = grad
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 128,
-                         compute_dtype: torch.dtype = torch.float32, softcap: float | None = None,
-                         per_row: bool = False) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows: summed, or one value per row."""
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                         softcap: float | None = None, per_row: bool = False) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows (by default as suits the device):
+    summed, or one value per row."""
+    chunk_size = chunk_size or loss_chunk_rows(hidden.device)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
 
 
@@ -184,7 +194,7 @@ class AnswerLogProbs(nn.Module):
         hidden = states.reshape(-1, states.shape[-1])[sources]
         softcap = getattr(base.config, "final_logit_softcapping", None)
         token_losses = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
-                                            LOSS_CHUNK, self.compute_dtype, softcap, per_row=True)
+                                            compute_dtype=self.compute_dtype, softcap=softcap, per_row=True)
         return -token_losses, states
 
 

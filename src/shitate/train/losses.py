@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shitate.data.templates import IGNORE_INDEX
-from shitate.models.logprobs import LOSS_CHUNK, decoder_states, linear_cross_entropy
+from shitate.models.logprobs import decoder_states, linear_cross_entropy
 
 
 class AnswerLoss(nn.Module):
@@ -21,13 +21,11 @@ class AnswerLoss(nn.Module):
 
     causal_lm: Any  # a transformers model (or PEFT's wrapper of one): typed loosely upstream
 
-    chunk_size = LOSS_CHUNK
-
     def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.compute_dtype = compute_dtype
-        self.chunk_size = chunk_size or AnswerLoss.chunk_size
+        self.chunk_size = chunk_size  # None: as suits the device (models/logprobs.loss_chunk_rows)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,

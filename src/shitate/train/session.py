@@ -38,9 +38,9 @@ from shitate.memory import (
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
+from shitate.models.logprobs import loss_chunk_rows
 from shitate.progress import say
 from shitate.runs import RunFolder, file_digest, weight_digests
-from shitate.train.losses import AnswerLoss
 
 
 @dataclass
@@ -188,7 +188,7 @@ class Session:
 
     def _training_bytes(self, objective: Objective) -> int:
         return training_bytes(self.config, self.precision, self._largest_micro_batch(self.train_set, objective.packed),
-                              self.trainable, self.recipe.adapter.method == "full", loss_chunk=AnswerLoss.chunk_size,
+                              self.trainable, self.recipe.adapter.method == "full", loss_chunk=loss_chunk_rows(self.device),
                               checkpointing=self.spec.activation_checkpointing)
 
     def _check_memory(self, objective: Objective) -> None:

@@ -1,0 +1,50 @@
+"""Where a shitate training step spends its time on a GPU: torch's profiler over one kids_qa run.
+
+Prints the ops with the most CPU time (Python and launches: what a GPU waits on at small batches), the
+ops with the most GPU time, and the calls that make the host wait for the device.
+
+    python bench/gpu_profile.py --model FOLDER [--percall]   # --percall: as a CPU runs (bench side shitate-percall)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+import train_throughput as bench
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--percall", action="store_true")
+    args = parser.parse_args()
+    bench.MODEL, bench.SETTINGS["epochs"] = args.model, args.epochs
+    if args.percall:
+        from shitate.models import attention, logprobs
+
+        attention.use_one_masked_call = lambda device: False
+        logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
+    with tempfile.TemporaryDirectory() as folder:
+        train, validation = bench.prepare_data("kids", Path(folder), 80, 30)
+        bench.run_shitate(train, validation, Path(folder) / "warm", text=False)  # one-off kernel loading
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            figures = bench.run_shitate(train, validation, Path(folder) / "profiled", text=False)
+    print(f"profiled run: {figures['tokens_per_s']:.1f} tokens/s (slowed by the profiler), wall {figures['wall_s']:.1f} s")
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+    waits = [a for a in averages if any(w in a.key for w in ("Synchronize", "aten::item", "aten::nonzero",
+                                                               "aten::_local_scalar_dense", "cudaMemcpy"))]
+    for average in waits:
+        print(f"{average.key}: {average.count} calls, {average.self_cpu_time_total / 1e3:.1f} ms self CPU")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_profile.py profiles the CUDA path; this machine has no CUDA GPU")
+    main()
