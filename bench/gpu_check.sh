@@ -9,7 +9,7 @@
 # .whl/ — wheels of what the GPU image lacks (bitsandbytes, pydantic, TRL, …; its own torch, transformers, tokenizers
 # and huggingface_hub are kept) — and .gpu/gemma-270m-shape/ — the default model's config and tokenizer, without its
 # weights (too large to carry): `run` builds a model of that shape with random weights, which times like the real one.
-# Environment for `run`: TESTS=0 skips the tests; PROFILE=1 adds bench/gpu_profile.py (where a step's time goes);
+# Environment for `run`: TESTS=0 skips the tests; PROFILE=1 adds bench/gpu_profile.py (where the time goes), PROFILE_EPOCHS its epochs;
 # TEST_PATHS, EPOCHS (default 1), SIDES, TEST_S, BENCH_S and PROFILE_S (time limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +80,7 @@ for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'
     echo "bench rc $? in $((SECONDS - start)) s"
     if [ "${PROFILE:-0}" = 1 ]; then
         start=$SECONDS
-        timeout "${PROFILE_S:-150}" python3 bench/gpu_profile.py --model /tmp/gemma-270m-shape --epochs 1 > "$OUT/profile.log" 2>&1
+        timeout "${PROFILE_S:-150}" python3 bench/gpu_profile.py --model /tmp/gemma-270m-shape --epochs "${PROFILE_EPOCHS:-1}" > "$OUT/profile.log" 2>&1
         echo "profile rc $? in $((SECONDS - start)) s"
         head -3 "$OUT/profile.log"
     fi

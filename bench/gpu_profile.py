@@ -1,7 +1,8 @@
-"""Where a shitate training step spends its time on a GPU: torch's profiler over one kids_qa run.
+"""Where a shitate training run spends its time on a GPU: torch's profiler and Python's over kids_qa runs.
 
 Prints the ops with the most CPU time (Python and launches: what a GPU waits on at small batches), the
-ops with the most GPU time, and the calls that make the host wait for the device.
+ops with the most GPU time, the calls that make the host wait for the device, and then the Python
+functions with the most cumulative time in a whole run (loading, steps, validation, checkpoints, saving).
 
     python bench/gpu_profile.py --model FOLDER [--percall]   # --percall: as a CPU runs (bench side shitate-percall)
 """
@@ -9,6 +10,9 @@ ops with the most GPU time, and the calls that make the host wait for the device
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import tempfile
 from pathlib import Path
 
@@ -34,6 +38,10 @@ def main() -> None:
         bench.run_shitate(train, validation, Path(folder) / "warm", text=False)  # one-off kernel loading
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             figures = bench.run_shitate(train, validation, Path(folder) / "profiled", text=False)
+        python_profile = cProfile.Profile()
+        python_profile.enable()
+        python_figures = bench.run_shitate(train, validation, Path(folder) / "python", text=False)
+        python_profile.disable()
     print(f"profiled run: {figures['tokens_per_s']:.1f} tokens/s (slowed by the profiler), wall {figures['wall_s']:.1f} s")
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
@@ -42,6 +50,10 @@ def main() -> None:
                                                                "aten::_local_scalar_dense", "cudaMemcpy"))]
     for average in waits:
         print(f"{average.key}: {average.count} calls, {average.self_cpu_time_total / 1e3:.1f} ms self CPU")
+    print(f"\nPython's profiler: {python_figures['tokens_per_s']:.1f} tokens/s, wall {python_figures['wall_s']:.1f} s")
+    table = io.StringIO()
+    pstats.Stats(python_profile, stream=table).sort_stats("cumulative").print_stats(60)
+    print(table.getvalue())
 
 
 if __name__ == "__main__":
