@@ -72,9 +72,16 @@ def test_an_article_cut_into_passages_is_asked_about_whole(tmp_path):
     assert answers.pop().endswith("次のように定めています。\n" + "\n".join(clauses))  # every clause, each once
     assert records[0]["context"] == "第9条 手続き\n" + "\n".join(clauses)
 
-    # An article too long for one answer keeps its pieces: the later ones are still counted as repeats.
+    # An article too long for one answer is asked about in parts: each later part for its continuation, with only
+    # what the part before did not say, so every clause is answered exactly once and no question repeats.
     records, report = synthesize(pieces, filters=SynthFilters(max_answer_chars=200))
-    assert report.dropped["duplicate question"] > 0 and all(len(r["messages"][1]["content"]) <= 200 for r in records)
+    assert not report.dropped and all(len(r["messages"][1]["content"]) <= 200 for r in records)
+    questions = [r["messages"][0]["content"] for r in records]
+    assert questions[:2] == ["就業規則の第9条（手続き）には何が定められていますか。",
+                             "就業規則では、手続きについてどのように定められていますか。"]
+    assert questions[2:] == [f"就業規則第9条（手続き）の続き（その{n}）を教えてください。" for n in range(2, len(questions))]
+    answered = "\n".join(r["messages"][1]["content"].partition("\n")[2] for r in records[1:])
+    assert [answered.count(clause) for clause in clauses] == [1] * len(clauses)
 
 
 def test_pieces_without_a_shared_sentence_are_joined_by_a_line_break():

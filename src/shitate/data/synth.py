@@ -74,30 +74,40 @@ def _document_name(passage: dict[str, Any]) -> str:
 
 
 def template_pairs(passage: dict[str, Any]) -> list[tuple[str, str]]:
-    """Question/answer pairs from a passage's own structure: its article or heading, and its body."""
+    """Question/answer pairs from a passage's own structure: its article or heading, and its body.
+
+    A later piece of a section too long for one answer (`part` ≥ 2, set by whole_sections) is asked for as the
+    section's continuation, so that its text is not dropped as a repeat of the first piece's question.
+    """
     title, _, body = passage["text"].partition("\n")
     path = [part for part in str(passage.get("heading", "")).split(" > ") if part]
     if not body.strip() or not path or path[-1] != title:
         return []  # no heading of its own: nothing to ask about without a model
     document = _document_name(passage)
     body = body.strip()
+    part = int(passage.get("part", 1))
     article = ARTICLE.match(title)
     if article:
         number = article.group().replace(" ", "")
         name = title[article.end():].strip(" （()）")
         cite = f"{document}{number}" + (f"（{name}）" if name else "")
+        if part > 1:
+            return [(f"{cite}の続き（その{part}）を教えてください。", f"{cite}の続き（その{part}）です。\n{body}")]
         answer = f"{cite}では、次のように定めています。\n{body}"
         questions = [f"{document}の{number}" + (f"（{name}）" if name else "") + "には何が定められていますか。"]
         if name:
             questions.append(f"{document}では、{name}についてどのように定められていますか。")
         return [(question, answer) for question in questions]
     where = f"{document}の" if document and document != title else ""
+    if part > 1:
+        return [(f"{where}「{title}」の続き（その{part}）を教えてください。", body)]
     return [(f"{where}「{title}」について教えてください。", body)]
 
 
 def whole_sections(passages: Sequence[dict[str, Any]], max_answer_chars: int) -> list[dict[str, Any]]:
     """The passages, with each section that `data import` cut by length joined back into one (without the pieces'
-    overlap) as far as its template answer fits `max_answer_chars`.
+    overlap) as far as its template answer fits `max_answer_chars`; the pieces of a section still too long are
+    numbered (`part`, from 1) and each later piece keeps only what the previous one did not say.
 
     Template mode asks one question of a section: left cut, its later pieces asked the first's
     question again and were dropped as duplicates, so their text was never asked about.
@@ -108,11 +118,15 @@ def whole_sections(passages: Sequence[dict[str, Any]], max_answer_chars: int) ->
         title, _, body = passage["text"].partition("\n")
         previous_title, _, previous_body = previous["text"].partition("\n") if previous else ("", "", "")
         if previous and previous_title == title and all(previous.get(k) == passage.get(k) for k in ("source", "heading")):
-            whole = {**previous, "text": f"{title}\n{_join_overlapping(previous_body, body)}"}
+            whole_body = _join_overlapping(previous_body, body)
+            whole = {**previous, "text": f"{title}\n{whole_body}"}
             pairs = template_pairs(whole)  # none for a section without a heading of its own: nothing to join for
             if pairs and all(len(answer) <= max_answer_chars for _, answer in pairs):
                 joined[-1] = whole
                 continue
+            if pairs:
+                new_text = whole_body[len(previous_body):].lstrip("\n")
+                passage = {**passage, "text": f"{title}\n{new_text}", "part": int(previous.get("part", 1)) + 1}
         joined.append(passage)
     return joined
 
