@@ -230,7 +230,7 @@ def child(side: str, train: Path, validation: Path, result: Path, text: bool) ->
     if side == "shitate-percall":
         from shitate.models import attention, logprobs
 
-        attention.use_one_masked_call = lambda device: False
+        attention.use_one_masked_call = lambda *args: False
         logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):

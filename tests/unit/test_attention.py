@@ -59,11 +59,20 @@ def test_one_masked_call_computes_what_the_per_example_loop_computes(monkeypatch
                                             packed_lengths=packed_lengths)
         return out, torch.autograd.grad(out, (q, k, v), grad_out)
 
-    monkeypatch.setattr(attention, "use_one_masked_call", lambda device: False)
+    monkeypatch.setattr(attention, "use_one_masked_call", lambda *args: False)
     loop, loop_grads = run()
-    monkeypatch.setattr(attention, "use_one_masked_call", lambda device: True)
+    monkeypatch.setattr(attention, "use_one_masked_call", lambda *args: True)
     masked, masked_grads = run()
     # To fp32's precision: the CPU's short kernel computes its scores in fp32 (a wrong mask errs by ~1).
     torch.testing.assert_close(masked, loop, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(masked_grads, loop_grads):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpu_batch_takes_one_masked_call_only_while_its_mask_is_small():
+    from shitate.models.attention import use_one_masked_call
+
+    gpu = torch.device("cuda")
+    assert use_one_masked_call(gpu, rows=8, width=256)
+    assert not use_one_masked_call(gpu, rows=8, width=4096)  # a 128 MB mask: the per-example loop instead
+    assert not use_one_masked_call(torch.device("cpu"), rows=8, width=256)

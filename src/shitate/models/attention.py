@@ -126,9 +126,13 @@ def _tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: tup
     return torch.cat(pieces, dim=2)
 
 
-def use_one_masked_call(device: torch.device) -> bool:
-    """Whether a batch's attention is one masked SDPA call (GPUs) rather than a call per example (CPUs)."""
-    return device.type != "cpu"
+MASK_ELEMENTS = 2**26  # a batch mask of up to 64 MB; longer rows keep the per-example loop (its memory grows as L)
+
+
+def use_one_masked_call(device: torch.device, rows: int = 1, width: int = 0) -> bool:
+    """Whether a batch's attention is one masked SDPA call (GPUs, rows short enough for a dense mask) rather than
+    a call per example (CPUs)."""
+    return device.type != "cpu" and rows * width * width <= MASK_ELEMENTS
 
 
 def _token_layout(packed_lengths: list[list[Any]], width: int) -> tuple[torch.Tensor, ...]:
@@ -202,7 +206,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       sliding_window=sliding_window, **kwargs)
     if getattr(module, "attn_logit_softcapping", None):
         raise ValueError("packed attention does not support attention logit soft-capping; set train.packing: false")
-    if use_one_masked_call(query.device):
+    if use_one_masked_call(query.device, query.shape[0], query.shape[2]):
         out = _masked_batch_attention(query, key, value, packed_lengths, dropout, scaling, sliding_window)
         return out.transpose(1, 2).contiguous(), None
     rows = []
