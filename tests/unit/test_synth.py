@@ -89,3 +89,18 @@ def test_pieces_without_a_shared_sentence_are_joined_by_a_line_break():
 
     assert _join_overlapping("一つ目の文。二つ目の文。", "二つ目の文。三つ目の文。") == "一つ目の文。二つ目の文。三つ目の文。"
     assert _join_overlapping("前の段落です。", "すぐ次の段落です。") == "前の段落です。\nすぐ次の段落です。"
+
+
+def test_a_long_section_under_a_plain_heading_is_asked_about_in_parts(tmp_path):
+    from shitate.data.documents import passages
+
+    items = [f"- 社員は、第{n}の制度を年に{n}回まで利用できる。" for n in range(1, 12)]
+    (tmp_path / "README.md").write_text("# 就業規則\n## 主な特徴\n" + "\n".join(items) + "\n", encoding="utf-8")
+    pieces = [p.record() for p in passages(tmp_path / "README.md", max_chars=150, overlap=60)]
+    records, report = synthesize(pieces, filters=SynthFilters(max_answer_chars=200))
+    questions = [r["messages"][0]["content"] for r in records]
+    assert len(records) >= 2 and not report.dropped
+    assert questions == ["就業規則の「主な特徴」について教えてください。"] + [
+        f"就業規則の「主な特徴」の続き（その{n}）を教えてください。" for n in range(2, len(records) + 1)]
+    answered = "\n".join(r["messages"][1]["content"] for r in records)
+    assert [answered.count(item) for item in items] == [1] * len(items)
