@@ -32,10 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     bench.MODEL, bench.SETTINGS["epochs"] = args.model, args.epochs
     if args.percall:
-        from shitate.models import attention, logprobs
-
-        attention.use_one_masked_call = lambda *args: False
-        logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
+        bench.use_cpu_choices()
     with tempfile.TemporaryDirectory() as folder:
         train, validation = bench.prepare_data("kids", Path(folder), 80, 30)
         bench.run_shitate(train, validation, Path(folder) / "warm", text=False)  # one-off kernel loading

@@ -226,12 +226,17 @@ def flops_per_token(train: Path, text: bool) -> float:
     return 4 * body + 4 * head * labelled / tokens
 
 
+def use_cpu_choices() -> None:
+    """Side `shitate-percall`: on any device, what a CPU runs (an attention call per example, 128-row loss chunks)."""
+    from shitate.models import attention, logprobs
+
+    attention.use_one_masked_call = lambda *args: False
+    logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
+
+
 def child(side: str, train: Path, validation: Path, result: Path, text: bool) -> None:
     if side == "shitate-percall":
-        from shitate.models import attention, logprobs
-
-        attention.use_one_masked_call = lambda *args: False
-        logprobs.loss_chunk_rows = lambda device: logprobs.LOSS_CHUNK
+        use_cpu_choices()
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):
             figures = run_shitate(train, validation, Path(folder), text, checkpointing=side == "shitate-ckpt",

@@ -129,7 +129,7 @@ def _tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: tup
 MASK_ELEMENTS = 2**26  # a batch mask of up to 64 MB; longer rows keep the per-example loop (its memory grows as L)
 
 
-def use_one_masked_call(device: torch.device, rows: int = 1, width: int = 0) -> bool:
+def use_one_masked_call(device: torch.device, rows: int, width: int) -> bool:
     """Whether a batch's attention is one masked SDPA call (GPUs, rows short enough for a dense mask) rather than
     a call per example (CPUs)."""
     return device.type != "cpu" and rows * width * width <= MASK_ELEMENTS
@@ -156,7 +156,7 @@ def _token_layout(packed_lengths: list[list[Any]], width: int) -> tuple[torch.Te
     return example_ids, branch_ids, positions
 
 
-_mask_cache: dict[Any, torch.Tensor] = {}
+_last_batch: dict[str, Any] = {"batch": None, "masks": {}}  # its masks by sliding window
 
 
 def _batch_mask(packed_lengths: list[list[Any]], width: int, sliding_window: int | None,
@@ -165,10 +165,11 @@ def _batch_mask(packed_lengths: list[list[Any]], width: int, sliding_window: int
 
     Every layer of a forward asks for the same masks (one per sliding window), so the last batch's are kept.
     """
-    key = (repr(packed_lengths), width, sliding_window, str(device))
-    if key not in _mask_cache:
-        if not any(k[:2] == key[:2] for k in _mask_cache):
-            _mask_cache.clear()
+    batch = (repr(packed_lengths), width, str(device))
+    if _last_batch["batch"] != batch:
+        _last_batch.update(batch=batch, masks={})
+    masks = _last_batch["masks"]
+    if sliding_window not in masks:
         example_ids, branch_ids, positions = _token_layout(packed_lengths, width)
         same_example = example_ids[:, :, None] == example_ids[:, None, :]
         visible_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
@@ -176,8 +177,8 @@ def _batch_mask(packed_lengths: list[list[Any]], width: int, sliding_window: int
         allowed = same_example & visible_branch & (distance >= 0)
         if sliding_window is not None:
             allowed &= distance < sliding_window
-        _mask_cache[key] = allowed[:, None].to(device, non_blocking=True)
-    return _mask_cache[key]
+        masks[sliding_window] = allowed[:, None].to(device)
+    return masks[sliding_window]
 
 
 def _masked_batch_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
