@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from shitate.config import AdapterSpec
@@ -80,11 +81,29 @@ def test_lora_dropout_mask_is_redrawn_identically_in_backward():
     out = _LoraAdd.apply(base, x, weight_a, weight_b, 2.0, 0.3)
     grads = torch.autograd.grad(out.square().sum(), (base, x, weight_a, weight_b))
 
-    torch.manual_seed(11)  # the same seed draw, so the same mask, written out with plain ops
-    dropped = _dropped_positions(x, 0.3, int(torch.randint(0, 2**62, (1,))))
+    torch.manual_seed(11)  # the same seed draw, so the same positions, written out as a mask with plain ops
+    positions = _dropped_positions(x.numel(), 0.3, int(torch.randint(0, 2**62, (1,))), x.device)
+    dropped = torch.zeros(x.numel() + 1, dtype=torch.bool).index_fill_(0, positions, True)[:-1].view(x.shape)
     assert abs(dropped.double().mean().item() - 0.3) < 0.03
     expected = base + (x.masked_fill(dropped, 0) / 0.7) @ weight_a.T @ weight_b.T * 2.0
     expected_grads = torch.autograd.grad(expected.square().sum(), (base, x, weight_a, weight_b))
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
+def test_lora_dropout_positions_are_independent_bernoulli_draws(rate):
+    from shitate.models.lean import _dropped_positions
+
+    numel = 400_000
+    positions = _dropped_positions(numel, rate, seed=3, device=torch.device("cpu"))
+    assert int(positions[-1]) == numel  # the draw ran past the end: every element had its chance
+    mask = torch.zeros(numel + 1, dtype=torch.bool).index_fill_(0, positions, True)[:-1].double()
+    sigma = (rate * (1 - rate) / numel) ** 0.5
+    assert abs(mask.mean().item() - rate) < 5 * sigma
+    # Neighbours drop together as often as independence says (rate²), and the last element as often as the first.
+    both = (mask[1:] * mask[:-1]).mean().item()
+    assert abs(both - rate**2) < 5 * (rate**2 * (1 - rate**2) / numel) ** 0.5
+    assert abs(mask[-numel // 10:].mean().item() - rate) < 5 * sigma * 10**0.5
+    torch.testing.assert_close(positions, _dropped_positions(numel, rate, seed=3, device=torch.device("cpu")))
