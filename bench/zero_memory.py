@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shitate.memory import ENGINES, per_device_bytes
+from shitate.models.logprobs import loss_workspace_bytes
 
 SHAPES = {  # hidden, intermediate, layers, attention heads, key/value heads
     "1B (TinyLlama 1.1B)": (2048, 5632, 22, 32, 4),
@@ -43,7 +44,8 @@ def main() -> None:
                              num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000)
         total, lora = parameters(config)
         for method, trained in (("full", total), (f"LoRA r={LORA_RANK}", lora)):
-            cells = [sum(per_device_bytes(config, total, trained, MICRO_BATCH_TOKENS, n, engine).values()) / 2**30
+            cells = [sum(per_device_bytes(config, total, trained, MICRO_BATCH_TOKENS, n, engine,
+                                          loss_workspace_bytes("cuda", hidden)).values()) / 2**30
                      for n in DEVICES for engine in ENGINES]
             print(f"| {name}, {total / 1e9:.2f} B | {method} | " + " | ".join(f"{gb:.1f}" for gb in cells) + " |")
     print(f"\nGiB per GPU; micro-batch {MICRO_BATCH_TOKENS} tokens a device, activation checkpointing, bf16 weights, "

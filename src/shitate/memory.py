@@ -70,14 +70,15 @@ def activation_bytes_per_token(config: Any, precision: str) -> float:
 
 
 def training_bytes(config: Any, precision: str, micro_batch_tokens: int, trainable_parameters: int,
-                   full_fine_tune: bool, loss_chunk: int, checkpointing: bool = False) -> int:
+                   full_fine_tune: bool, loss_workspace: int, checkpointing: bool = False) -> int:
     """Memory training adds on top of the loaded model: activations, the loss chunk, optimizer state."""
     activations = activation_bytes_per_token(config, precision) * micro_batch_tokens
     if checkpointing:  # one layer's activations at a time, plus every layer's input
         layer_inputs = 2 * config.hidden_size * config.num_hidden_layers * micro_batch_tokens
         activations = activations / config.num_hidden_layers + layer_inputs
-    # A chunk of logits in the compute dtype (they become their own gradient in place).
-    loss = loss_chunk * config.vocab_size * (2 if precision == "bf16" else 4)
+    # The loss's working set (models/logprobs.loss_workspace_bytes); a full fine-tune also keeps an fp32 gradient of
+    # the output layer, counted below with the trained parameters.
+    loss = loss_workspace
     # fp32 weights' gradients plus AdamW's two moments; a full fine-tune also upcasts the weights it trains.
     optimizer = trainable_parameters * (4 + 8 + (4 if full_fine_tune else 0))
     return int(1.2 * (activations + loss + optimizer))
@@ -90,7 +91,7 @@ ENGINES = {"ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "gradients
 
 
 def per_device_bytes(config: Any, total_parameters: int, trainable_parameters: int, micro_batch_tokens: int,
-                     devices: int, engine: str, checkpointing: bool = True) -> dict[str, int]:
+                     devices: int, engine: str, loss_workspace: int, checkpointing: bool = True) -> dict[str, int]:
     """Memory on each of `devices` GPUs for training in bf16 under `engine`, by part.
 
     The accounting of the ZeRO paper (Rajbhandari et al. 2020, section 3) for mixed precision: bf16 weights
@@ -103,8 +104,7 @@ def per_device_bytes(config: Any, total_parameters: int, trainable_parameters: i
     def split(part: str, size: float) -> int:
         return int(size / devices) if part in sharded else int(size)
 
-    activations = training_bytes(config, "bf16", micro_batch_tokens, 0, False, loss_chunk=1024,
-                                 checkpointing=checkpointing)
+    activations = training_bytes(config, "bf16", micro_batch_tokens, 0, False, loss_workspace, checkpointing)
     return {"weights": split("weights", 2 * total_parameters), "gradients": split("gradients", 2 * trainable_parameters),
             "optimizer": split("optimizer", 12 * trainable_parameters), "activations": activations}
 

@@ -47,8 +47,8 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_vocabulary_slices_give_the_same_loss_and_gradients(monkeypatch):
-    # Slices of 16 words over a 50-word vocabulary: targets fall in every slice, the last one short.
+def test_vocabulary_blocks_give_the_same_loss_and_gradients(monkeypatch):
+    # Blocks of 16 words over a 50-word vocabulary: targets fall in every block, the last one short.
     from shitate.models import logprobs as losses
 
     torch.manual_seed(2)
@@ -57,7 +57,7 @@ def test_vocabulary_slices_give_the_same_loss_and_gradients(monkeypatch):
     targets = torch.tensor([0, 15, 16, 31, 32, 47, 48, 49] + list(range(3, 42, 3)))
     whole = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.float64, softcap=2.0)
     whole_grads = torch.autograd.grad(whole, [hidden, weight])
-    monkeypatch.setattr(losses, "_vocab_slice", lambda rows: 16)
+    monkeypatch.setattr(losses, "_vocab_block", lambda rows, device: 16)
     sliced = linear_cross_entropy(hidden, weight, targets, chunk_size=8, compute_dtype=torch.float64, softcap=2.0)
     sliced_grads = torch.autograd.grad(sliced, [hidden, weight])
     torch.testing.assert_close(sliced, whole)

@@ -22,7 +22,7 @@ def test_each_zero_stage_shards_one_more_part_across_the_devices():
     config = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              head_dim=32, vocab_size=1000)
     billion = 10**9
-    plans = {engine: per_device_bytes(config, 7 * billion, 7 * billion, 0, 8, engine)
+    plans = {engine: per_device_bytes(config, 7 * billion, 7 * billion, 0, 8, engine, loss_workspace=10**6)
              for engine in ("ddp", "zero1", "zero2", "zero3")}
     # 7B trained in full: 2 bytes of weights, 2 of gradients and 12 of optimizer state a parameter (ZeRO paper).
     assert [plans["ddp"][part] for part in ("weights", "gradients", "optimizer")] == [14 * billion, 14 * billion, 84 * billion]
@@ -30,7 +30,7 @@ def test_each_zero_stage_shards_one_more_part_across_the_devices():
     assert plans["zero2"]["gradients"] == 14 * billion // 8 and plans["zero2"]["weights"] == 14 * billion
     assert plans["zero3"]["weights"] == 14 * billion // 8
     assert all(plan["activations"] == plans["ddp"]["activations"] for plan in plans.values())
-    lora = per_device_bytes(config, 7 * billion, 40 * 10**6, 0, 8, "zero2")
+    lora = per_device_bytes(config, 7 * billion, 40 * 10**6, 0, 8, "zero2", loss_workspace=10**6)
     assert lora["weights"] == 14 * billion and lora["optimizer"] == 12 * 40 * 10**6 // 8  # the frozen base is whole
 
 

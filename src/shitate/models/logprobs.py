@@ -3,9 +3,11 @@
 Gemma 3's output layer maps 640 features to 262,144 words: for a batch of 8×256 tokens the
 full logits are 2 GB in fp32, and most positions (system prompt, question, padding) carry no
 loss. We run the decoder, keep the hidden states at positions that predict a label, and
-project them in chunks inside one autograd function that also computes the gradient of each
-chunk right away, so neither the logits nor their gradient outlive a chunk and the output
-layer is applied once forward and once backward, as in the plain loss.
+project them a block of words at a time inside one autograd function that also computes the
+gradient of the hidden states on the way, as flash attention does for its softmax: a running
+maximum, a running sum of exponentials and a running sum of exp(logit)·w, rescaled whenever the
+maximum grows. Neither the logits nor their gradient ever exist beyond one block, and the
+output layer is applied once forward and once backward, as in the plain loss.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-LOSS_CHUNK = 128  # positions whose logits exist at once: 67 MB in bf16 for Gemma 3's 262k words
-# A GPU runs a chunk's matmul in microseconds and then waits on the launches of its softmax slices: fewer, larger
-# chunks there (512 MB of bf16 logits for Gemma 3; the memory planner counts it).
+# Positions projected at once. A block's logits are rows × words, so more rows mean fewer, wider
+# passes over the output layer (it is streamed from memory once per pass) at the same memory.
+LOSS_CHUNK = 512
+# A GPU runs a pass's matmuls in microseconds and then waits on the launches of its elementwise ops: larger blocks
+# there. Not yet timed on a GPU since the blocks replaced whole-vocabulary chunks.
 GPU_LOSS_CHUNK = 1024
+_BLOCK_ELEMENTS = 2**20  # logits of one block on a CPU: 4 MB in fp32, within a core's cache
+_GPU_BLOCK_ELEMENTS = 2**24
 
 
 def loss_chunk_rows(device: torch.device | str) -> int:
@@ -27,14 +33,24 @@ def loss_chunk_rows(device: torch.device | str) -> int:
     return LOSS_CHUNK if torch.device(device).type == "cpu" else GPU_LOSS_CHUNK
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """CE(softcap(h_i W^T), y_i) for every row i — summed, or per row — with the gradient taken chunk by chunk
-    in forward.
+def _vocab_block(rows: int, device: torch.device) -> int:
+    elements = _BLOCK_ELEMENTS if device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    return max(1024, elements // max(rows, 1))
 
-    Per row (what sequence log-probabilities need), each row's gradient is scaled by its own
-    upstream gradient in backward: exact for the hidden states, whose gradient is row by row; the
-    output layer's gradient mixes rows, so it is computed in backward instead, one more pass over
-    the output layer, and only when the output layer trains (full fine-tuning).
+
+def loss_workspace_bytes(device: torch.device | str, hidden_size: int) -> int:
+    """What one chunk of the loss holds at once, for the memory planner: a block's logits and their
+    exponentials in fp32, and the running sums for its rows."""
+    rows = loss_chunk_rows(device)
+    return 3 * 4 * rows * _vocab_block(rows, torch.device(device)) + 2 * 4 * rows * hidden_size
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """CE(softcap(h_i W^T), y_i) for every row i — summed, or per row — with the hidden states' gradient taken in
+    forward, on the way.
+
+    The output layer's gradient (full fine-tuning) mixes rows and needs each row's final normaliser, so it
+    is computed in backward, one more pass over the output layer, and only when the output layer trains.
     """
 
     @staticmethod
@@ -42,106 +58,110 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 compute_dtype: torch.dtype, softcap: float | None, per_row: bool) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight and not per_row else None
         w = weight.to(compute_dtype)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        row_max, sums = torch.empty_like(losses), torch.empty_like(losses)
         # Even chunks (130 rows in two of 65, not 128 + 2): each chunk streams the whole output layer.
         chunk_size = math.ceil(hidden.shape[0] / max(1, math.ceil(hidden.shape[0] / chunk_size)))
         for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size].to(compute_dtype)
-            y = targets[start:start + chunk_size]
-            # The chunk's logits stay in the matmul's dtype and become their own gradient in place;
-            # fp32 work happens a vocabulary slice at a time, in cache, never a chunk-sized fp32 copy.
-            logits = h @ w.T
-            row_max, sums = _row_max_and_sum_exp(logits, softcap)
-            target_logits = _softcapped(logits.gather(1, y[:, None]).squeeze(1).float(), softcap)
-            losses[start:start + chunk_size] = sums.log() + row_max - target_logits
-            if need_hidden or grad_weight is not None:
-                _softmax_minus_one_hot_(logits, y, row_max, sums, softcap)
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_size] = (logits @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight += (logits.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight, *((hidden, weight, targets) if need_weight and per_row else ()))
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows].to(compute_dtype)
+            losses[rows], row_max[rows], sums[rows], grad = _online_softmax_pass(h, w, targets[rows], softcap,
+                                                                                 need_hidden)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad.to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden, *((hidden, weight, targets, row_max, sums) if need_weight else ()))
         ctx.weight_dtype, ctx.per_row, ctx.need_weight = weight.dtype, per_row, need_weight
         ctx.settings = (chunk_size, compute_dtype, softcap)
         return losses if per_row else losses.sum()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        grad_hidden, grad_weight, *inputs = ctx.saved_tensors
+        grad_hidden, *inputs = ctx.saved_tensors
         scale = grad_output[:, None] if ctx.per_row else grad_output
-        scale_weight: float | torch.Tensor
-        if ctx.per_row and ctx.need_weight:
-            hidden, weight, targets = inputs
-            grad_weight = _weighted_weight_grad(hidden, weight, targets, grad_output, *ctx.settings)
-            scale_weight = 1.0
-        else:
-            scale_weight = grad_output
-        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale_weight).to(ctx.weight_dtype),
+        grad_weight = None
+        if ctx.need_weight:
+            hidden, weight, targets, row_max, sums = inputs
+            row_weights = grad_output if ctx.per_row else grad_output.expand(hidden.shape[0])
+            grad_weight = _weight_grad(hidden, weight, targets, row_max, sums, row_weights,
+                                       *ctx.settings).to(ctx.weight_dtype)
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype), grad_weight,
                 None, None, None, None, None)
-
-
-def _weighted_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
-                          chunk_size: int, compute_dtype: torch.dtype, softcap: float | None) -> torch.Tensor:
-    """sum_i w_i d CE_i / dW, recomputing each chunk's logits (see _LinearCrossEntropy)."""
-    w = weight.to(compute_dtype)
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h = hidden[start:start + chunk_size].to(compute_dtype)
-        logits = h @ w.T
-        row_max, sums = _row_max_and_sum_exp(logits, softcap)
-        _softmax_minus_one_hot_(logits, targets[start:start + chunk_size], row_max, sums, softcap)
-        logits.mul_(row_weights[start:start + chunk_size, None].to(logits.dtype))
-        grad_weight += (logits.T @ h).float()
-    return grad_weight
-
-
-_SLICE_ELEMENTS = 2**19  # 2 MB of fp32 per vocabulary slice: its work stays in a core's cache
-# A GPU has no such cache to fit and pays a kernel launch per small op: 8 slices of Gemma's vocabulary (16 MB of fp32
-# a slice for a 128-row chunk) instead of 64. Not yet timed on a GPU.
-_GPU_SLICE_ELEMENTS = 2**22
-
-
-def _vocab_slice(logits: torch.Tensor) -> int:
-    elements = _SLICE_ELEMENTS if logits.device.type == "cpu" else _GPU_SLICE_ELEMENTS
-    return max(1024, elements // max(logits.shape[0], 1))
 
 
 def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
 
-def _row_max_and_sum_exp(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the largest (soft-capped) logit and sum(exp(logit - max)), in fp32."""
-    row_max = _softcapped(logits.amax(dim=-1).float(), softcap)  # soft-capping keeps the order
-    sums = torch.zeros_like(row_max)
-    width = _vocab_slice(logits)
-    for start in range(0, logits.shape[1], width):
-        piece = _softcapped(logits[:, start:start + width].float(), softcap)
-        sums += (piece - row_max[:, None]).exp_().sum(dim=-1)  # not in place: in fp32, piece is the logits
-    return row_max, sums
+def _softcap_slope(capped: torch.Tensor, softcap: float | None) -> torch.Tensor | float:
+    """d softcap(x) / dx, from the capped value."""
+    return 1.0 if not softcap else 1.0 - (capped / softcap) ** 2
 
 
-def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, sums: torch.Tensor,
-                            softcap: float | None) -> None:
-    """Overwrite logits with d(loss)/d(logits): softmax − one-hot, times the soft-cap's derivative."""
-    rows = torch.arange(targets.shape[0], device=targets.device)
-    # exp is taken again here rather than kept from the sum pass: keeping it would mean a chunk-sized fp32
-    # buffer, or rounding it to bf16 before normalising; a second exp of a cached slice costs less.
-    width = _vocab_slice(logits)
-    for start in range(0, logits.shape[1], width):
-        raw = logits[:, start:start + width].float()
-        capped = _softcapped(raw, softcap)
-        grad = capped.sub(row_max[:, None]).exp_().div_(sums[:, None])
-        # The one-hot part of this slice, without selecting rows by a mask: a masked index makes a GPU wait for
-        # the mask's count before it can go on, once per slice. Rows whose target lies elsewhere subtract 0.
-        inside = (targets >= start) & (targets < start + raw.shape[1])
-        grad[rows, torch.where(inside, targets - start, 0)] -= inside.to(grad.dtype)
+def _block_logits(h: torch.Tensor, w_block: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """A block's (soft-capped) logits in fp32, rounded first to the matmul's dtype as the plain loss rounds them."""
+    return _softcapped((h @ w_block.T).float(), softcap)
+
+
+def _target_logits_in(logits: torch.Tensor, targets: torch.Tensor, start: int) -> torch.Tensor:
+    """Each row's target logit where the target lies in the block starting at `start`, else 0; selected without a
+    mask's count, which would make a GPU wait once per block."""
+    inside = (targets >= start) & (targets < start + logits.shape[1])
+    picked = logits.gather(1, torch.where(inside, targets - start, 0)[:, None]).squeeze(1)
+    return torch.where(inside, picked, 0.0)
+
+
+def _online_softmax_pass(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over the output layer for a chunk of rows: (losses, row maxima, sums of exp(logit − max),
+    d loss / d h in fp32 — or an empty tensor when not needed)."""
+    rows = h.shape[0]
+    row_max = torch.full((rows,), -math.inf, dtype=torch.float32, device=h.device)
+    sums = torch.zeros(rows, dtype=torch.float32, device=h.device)
+    target_logits = torch.zeros_like(sums)
+    weighted = torch.zeros(rows, w.shape[1] if need_grad else 0, dtype=torch.float32, device=h.device)
+    block = _vocab_block(rows, h.device)
+    for start in range(0, w.shape[0], block):
+        w_block = w[start:start + block]
+        logits = _block_logits(h, w_block, softcap)
+        target_logits += _target_logits_in(logits, targets, start)
+        new_max = torch.maximum(row_max, logits.amax(dim=1))
+        rescale = (row_max - new_max).exp_()  # 0 at the first block: nothing summed yet
+        slope = _softcap_slope(logits, softcap)
+        exps = logits.sub_(new_max[:, None]).exp_()  # the logits are not needed again
+        sums.mul_(rescale).add_(exps.sum(dim=1))
+        if need_grad:
+            weighted.mul_(rescale[:, None]).add_((exps * slope if softcap else exps).to(h.dtype) @ w_block)
+        row_max = new_max
+    losses = sums.log() + row_max - target_logits
+    if need_grad:
+        # softmax·slope·W minus the one-hot row's slope·w_y
+        target_weights = w[targets].float()
         if softcap:
-            grad.mul_(1.0 - (capped / softcap) ** 2)
-        logits[:, start:start + width] = grad
+            target_weights.mul_((1.0 - (target_logits / softcap) ** 2)[:, None])
+        weighted.div_(sums[:, None]).sub_(target_weights)
+    return losses, row_max, sums, weighted
+
+
+def _weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
+                 sums: torch.Tensor, row_weights: torch.Tensor, chunk_size: int, compute_dtype: torch.dtype,
+                 softcap: float | None) -> torch.Tensor:
+    """sum_i r_i · d CE_i / dW, recomputing each block's logits with the normalisers forward found."""
+    w = weight.to(compute_dtype)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, y, r = hidden[rows].to(compute_dtype), targets[rows], row_weights[rows].float()
+        block = _vocab_block(h.shape[0], h.device)
+        for word in range(0, w.shape[0], block):
+            logits = _block_logits(h, w[word:word + block], softcap)
+            probs = (logits - row_max[rows, None]).exp_().div_(sums[rows, None])
+            probs.mul_(_softcap_slope(logits, softcap)).mul_(r[:, None])
+            grad_weight[word:word + block] += (probs.to(compute_dtype).T @ h).float()
+        target_logits = _softcapped((h.float() * w[y].float()).sum(-1), softcap)
+        target_slope = _softcap_slope(target_logits, softcap)
+        grad_weight.index_add_(0, y, -(r * target_slope)[:, None] * h.float())
+    return grad_weight
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -38,7 +38,7 @@ from shitate.memory import (
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
-from shitate.models.logprobs import loss_chunk_rows
+from shitate.models.logprobs import loss_workspace_bytes
 from shitate.progress import say
 from shitate.runs import RunFolder, file_digest, weight_digests
 
@@ -188,7 +188,8 @@ class Session:
 
     def _training_bytes(self, objective: Objective) -> int:
         return training_bytes(self.config, self.precision, self._largest_micro_batch(self.train_set, objective.packed),
-                              self.trainable, self.recipe.adapter.method == "full", loss_chunk=loss_chunk_rows(self.device),
+                              self.trainable, self.recipe.adapter.method == "full",
+                              loss_workspace=loss_workspace_bytes(self.device, self.config.hidden_size),
                               checkpointing=self.spec.activation_checkpointing)
 
     def _check_memory(self, objective: Objective) -> None:
@@ -329,6 +330,7 @@ class Session:
         lines = []
         for devices in (2, 8):
             plans = {engine: sum(per_device_bytes(self.config, self.total, self.trainable, micro_batch, devices, engine,
+                                                  loss_workspace_bytes("cuda", self.config.hidden_size),
                                                   self.spec.activation_checkpointing).values())
                      for engine in ENGINES}
             lines.append(f"  on {devices} GPUs      " + ", ".join(f"{engine} {size / 2**30:.1f}" for engine, size in
