@@ -89,7 +89,7 @@ def _wait(condition, process: subprocess.Popen, timeout: float = 180.0) -> bool:
 def test_training_killed_at_random_moments_resumes_to_the_same_adapter(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
-    from conftest import kids_records, write_jsonl
+    from conftest import assert_same_adapter, kids_records, write_jsonl
     from shitate.runs import RunFolder
 
     records = kids_records(48)
@@ -137,16 +137,10 @@ train: {{epochs: 6, batch_size: 4, learning_rate: 1.0e-2, max_length: 96, precis
             damaged += 1
 
     assert kills >= 10 and during_write >= 2 and damaged == 2, (kills, during_write, damaged)
-    # Every random state is restored, so the runs agree to rounding. Not bitwise: about one run in five, two fresh
-    # processes on the same recipe differed by a few float32 ulps in the first step's loss, before any kill (the
-    # cause is not found; LoRA's B is zero then, so dropout cannot be it), and 60 steps at lr 1e-2 carry that to
-    # ~1e-6 in the adapter (seen: 1.2e-6 and 1.3e-6). A resume that replayed a batch or restored a wrong random
-    # state changes every later step, not one weight by a few ulps; the step list below checks the batches too.
+    assert_same_adapter(reference, run)  # exactly: fp32 on a CPU, every random state restored
     expected = load_file(reference / "adapter" / "adapter_model.safetensors")
     got = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=5e-5)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 61))  # each step trained once in the end: no batch of an epoch seen twice
     assert not list((run / "checkpoints").glob(".step-*")) and not list(run.glob(".adapter.*"))
