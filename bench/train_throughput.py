@@ -227,7 +227,7 @@ def flops_per_token(train: Path, text: bool) -> float:
 
 
 def use_cpu_choices() -> None:
-    """Side `shitate-percall`: on any device, what a CPU runs (an attention call per example, 128-row loss chunks)."""
+    """Side `shitate-percall`: on any device, what a CPU runs (an attention call per example, the CPU's loss chunks)."""
     from shitate.models import attention, logprobs
 
     attention.use_one_masked_call = lambda *args: False

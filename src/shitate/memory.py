@@ -71,7 +71,7 @@ def activation_bytes_per_token(config: Any, precision: str) -> float:
 
 def training_bytes(config: Any, precision: str, micro_batch_tokens: int, trainable_parameters: int,
                    full_fine_tune: bool, loss_workspace: int, checkpointing: bool = False) -> int:
-    """Memory training adds on top of the loaded model: activations, the loss chunk, optimizer state."""
+    """Memory training adds on top of the loaded model: activations, the loss's working set, optimizer state."""
     activations = activation_bytes_per_token(config, precision) * micro_batch_tokens
     if checkpointing:  # one layer's activations at a time, plus every layer's input
         layer_inputs = 2 * config.hidden_size * config.num_hidden_layers * micro_batch_tokens
