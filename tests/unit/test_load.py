@@ -70,3 +70,31 @@ def test_a_run_adapter_is_merged_in_fp32_one_layer_at_a_time(tmp_path, tiny_mode
         assert buffer.dtype == plain_buffer.dtype and torch.equal(buffer, plain_buffer), name
     assert not torch.equal(dict(merged.named_parameters())["model.layers.0.mlp.up_proj.weight"],
                            untouched["model.layers.0.mlp.up_proj.weight"])  # the delta was merged, not dropped
+
+
+def test_a_gemma_tokenizer_drops_its_python_vocabulary_and_encodes_and_saves_the_same(tmp_path, tiny_model):
+    # transformers 5's GemmaTokenizer keeps the vocabulary and merges it built its Rust backend from as Python
+    # objects (200 MB for the default model's 262k words); load_tokenizer frees them.
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "gemma-class"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+    plain = AutoTokenizer.from_pretrained(folder)
+    assert type(plain).__name__ == "GemmaTokenizer" and len(plain._vocab) > 100 and plain._merges
+    model_config = json.loads((folder / "config.json").read_text())  # the class adds a <mask> word the tiny model lacks
+    (folder / "config.json").write_text(json.dumps({**model_config, "vocab_size": len(plain)}))
+
+    lean = load.load_tokenizer(load.resolve(str(folder), progress=False))
+    assert not lean._vocab and not lean._merges
+    text = "<start_of_turn>user\nなんで空は青いの?<end_of_turn>\n<start_of_turn>model\n青い光が散らばるからだよ。"
+    assert lean(text)["input_ids"] == plain(text)["input_ids"]
+    assert lean.decode(plain(text)["input_ids"]) == plain.decode(plain(text)["input_ids"])
+    assert lean.get_vocab() == plain.get_vocab()
+    lean.save_pretrained(tmp_path / "lean")
+    plain.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "lean/tokenizer.json").read_bytes() == (tmp_path / "plain/tokenizer.json").read_bytes()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shitate.errors import ModelError
+from shitate.memory import release_memory
 from shitate.models.store import DEFAULT_MODEL, convert_gguf, default_model_folder
 from shitate.progress import quiet_libraries
 from shitate.runs import RunFolder
@@ -125,7 +126,31 @@ def load_tokenizer(source: ModelSource) -> Any:
     except OSError as err:
         raise _load_error(source, err) from None
     _check_vocabulary(source, tokenizer)
+    _drop_python_vocabulary(tokenizer)
     return tokenizer
+
+
+def _drop_python_vocabulary(tokenizer: Any) -> None:
+    """Free the Python copy of the vocabulary and merges a fast tokenizer was built from.
+
+    transformers 5's model-specific tokenizers (Gemma's among them) parse tokenizer.json in Python, build the Rust
+    backend from the vocabulary and merges, and keep both as attributes that nothing reads again: for Gemma's 262k
+    words and 515k merges 200 MB of a CPU run's 1.3 GB peak. Encoding, decoding and saving use the backend only.
+    A class that overrides `save_vocabulary` may write them from Python (Whisper does), so it keeps its copy.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if getattr(tokenizer, "_tokenizer", None) is None or (
+            type(tokenizer).save_vocabulary is not PreTrainedTokenizerFast.save_vocabulary):
+        return
+    dropped = False
+    for name in ("_vocab", "_merges"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (dict, list)) and value:
+            setattr(tokenizer, name, type(value)())
+            dropped = True
+    if dropped:
+        release_memory()
 
 
 def load_config(source: ModelSource) -> Any:
