@@ -76,34 +76,3 @@ def test_a_gpu_batch_takes_one_masked_call_only_while_its_mask_is_small():
     assert use_one_masked_call(gpu, rows=8, width=256)
     assert not use_one_masked_call(gpu, rows=8, width=4096)  # a 128 MB mask: the per-example loop instead
     assert not use_one_masked_call(torch.device("cpu"), rows=8, width=256)
-
-
-def test_a_padded_grouped_batch_matches_transformers_sdpa_without_copying_keys():
-    # A padded batch (no packed_lengths) with a mask: transformers repeats the key/value head per query head and keeps
-    # the copies for backward; ours passes the grouped heads to SDPA. Same values, keys and values kept once.
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from shitate.models import attention
-
-    torch.manual_seed(3)
-    q = torch.randn(2, 4, 12, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 1, 12, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 1, 12, 16, dtype=torch.float64, requires_grad=True)
-    mask = torch.ones(12, 12, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
-    mask[1, :, :, 9:] = False  # the second example is 9 tokens, then padding
-    mask[1, :, 9:, 0] = True  # padding rows attend somewhere, as transformers' masks make them
-    grad_out = torch.randn(2, 12, 4, 16, dtype=torch.float64)
-    module = torch.nn.Module()
-    module.num_key_value_groups = 4
-
-    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
-    kept: list[tuple[int, ...]] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
-        got, _ = attention.packed_attention(module, q, k, v, mask, scaling=0.25)
-    grads = torch.autograd.grad(got, (q, k, v), grad_out)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
-    for mine, theirs in zip(grads, expected_grads):
-        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-8)
-    assert (2, 4, 12, 16) in kept and (2, 1, 12, 16) in kept  # queries in full, keys and values once
-    assert kept.count((2, 4, 12, 16)) <= 2  # the queries and the output, no copied keys or values

@@ -203,10 +203,6 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_lengths is None:
-        if _grouped_with_mask(module, query, attention_mask, kwargs):
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                 scale=scaling, enable_gqa=True)
-            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     if getattr(module, "attn_logit_softcapping", None):
@@ -227,14 +223,6 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             start += size
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
-
-
-def _grouped_with_mask(module: torch.nn.Module, query: torch.Tensor, attention_mask: Any, kwargs: dict) -> bool:
-    """A padded batch on a CPU whose query heads share key/value heads. transformers then copies every key/value
-    head once per query head it serves (repeat_kv) and the copies are kept for backward: for Gemma 3 270M 3 KB a
-    token a layer, a tenth of a LoRA step's activations. torch's CPU kernel takes the grouped heads with a mask."""
-    return (query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1
-            and attention_mask is not None and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 
 
 def use_packed_attention(model: Any) -> None:
