@@ -9,8 +9,9 @@
 # .whl/ — wheels of what the GPU image lacks (bitsandbytes, pydantic, TRL, …; its own torch, transformers, tokenizers
 # and huggingface_hub are kept) — and .gpu/gemma-270m-shape/ — the default model's config and tokenizer, without its
 # weights (too large to carry): `run` builds a model of that shape with random weights, which times like the real one.
-# Environment for `run`: TESTS=0 skips the tests; PROFILE=1 adds bench/gpu_profile.py (where the time goes), PROFILE_EPOCHS its epochs;
-# TEST_PATHS, EPOCHS (default 1), SIDES, TEST_S, BENCH_S and PROFILE_S (time limits).
+# Environment for `run`: LOSS=0 skips bench/gpu_loss_check.py (the blocked loss against the plain one, and its block
+# sizes timed); TESTS=0 skips the tests; PROFILE=1 adds bench/gpu_profile.py (where the time goes), PROFILE_EPOCHS its epochs;
+# TEST_PATHS, EPOCHS (default 1), SIDES, LOSS_S, TEST_S, BENCH_S and PROFILE_S (time limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,12 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'pef
       'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'trl', trl.__version__,
       'datasets', datasets.__version__)"
     local start=$SECONDS
+    if [ "${LOSS:-1}" = 1 ]; then
+        timeout "${LOSS_S:-90}" python3 bench/gpu_loss_check.py > "$OUT/loss.log" 2>&1
+        echo "loss check rc $? in $((SECONDS - start)) s"
+        cat "$OUT/loss.log"
+        start=$SECONDS
+    fi
     if [ "${TESTS:-1}" = 1 ]; then
         # Not the whole suite: documents, scrubbing, dedupe and the UI need packages the image lacks and no GPU.
         local paths=${TEST_PATHS:-"tests/unit tests/integration/test_train.py tests/integration/test_align.py
