@@ -103,7 +103,7 @@ def time_grid(rows: int, vocab: int, width: int, device: str, repeats: int) -> N
     chunk_default, block_default = logprobs.GPU_LOSS_CHUNK, logprobs._GPU_BLOCK_ELEMENTS
     try:
         for chunk in (512, 1024, 2048, 4096):
-            for block_elements in (2**22, 2**24, 2**26):
+            for block_elements in (2**23, 2**24, 2**25, 2**26):
                 if chunk > rows and chunk != 512:
                     continue
                 logprobs._GPU_BLOCK_ELEMENTS = block_elements
