@@ -167,6 +167,18 @@ def test_an_unreachable_judge_fails_before_any_answer(trained_run, tmp_path):
     assert not list(tmp_path.glob("answers-*.jsonl"))
 
 
+def test_a_missing_metric_package_fails_before_any_answer(trained_run, tmp_path, monkeypatch):
+    import sys
+
+    from shitate.evals import metrics
+
+    monkeypatch.setitem(sys.modules, "MeCab", None)  # sacrebleu without its [ja] extra
+    monkeypatch.setattr(metrics, "_MECAB", None)
+    result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path)])
+    assert isinstance(result.exception, ShitateError) and "sacrebleu[ja]" in str(result.exception)
+    assert not list(tmp_path.glob("answers-*.jsonl"))
+
+
 def test_a_local_model_can_judge_and_its_nonsense_is_counted(trained_run, tiny_model, tmp_path):
     """A tiny random model never writes 評価: N; every verdict is retried, then reported as unparseable."""
     result = runner.invoke(app, ["eval", str(trained_run), "--out", str(tmp_path), "--judge", str(tiny_model),

@@ -258,6 +258,19 @@ def test_answers_are_checked_during_training(tmp_path, tiny_model, monkeypatch):
                for m in checks)
 
 
+def test_an_answer_check_without_its_package_stops_before_training(tmp_path, tiny_model, monkeypatch):
+    import sys
+
+    from shitate.errors import ShitateError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # as if shitate[eval] were not installed
+    recipe = make_recipe(tmp_path, tiny_model, extra="  every_steps: 4\n  examples: 3\n")
+    result = train(recipe, tmp_path / "run", "--set", "train.max_steps=8")
+    assert isinstance(result.exception, ShitateError)
+    assert "chrF needs the sacrebleu package: pip install 'shitate[eval]'" in str(result.exception)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing half-written
+
+
 def test_each_adapter_method_trains_with_a_falling_loss(tmp_path, tiny_model):
     recipe = make_recipe(tmp_path, tiny_model)
     for method, learning_rate in (("dora", 3e-2), ("loraplus", 3e-3), ("full", 1e-3)):

@@ -83,6 +83,8 @@ def test_sacrebleu_without_mecab_is_named_before_it_fails_inside(monkeypatch):
         metrics.bleu(["空は青い"], ["空は青い"])
     with pytest.raises(ShitateError, match=r"sacrebleu\[ja\]"):
         metrics.japanese_tokens("空は青い")
+    # chrF counts characters: it needs sacrebleu, not MeCab (the in-training answer check scores it)
+    assert metrics.chrf(["空は青い"], ["空は青い"]) == pytest.approx(100.0)
 
 
 def test_an_answer_cites_the_article_its_reference_cites():

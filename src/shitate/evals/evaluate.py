@@ -68,6 +68,8 @@ def answers_check(recipe: Recipe) -> Any:
         raise ShitateError("eval.every_steps needs data.validation or data.test to draw questions from")
     items = read_questions(questions_file, recipe.data.system)[: recipe.eval.examples]
     references = [item["reference"] for item in items]
+    if all(references):
+        metrics.require_packages(words=False)  # before training starts, not at its first check
 
     def check(loaded: Any) -> dict[str, float]:
         answers = answer(loaded, [item["messages"] for item in items], recipe.generate)
@@ -160,6 +162,8 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     if test_items and any(r is None for r in references):
         raise ShitateError("the test set has questions without a reference answer (a final assistant turn); "
                            "reference metrics need one for every question")
+    if test_items:  # before any model loads or answers
+        metrics.require_packages(words=True)
     if judge_mode not in get_args(Mode):
         raise ShitateError(f"--judge-mode {judge_mode!r}: expected one of {', '.join(get_args(Mode))}")
     mode = cast(Mode, judge_mode)

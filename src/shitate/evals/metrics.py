@@ -119,14 +119,21 @@ def japanese_tokens(text: str) -> list[str]:
     return _mecab()(text).split()
 
 
-def _sacrebleu():  # noqa: ANN202 - the module
+def _sacrebleu(words: bool = True):  # noqa: ANN202 - the module
+    """sacrebleu, and where `words` (BLEU, ROUGE: Japanese word counts) MeCab and its dictionary too."""
     from shitate.errors import require
 
     # The MeCab tokenizer needs MeCab and its dictionary, and sacrebleu's module imports without them (it fails at
     # its first use, with a RuntimeError): import them now, not halfway through an evaluation.
-    for module in ("sacrebleu.tokenizers.tokenizer_ja_mecab", "MeCab", "ipadic"):
-        require(module, "eval", "BLEU, chrF and ROUGE on Japanese (with MeCab)", package="sacrebleu[ja]")
-    return require("sacrebleu", "eval", "BLEU, chrF and ROUGE on Japanese")
+    for module in ("sacrebleu.tokenizers.tokenizer_ja_mecab", "MeCab", "ipadic") if words else ():
+        require(module, "eval", "BLEU and ROUGE on Japanese (with MeCab)", package="sacrebleu[ja]")
+    return require("sacrebleu", "eval", "BLEU, chrF and ROUGE on Japanese" if words else "chrF")
+
+
+def require_packages(words: bool) -> None:
+    """Fail now, before any model answers, where a metric's package is missing: sacrebleu for chrF, and with
+    `words` MeCab and its dictionary for BLEU and ROUGE."""
+    _sacrebleu(words)
 
 
 _MECAB = None
@@ -148,8 +155,8 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus chrF (0–100): character n-grams, so no segmentation is involved."""
-    return _sacrebleu().corpus_chrf(list(predictions), [list(references)]).score
+    """Corpus chrF (0–100): character n-grams, so no segmentation (and no MeCab) is involved."""
+    return _sacrebleu(words=False).corpus_chrf(list(predictions), [list(references)]).score
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
