@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 from shitate.data.synth import SynthFilters, parse_pairs, support, synthesize, template_pairs
+from shitate.errors import ShitateError
 
 ARTICLE = {"text": "第7条 試用期間\n1. 社員として新たに採用した者については、採用した日から6か月間を試用期間とする。",
            "source": "docs/01_就業規則.md", "heading": "就業規則 > 第2章 採用 > 第7条 試用期間"}
@@ -53,6 +58,14 @@ def test_each_filter_drops_its_case_and_is_counted():
     assert records == [{"messages": [{"role": "user", "content": "試用期間は何か月ですか。"},
                                       {"role": "assistant", "content": "6か月間"}],
                         "context": ARTICLE["text"], "source": ARTICLE["source"], "heading": ARTICLE["heading"]}]
+
+
+def test_a_missing_dedupe_package_is_named_before_the_generator_runs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasketch", None)  # as if shitate[documents] were not installed
+    asked = []
+    with pytest.raises(ShitateError, match=r"near-duplicate search needs the datasketch package"):
+        synthesize([ARTICLE], "model", lambda prompts: asked.append(prompts) or [""] * len(prompts))
+    assert not asked  # a generator may take hours on a folder of documents: nothing was asked of it
 
 
 def test_an_article_cut_into_passages_is_asked_about_whole(tmp_path):
