@@ -27,7 +27,7 @@ prepare() {
     pinned=$("$python" -m pip list --format=freeze 2>/dev/null | grep -iE '^(peft|pydantic|pydantic_core|annotated-types|typing-inspection|gguf|trl|fastapi|starlette|uvicorn|sniffio|dill|multiprocess)==')
     # shellcheck disable=SC2086
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-        -d .whl $pinned 'datasets>=4.7,<5' bitsandbytes pytest-xdist execnet || return 1
+        -d .whl $pinned 'datasets>=4.7,<5' bitsandbytes pytest-xdist execnet datasketch || return 1
     "$python" - <<'EOF' || return 1
 import lzma, shutil
 from pathlib import Path
