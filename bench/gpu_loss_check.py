@@ -100,13 +100,15 @@ def time_grid(rows: int, vocab: int, width: int, device: str, repeats: int) -> N
     seconds, peak = timed(plain, device, repeats)
     memory = f" at {peak:.2f} GB" if peak is not None else ""
     print(f"plain (bf16 logits materialised), {rows} rows: {seconds * 1e3:.1f} ms{memory}", flush=True)
-    chunk_default, block_default = logprobs.GPU_LOSS_CHUNK, logprobs._GPU_BLOCK_ELEMENTS
+    # The block constant this device reads (a CPU has its own, smaller one).
+    constant = "_BLOCK_ELEMENTS" if torch.device(device).type == "cpu" else "_GPU_BLOCK_ELEMENTS"
+    chunk_default, block_default = logprobs.loss_chunk_rows(device), getattr(logprobs, constant)
     try:
         for chunk in (512, 1024, 2048, 4096):
-            for block_elements in (2**23, 2**24, 2**25, 2**26):
+            for block_elements in (block_default // 4, block_default // 2, block_default, block_default * 2):
                 if chunk > rows and chunk != 512:
                     continue
-                logprobs._GPU_BLOCK_ELEMENTS = block_elements
+                setattr(logprobs, constant, block_elements)
 
                 def blocked(chunk: int = chunk) -> None:
                     linear_cross_entropy(hidden, weight, targets, chunk_size=chunk,
@@ -119,7 +121,7 @@ def time_grid(rows: int, vocab: int, width: int, device: str, repeats: int) -> N
                 print(f"blocked chunk {chunk} rows, block {words} words: "
                       f"{seconds * 1e3:.1f} ms{memory}{mark}", flush=True)
     finally:
-        logprobs._GPU_BLOCK_ELEMENTS = block_default
+        setattr(logprobs, constant, block_default)
 
 
 def main() -> None:
