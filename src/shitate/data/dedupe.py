@@ -59,12 +59,17 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
+def near_duplicate_backend() -> Any:
+    """datasketch, or an error naming the extra that brings it: callers with slow work ahead ask first."""
+    return require("datasketch", "documents", "near-duplicate search")
+
+
 class _Index:
     """Texts to compare against: exact repeats by hash of the canonical form, near ones by MinHash/LSH candidates
     measured exactly."""
 
     def __init__(self, threshold: float) -> None:
-        datasketch = require("datasketch", "documents", "near-duplicate search")
+        datasketch = near_duplicate_backend()
         self.threshold = threshold
         self._minhash = datasketch.MinHash
         # LSH misses some pairs just above its threshold: ask it for a little less, then measure each pair exactly.

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shitate.data.dedupe import duplicates
+from shitate.data.dedupe import duplicates, near_duplicate_backend
 from shitate.data.documents import ARTICLE
-from shitate.errors import require
 
 PROMPT = Path(__file__).parent / "prompts" / "synth_qa.txt"
 _PAIR = re.compile(r"質問\s*[:：]\s*(?P<q>.+?)\s*\n+\s*(?:回答|答え|A)\s*[:：]\s*(?P<a>.+?)"
@@ -248,7 +247,7 @@ def synthesize(passages: Sequence[dict[str, Any]], mode: str = "template",
     """QA chat records (with `context`) for the passages, and what was kept and dropped."""
     report = SynthReport(passages=len(passages))
     filters = filters or SynthFilters()
-    require("datasketch", "documents", "near-duplicate search")  # the last filter's: before any model generates
+    near_duplicate_backend()  # the last filter's: before any model generates
     if mode == "template":
         if on_batch is not None:
             on_batch(len(passages))  # every passage read, joined or not

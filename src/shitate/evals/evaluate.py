@@ -162,7 +162,7 @@ def run(sides: list[tuple[str, str]], out_dir: Path, recipe: Recipe | None, test
     if test_items and any(r is None for r in references):
         raise ShitateError("the test set has questions without a reference answer (a final assistant turn); "
                            "reference metrics need one for every question")
-    if test_items or {"translation", "summarization"} & set(tasks):  # BLEU/ROUGE: before any model loads or answers
+    if test_items or jglue.WORD_METRIC_TASKS & set(tasks):  # BLEU/ROUGE: before any model loads or answers
         metrics.require_packages(words=True)
     if judge_mode not in get_args(Mode):
         raise ShitateError(f"--judge-mode {judge_mode!r}: expected one of {', '.join(get_args(Mode))}")

@@ -155,6 +155,8 @@ def run_summarization(loaded: Any, rows: list[dict[str, Any]], generate: Callabl
                       answers)
 
 
+# Tasks scored by Japanese word counts (BLEU, ROUGE), which need MeCab: checked before any model answers.
+WORD_METRIC_TASKS = {"translation", "summarization"}
 TASKS: dict[str, tuple[Callable[..., list[dict[str, Any]]], Callable[..., TaskResult]]] = {
     "jcommonsenseqa": (load_jcommonsenseqa, run_jcommonsenseqa),
     "jnli": (load_jnli, run_jnli),
