@@ -1,5 +1,5 @@
 """Issue 12's crash safety: SIGKILL at random moments never leaves a truncated file where a good one was (data
-import, split, eval), and a killed training run resumes to exactly the adapter an uninterrupted one makes."""
+import, split, eval), and a killed training run resumes to the adapter an uninterrupted one makes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 
 def shitate(*args: str) -> subprocess.Popen:
@@ -87,8 +85,6 @@ def _wait(condition, process: subprocess.Popen, timeout: float = 180.0) -> bool:
 
 
 def test_training_killed_at_random_moments_resumes_to_the_same_adapter(tmp_path, tiny_model):
-    from safetensors.torch import load_file
-
     from conftest import assert_same_adapter, kids_records, write_jsonl
     from shitate.runs import RunFolder
 
@@ -137,10 +133,11 @@ train: {{epochs: 6, batch_size: 4, learning_rate: 1.0e-2, max_length: 96, precis
             damaged += 1
 
     assert kills >= 10 and during_write >= 2 and damaged == 2, (kills, during_write, damaged)
-    assert_same_adapter(reference, run)  # exactly: fp32 on a CPU, every random state restored
-    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
-    got = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    # Every random state is restored, so the adapters agree to 1e-6 — not bitwise: two *uninterrupted* fresh
+    # processes of this recipe disagree in a few float32 ulps about once in a hundred (README, "Not yet"), and the
+    # killed run is thirteen processes. A resume that loses a random state, a batch or a scheduler step misses by
+    # orders of magnitude more (one that forgets the generator LoRA dropout draws from: 0.15).
+    assert_same_adapter(reference, run)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 61))  # each step trained once in the end: no batch of an epoch seen twice
     assert not list((run / "checkpoints").glob(".step-*")) and not list(run.glob(".adapter.*"))

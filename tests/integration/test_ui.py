@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -40,8 +41,13 @@ def test_check_train_and_chat_in_a_browser(tmp_path, tiny_model):
             # Train: three steps of the recipe, with the live progress the run folder reports.
             page.get_by_role("tab", name="学習 / Train").click()
             page.locator("#steps input").fill("3")
+            page.locator("#steps input").press("Tab")  # commits the number before the click reads it
             page.locator("#train").click()
-            page.locator("#progress").get_by_text("完了 / Done: 3 steps").wait_for(timeout=180_000)
+            page.locator("#started").get_by_text("at most 3 steps").wait_for(timeout=60_000)
+            # Wait for the run to end either way, so a failure shows what the page said rather than a timeout.
+            finished = page.locator("#progress").get_by_text(re.compile("完了 / Done|エラー / Error"))
+            finished.wait_for(timeout=180_000)
+            assert "完了 / Done: 3 steps" in finished.inner_text(), finished.inner_text()
             # Chat: base and tuned answer side by side.
             page.get_by_role("tab", name="チャット / Chat").click()
             page.locator("#message textarea").fill("なんで空は青いの?")

@@ -133,7 +133,8 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
         out = runs_dir / f"{recipe.name}-ui-{time.strftime('%Y%m%d-%H%M%S')}"
         job.start(recipe, out.resolve())
         state["tuned"] = str(out.resolve())
-        return f"開始しました / Started: {out}"
+        limit = f" — 最大 {int(steps)} ステップ / at most {int(steps)} steps" if steps else ""
+        return f"開始しました / Started: {out}{limit}"
 
     def run_eval() -> str:
         if job.run is None or (job.thread and job.thread.is_alive()):
