@@ -39,8 +39,10 @@ def data_import(
     format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text; "
                                              "preference pairs: preference, ranked, judgment"),
     system: str | None = typer.Option(None, help="system prompt to put before every conversation"),
-    question_column: str = typer.Option("question", help="CSV/TSV column with the user's words"),
-    answer_column: str = typer.Option("answer", help="CSV/TSV column with the answer to learn"),
+    question_column: str | None = typer.Option(None, help="CSV/TSV column with the user's words (default: question, "
+                                                           "or a usual Japanese header such as 質問 or 入力)"),
+    answer_column: str | None = typer.Option(None, help="CSV/TSV column with the answer to learn (default: answer, "
+                                                         "or a usual Japanese header such as 回答 or 答え)"),
     skip_bad: bool = typer.Option(False, help="write the good records (or files) and list the bad ones instead of "
                                               "stopping"),
     max_chars: int = typer.Option(800, help="documents: longest passage in characters (0: one passage per section)"),

@@ -26,6 +26,13 @@ def test_tsv_with_column_mapping(tmp_path):
     assert records[0]["messages"] == QA
 
 
+def test_a_japanese_header_is_recognised_without_naming_the_columns(tmp_path):
+    path = tmp_path / "faq.csv"
+    path.write_text("番号,質問,答え\n1,Q,A\n", encoding="cp932")  # as Excel on a Japanese Windows saves it
+    records, _ = import_records(path)
+    assert records[0]["messages"] == QA
+
+
 def test_unknown_column_lists_the_header(tmp_path):
     path = tmp_path / "qa.csv"
     path.write_text("q,a\nQ,A\n", encoding="utf-8")

@@ -288,8 +288,8 @@ def _with_system(record: dict[str, Any], system: str | None) -> dict[str, Any]:
     return record
 
 
-def import_records(path: Path, fmt: str = "auto", system: str | None = None, question_column: str = "question",
-                   answer_column: str = "answer", skip_bad: bool = False,
+def import_records(path: Path, fmt: str = "auto", system: str | None = None, question_column: str | None = None,
+                   answer_column: str | None = None, skip_bad: bool = False,
                    encoding: str | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
     """Convert a file to canonical chat records; raise DataError unless skip_bad."""
     path = Path(path)
@@ -330,7 +330,13 @@ def _convert_jsonl(path: Path, fmt: str, encoding: str | None) -> Iterator[tuple
             yield line, Problem(path, line, err.field, err.message, err.fix)
 
 
-def _read_table(path: Path, delimiter: str, question_column: str, answer_column: str,
+# Header names a table may use when the user names no columns: the English ones, then what a Japanese team's
+# spreadsheet usually says. The first present wins.
+QUESTION_HEADERS = ("question", "質問", "質問文", "問い", "問題", "入力", "prompt", "instruction")
+ANSWER_HEADERS = ("answer", "回答", "答え", "解答", "応答", "出力", "response", "output")
+
+
+def _read_table(path: Path, delimiter: str, question_column: str | None, answer_column: str | None,
                 encoding: str | None = None) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
     from shitate.data.text import decode
 
@@ -343,7 +349,10 @@ def _read_table(path: Path, delimiter: str, question_column: str, answer_column:
     columns = reader.fieldnames or []
     if not columns:
         raise DataError([Problem(path, None, None, "is empty (no header row)",
-                                 f"the first row must name the columns, e.g. {question_column},{answer_column}")])
+                                 f"the first row must name the columns, e.g. {question_column or 'question'},"
+                                 f"{answer_column or 'answer'}")])
+    question_column = question_column or next((c for c in QUESTION_HEADERS if c in columns), "question")
+    answer_column = answer_column or next((c for c in ANSWER_HEADERS if c in columns), "answer")
     missing = [c for c in (question_column, answer_column) if c not in columns]
     if missing:
         raise DataError([Problem(path, 1, ", ".join(missing), f"column not found; the header has: {', '.join(columns)}",
