@@ -33,6 +33,14 @@ def test_a_japanese_header_is_recognised_without_naming_the_columns(tmp_path):
     assert records[0]["messages"] == QA
 
 
+def test_a_table_given_where_chat_jsonl_belongs_is_named_with_the_import_command(tmp_path):
+    path = tmp_path / "faq.csv"
+    path.write_text("question,answer\nQ,A\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_chat(path)
+    assert "is a CSV table, not JSON Lines" in str(err.value) and "shitate data import" in str(err.value)
+
+
 def test_unknown_column_lists_the_header(tmp_path):
     path = tmp_path / "qa.csv"
     path.write_text("q,a\nQ,A\n", encoding="utf-8")

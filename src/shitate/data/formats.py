@@ -48,6 +48,11 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     (with the fix), or read item by item with `arrays` (importers accept what people have).
     """
     path = Path(path)
+    table = path.suffix.lower()
+    if table in (".csv", ".tsv", ".xlsx", ".xls") and not arrays:  # a table where chat JSONL belongs: say so, once
+        fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`" if table in (".csv", ".tsv")
+               else "save it from Excel as CSV, then `shitate data import` it")
+        raise DataError([Problem(path, None, None, f"is a {table[1:].upper()} table, not JSON Lines", fix)])
     lines: Iterator[tuple[int, str | Problem]] = _decoded_lines(path, encoding)
     for number, line in lines:
         if isinstance(line, str) and not line.strip():
