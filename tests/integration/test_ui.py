@@ -40,8 +40,11 @@ def test_check_train_and_chat_in_a_browser(tmp_path, tiny_model):
             page.locator("#check-result").get_by_text("24 valid chats, 0 errors").wait_for(timeout=60_000)
             # Train: three steps of the recipe, with the live progress the run folder reports.
             page.get_by_role("tab", name="学習 / Train").click()
+            # The tab is drawn and its timer ticking before we type: a field filled while it mounts can be reset.
+            page.locator("#progress").get_by_text("Not started").wait_for(timeout=60_000)
             page.locator("#steps input").fill("3")
             page.locator("#steps input").press("Tab")  # commits the number before the click reads it
+            playwright.expect(page.locator("#steps input")).to_have_value("3")
             page.locator("#train").click()
             page.locator("#started").get_by_text("at most 3 steps").wait_for(timeout=60_000)
             # Wait for the run to end either way, so a failure shows what the page said rather than a timeout.
