@@ -429,7 +429,8 @@ def chat(
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
 ) -> None:
-    """Talk to a model in the terminal; answers stream as they are written. Empty line or Ctrl-D to quit."""
+    """Talk to a model in the terminal; answers stream as they are written. Ctrl-C stops an answer; an empty line
+    or Ctrl-D quits."""
     from shitate.config import GenerateSpec
     from shitate.models.inference import load_for_inference, stream_answer
     from shitate.progress import console
@@ -447,10 +448,14 @@ def chat(
             break
         messages.append({"role": "user", "content": question})
         console.print("[bold blue]model>[/] ", end="")
-        pieces = []
-        for piece in stream_answer(loaded, messages, spec):
-            pieces.append(piece)
-            console.print(piece, end="", highlight=False, markup=False)
+        pieces, stream = [], stream_answer(loaded, messages, spec)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                console.print(piece, end="", highlight=False, markup=False)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+            stream.close()
+            console.print(" [dim](stopped)[/]", end="")
         console.print()
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 

@@ -81,6 +81,24 @@ def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
     assert result.exit_code == 0 and result.stdout.startswith("なんで")
 
 
+def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_conversation(tiny_model, monkeypatch):
+    import shitate.models.inference as inference
+
+    real = inference.stream_answer
+
+    def interrupted_once(loaded, messages, spec):  # Ctrl-C arrives while the first answer is being written
+        stream = real(loaded, messages, spec)
+        yield next(stream)
+        if len(messages) == 1:
+            raise KeyboardInterrupt
+        yield from stream
+
+    monkeypatch.setattr(inference, "stream_answer", interrupted_once)
+    result = runner.invoke(app, ["chat", str(tiny_model), "--max-new-tokens", "6"], input="なんで空は青いの?\n夕焼けは?\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model> ") == 2 and "(stopped)" in result.output.split("model> ")[1]
+
+
 def test_chat_streams_each_answer_and_keeps_the_conversation_until_an_empty_line(tmp_path, tiny_model):
     from shitate.config import GenerateSpec
     from shitate.models.inference import answer, load_for_inference

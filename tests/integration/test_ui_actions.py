@@ -55,3 +55,46 @@ def test_chat_streams_each_answer_into_its_pane(tiny_model):
     partial = [update[0][-1]["content"] for update in updates]
     assert len(updates) > 3 and any(0 < len(text) < len(expected) for text in partial)
     assert updates[0][1][-1]["content"] == ""
+
+
+def test_a_chat_left_mid_answer_stops_generating(tiny_model):
+    """A closed page or Ctrl-C in `shitate chat` stops the answer: no thread generates on (one still inside torch
+    when Python exits aborts the interpreter)."""
+    import threading
+
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import load_for_inference, stream_answer
+
+    model = load_for_inference(str(tiny_model))
+    before = set(threading.enumerate())
+    stream = stream_answer(model, [{"role": "user", "content": "なんで空は青いの?"}],
+                           GenerateSpec(max_new_tokens=2000))
+    assert next(stream) and set(threading.enumerate()) - before  # the answer is being written
+    stream.close()
+    assert set(threading.enumerate()) == before
+
+
+def test_quitting_the_ui_mid_run_stops_training_with_a_checkpoint(tmp_path, tiny_model):
+    """Ctrl-C on `shitate ui` while it trains: Python exits cleanly after the step, and the run can resume."""
+    import subprocess
+    import sys
+
+    from shitate.runs import RunFolder
+
+    run = tmp_path / "run"
+    script = f"""
+import time
+from shitate.config import load_recipe
+from shitate.runs import RunFolder
+from shitate.serve.ui import TrainingJob
+job = TrainingJob()
+job.start(load_recipe({str(make_recipe(tmp_path, tiny_model))!r}, ["train.epochs=40"]), {str(run)!r})
+while not RunFolder({str(run)!r}).metrics():
+    time.sleep(0.05)
+"""  # and the interpreter exits, with the training thread mid-run
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+    steps = [record["step"] for record in RunFolder(run).metrics() if "loss" in record]
+    assert RunFolder(run).latest_checkpoint() is not None and RunFolder(run).final_dir() is None
+    assert 0 < max(steps) < 120

@@ -3,9 +3,9 @@ end marker, streaming, and answer log-likelihoods for multiple choice."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
-from threading import Thread
+from threading import Event, Thread
 from typing import Any
 
 import torch
@@ -197,14 +197,32 @@ def _japanese_streamer_class() -> type:
     return JapaneseStreamer
 
 
-def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]], spec: GenerateSpec) -> Iterator[str]:
+def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
+                  spec: GenerateSpec) -> Generator[str, None, None]:
     """Yield the answer's text piece by piece as it is generated."""
     tokenizer = loaded.tokenizer
     text = loaded.template(messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
     streamer = _japanese_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer}
-    worker = Thread(target=lambda: loaded.model.generate(**kwargs), daemon=True)
+    cancelled = Event()
+    kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer,
+              "stopping_criteria": [_StopWhenSet(cancelled)]}
+    # Not a daemon: a daemon thread still inside torch when Python exits aborts the interpreter ("terminate called
+    # without an active exception"); this one ends within max_new_tokens, or a token after its reader stops.
+    worker = Thread(target=lambda: loaded.model.generate(**kwargs))
     worker.start()
-    yield from streamer
-    worker.join()
+    try:
+        yield from streamer
+    finally:  # the reader stopped early (Ctrl-C in `shitate chat`, a closed page): the answer stops too
+        cancelled.set()
+        worker.join()
+
+
+class _StopWhenSet:
+    """A stopping criterion for `generate`: stop every sequence once the event is set."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

@@ -10,6 +10,7 @@ the theme uses the system's fonts.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ class TrainingJob:
         self.recipe: Any = None
         self.error: str | None = None
         self.stopped: str | None = None
+        atexit.register(self._stop_at_exit)
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -51,8 +53,17 @@ class TrainingJob:
             except Exception as err:  # noqa: BLE001 — shown on the page, as the terminal would print it
                 self.error = str(err)
 
+        # A daemon, so closing the UI never waits for a whole run; but one still inside torch when Python exits
+        # aborts the interpreter, so at exit the run stops after its step with a checkpoint, as the Stop button does.
         self.thread = threading.Thread(target=work, daemon=True)
         self.thread.start()
+
+    def _stop_at_exit(self) -> None:
+        from shitate.train.session import request_stop
+
+        while self.running() and self.thread is not None:
+            request_stop()  # again each second: a session that starts (after loading the model) clears a request
+            self.thread.join(timeout=1.0)
 
     def stop(self) -> str:
         """Stop after the current step, with a checkpoint, as Ctrl-C does in the terminal."""
