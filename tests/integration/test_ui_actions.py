@@ -40,6 +40,18 @@ def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_mode
     assert job.resume() == "再開できる停止中の学習はありません / No stopped run to resume."
 
 
+def test_stop_pressed_while_the_model_loads_stops_after_the_first_step(tmp_path, tiny_model):
+    from shitate.config import load_recipe
+    from shitate.runs import RunFolder
+    from shitate.serve.ui import TrainingJob
+
+    job, run = TrainingJob(), tmp_path / "run"
+    job.start(load_recipe(make_recipe(tmp_path, tiny_model), ["train.epochs=40"]), run)
+    assert "Stopping after this step" in job.stop() and not RunFolder(run).metrics()
+    job.thread.join(timeout=300)
+    assert job.stopped and RunFolder(run).latest_checkpoint().name == "step-1", job.error
+
+
 def test_chat_streams_each_answer_into_its_pane(tiny_model):
     from shitate.config import GenerateSpec
     from shitate.models.inference import answer, load_for_inference

@@ -39,10 +39,12 @@ class TrainingJob:
 
     def start(self, recipe: Any, out: Path, resume: bool = False) -> None:
         from shitate.errors import TrainingInterrupted
+        from shitate.train.session import forget_stop_request
         from shitate.workflow import train_recipe
 
         if self.running():
             raise RuntimeError("a training run is already going; stop it or wait for it to finish")
+        forget_stop_request()
         self.run, self.recipe, self.error, self.stopped = out, recipe, None, None
 
         def work() -> None:
@@ -61,9 +63,9 @@ class TrainingJob:
     def _stop_at_exit(self) -> None:
         from shitate.train.session import request_stop
 
-        while self.running() and self.thread is not None:
-            request_stop()  # again each second: a session that starts (after loading the model) clears a request
-            self.thread.join(timeout=1.0)
+        if self.running() and self.thread is not None:
+            request_stop()
+            self.thread.join()
 
     def stop(self) -> str:
         """Stop after the current step, with a checkpoint, as Ctrl-C does in the terminal."""

@@ -262,10 +262,10 @@ class Session:
 
         try:
             previous = signal.signal(signal.SIGINT, handler)
+            self.stop_requested = lambda: requested["stop"]
         except ValueError:  # not the main thread (the web UI trains in one): its Stop button calls request_stop
             previous = None
-        _stop_request.clear()
-        self.stop_requested = lambda: requested["stop"] or _stop_request.is_set()
+            self.stop_requested = _stop_request.is_set
         try:
             yield
         finally:
@@ -350,13 +350,19 @@ class DryRun:
     device: str
 
 
-# Set by request_stop (the web UI's Stop button) for the run in progress; a session clears it when it starts.
+# Set by request_stop (the web UI's Stop button) for the run in progress, cleared by whoever starts the next run —
+# not by the session, which starts only once the model is loaded: a Stop pressed while it loads must still count.
 _stop_request = threading.Event()
 
 
 def request_stop() -> None:
     """Ask the training run in progress to stop as Ctrl-C does: after this step, with a checkpoint to resume from."""
     _stop_request.set()
+
+
+def forget_stop_request() -> None:
+    """Before starting a run in this process: an earlier run's Stop is not for it."""
+    _stop_request.clear()
 
 
 def drop_answerless(path: Path, lines: list[int], kept: int, spec: TrainSpec) -> None:
