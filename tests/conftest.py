@@ -88,8 +88,8 @@ def crashed_copy(run: Path, folder: Path, last_checkpoint: int) -> Path:
     return folder
 
 
-def assert_same_adapter(run: Path, other: Path) -> None:
-    """Both runs' final adapters hold the same tensors, to 1e-6."""
+def assert_same_adapter(run: Path, other: Path, atol: float = 1e-6) -> None:
+    """Both runs' final adapters hold the same tensors, to `atol`."""
     import torch
     from safetensors.torch import load_file
 
@@ -97,4 +97,4 @@ def assert_same_adapter(run: Path, other: Path) -> None:
     got = load_file(other / "adapter" / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol)

@@ -133,11 +133,11 @@ train: {{epochs: 6, batch_size: 4, learning_rate: 1.0e-2, max_length: 96, precis
             damaged += 1
 
     assert kills >= 10 and during_write >= 2 and damaged == 2, (kills, during_write, damaged)
-    # Every random state is restored, so the adapters agree to 1e-6 — not bitwise: two *uninterrupted* fresh
-    # processes of this recipe disagree in a few float32 ulps about once in a hundred (README, "Not yet"), and the
-    # killed run is thirteen processes. A resume that loses a random state, a batch or a scheduler step misses by
-    # orders of magnitude more (one that forgets the generator LoRA dropout draws from: 0.15).
-    assert_same_adapter(reference, run)
+    # Every random state is restored, so the adapters agree to 1e-4 — not bitwise: two *uninterrupted* fresh
+    # processes of this recipe disagree in a few float32 ulps about once in a hundred (README, "Not yet"), which
+    # sixty steps grow to at most 1.4e-6 seen, and the killed run is thirteen processes. A resume that loses a random
+    # state, a batch or a scheduler step misses by far more (one that forgets LoRA dropout's generator: 0.15).
+    assert_same_adapter(reference, run, atol=1e-4)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 61))  # each step trained once in the end: no batch of an epoch seen twice
     assert not list((run / "checkpoints").glob(".step-*")) and not list(run.glob(".adapter.*"))

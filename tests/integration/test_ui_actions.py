@@ -83,7 +83,7 @@ def test_a_chat_left_mid_answer_stops_generating(tiny_model):
                            GenerateSpec(max_new_tokens=2000))
     assert next(stream) and set(threading.enumerate()) - before  # the answer is being written
     stream.close()
-    assert set(threading.enumerate()) == before
+    assert not set(threading.enumerate()) - before  # (threads that ended meanwhile, a progress bar's, do not count)
 
 
 def test_quitting_the_ui_mid_run_stops_training_with_a_checkpoint(tmp_path, tiny_model):
