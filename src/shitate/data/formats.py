@@ -49,7 +49,7 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     """
     path = Path(path)
     table = path.suffix.lower()
-    if table in (".csv", ".tsv", ".xlsx", ".xls") and not arrays:  # a table where chat JSONL belongs: say so, once
+    if table in (".csv", ".tsv", ".xlsx", ".xls") and not arrays and path.is_file():  # a table where chat JSONL belongs
         fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`" if table in (".csv", ".tsv")
                else "save it from Excel as CSV, then `shitate data import` it")
         raise DataError([Problem(path, None, None, f"is a {table[1:].upper()} table, not JSON Lines", fix)])
