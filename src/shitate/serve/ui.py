@@ -61,10 +61,8 @@ class TrainingJob:
         self.thread.start()
 
     def _stop_at_exit(self) -> None:
-        from shitate.train.session import request_stop
-
-        if self.running() and self.thread is not None:
-            request_stop()
+        self.stop()
+        if self.thread is not None:
             self.thread.join()
 
     def stop(self) -> str:
