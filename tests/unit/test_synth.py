@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from shitate.data.synth import SynthFilters, parse_pairs, support, synthesize, template_pairs
+from shitate.data.synth import SynthFilters, parse_pairs, repeats_itself, support, synthesize, template_pairs
 from shitate.errors import ShitateError
 
 ARTICLE = {"text": "第7条 試用期間\n1. 社員として新たに採用した者については、採用した日から6か月間を試用期間とする。",
@@ -45,19 +45,29 @@ def test_each_filter_drops_its_case_and_is_counted():
                          "質問: 6か月間の試用期間は誰に適用されますか。\n回答: 6か月間\n"  # gives its answer away
                          "質問: 給与はいつ払われますか。\n回答: 毎月25日に銀行振込\n"  # not in the passage
                          "質問: 何が定められていますか。\n回答: " + "試用期間" * 300 + "\n"  # over-long
-                         "質問: 第7条 試用期間\n回答: 6か月間を試用期間とする",  # a title, not a question
+                         "質問: 第7条 試用期間\n回答: 6か月間を試用期間とする\n"  # a title, not a question
+                         "質問: 試用期間はいつからですか。\n回答: " + "採用した日から、" * 4 + "\n"  # a loop
+                         "質問: 誰が試用期間の対象ですか。\n回答: 新たに採用した者",  # kept
     }
 
     def ask(prompts):
         return [next(out for text, out in outputs.items() if text in prompt) for prompt in prompts]
 
     records, report = synthesize([ARTICLE], "model", ask, per_passage=10, filters=SynthFilters(max_answer_chars=200))
-    assert report.generated == 6 and report.kept == 1
-    assert dict(report.dropped) == {"duplicate question": 1, "question contains answer": 1,
+    assert report.generated == 8 and report.kept == 2
+    assert dict(report.dropped) == {"duplicate question": 1, "question contains answer": 1, "answer repeats itself": 1,
                                     "answer not in passage": 1, "over-long": 1, "not a question": 1}
-    assert records == [{"messages": [{"role": "user", "content": "試用期間は何か月ですか。"},
-                                      {"role": "assistant", "content": "6か月間"}],
-                        "context": ARTICLE["text"], "source": ARTICLE["source"], "heading": ARTICLE["heading"]}]
+    assert records[0] == {"messages": [{"role": "user", "content": "試用期間は何か月ですか。"},
+                                       {"role": "assistant", "content": "6か月間"}],
+                          "context": ARTICLE["text"], "source": ARTICLE["source"], "heading": ARTICLE["heading"]}
+    assert records[1]["messages"][1]["content"] == "新たに採用した者"
+
+
+def test_a_phrase_is_a_loop_only_when_the_answer_repeats_it_more_than_its_passage():
+    loop = "作業ブランチの作成者と作業ブランチの作成者の間で、作業ブランチの作成者と"
+    assert repeats_itself(loop, "作業ブランチの作成者は、レビューを依頼する。")
+    listing = "- この規則は、令和2年4月に施行する。\n- この規則は、令和4年に改正する。\n- この規則は、令和5年に改正する。"
+    assert not repeats_itself(listing, "附則\n" + listing)
 
 
 def test_a_missing_dedupe_package_is_named_before_the_generator_runs(monkeypatch):

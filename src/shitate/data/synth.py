@@ -197,6 +197,17 @@ def _compact(text: str) -> str:
     return re.sub(r"[\s。、．，.,！？!?「」]", "", text)
 
 
+def repeats_itself(answer: str, passage: str, width: int = 8, times: int = 3) -> bool:
+    """True where a phrase comes back in the answer at least `times` times and more often than in its passage: the
+    loop a small generator falls into (「…の作成者と…の作成者の間で、…の作成者と…」), which the support filter passes
+    because every piece of it is quoted. Rule lists that repeat a phrase as often as their source are kept."""
+    def counts(text: str) -> Counter:
+        compact = _compact(text)
+        return Counter(compact[i:i + width] for i in range(len(compact) - width + 1))
+    in_passage = counts(passage)
+    return any(count >= times and count > in_passage[gram] for gram, count in counts(answer).items())
+
+
 def filter_pairs(candidates: Sequence[tuple[dict[str, Any], str, str]], filters: SynthFilters,
                  report: SynthReport) -> list[dict[str, Any]]:
     """Chat records with the passage as context, for the (passage, question, answer) candidates that pass."""
@@ -209,8 +220,10 @@ def filter_pairs(candidates: Sequence[tuple[dict[str, Any], str, str]], filters:
             reason = "over-long"
         elif "\n" in question.strip() or not _QUESTION_END.search(question.strip()):
             reason = "not a question"
-        elif support(answer, f"{passage.get('heading', '')}\n{passage['text']}") < filters.min_support:
+        elif support(answer, source := f"{passage.get('heading', '')}\n{passage['text']}") < filters.min_support:
             reason = "answer not in passage"
+        elif repeats_itself(answer, source):
+            reason = "answer repeats itself"
         elif len(compact := _compact(answer)) >= 2 and compact in _compact(question):
             reason = "question contains answer"
         if reason:
