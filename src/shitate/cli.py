@@ -160,7 +160,7 @@ def data_split(
 ) -> None:
     """Seeded train/validation/test split; a repeated question (or a prompt's pairs) never lands in two splits."""
     from shitate.data.formats import read_chat, write_jsonl
-    from shitate.data.split import SPLITS, parse_sizes, split_records
+    from shitate.data.split import SPLITS, parse_sizes, question_group, split_records
     from shitate.progress import say
 
     for name in SPLITS:
@@ -176,6 +176,10 @@ def data_split(
     used = sum(len(p) for p in parts.values())
     say(f"{file}: {len(records)} records → " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS)
         + (f" ({len(records) - used} not used)" if used < len(records) else "") + f" in {out_dir}/")
+    if empty := [n for n, size in zip(SPLITS, wanted) if size > 0 and not parts[n]]:
+        say(f"[yellow]warning[/] {' and '.join(empty)} got no records: {len(records)} records in "
+            f"{len({question_group(r) for r in records})} groups of repeated questions or shared passages are too few "
+            "for these sizes. Give counts (--sizes 7/1/1) or add data.")
 
 
 @data_app.command("synth")

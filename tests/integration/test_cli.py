@@ -113,3 +113,11 @@ def test_chat_streams_each_answer_and_keeps_the_conversation_until_an_empty_line
     second = answer(loaded, [[{"role": "user", "content": "なんで空は青いの?"}, {"role": "assistant", "content": first},
                               {"role": "user", "content": "夕焼けは?"}]], spec)[0].strip()
     assert first and second and replies == [first, second]
+
+
+def test_the_cli_warns_when_a_split_stays_empty(tmp_path):
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kids_records(2)), encoding="utf-8")
+    result = runner.invoke(app, ["data", "split", str(data), "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "test got no records" in " ".join(result.output.split())

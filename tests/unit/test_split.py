@@ -44,3 +44,15 @@ def test_bad_sizes_are_explained():
         parse_sizes("70/30")
     with pytest.raises(ShitateError, match="asks for 200 records but the file has 10"):
         split_records(kids_records(10), [100, 50, 50])
+
+
+def test_a_split_asked_for_is_not_left_empty_by_groups_that_filled_train():
+    records = kids_records(9)
+    for pair in (records[0:2], records[2:4]):  # two questions about one passage each, as synth writes them
+        for record in pair:
+            record["context"] = pair[0]["messages"][0]["content"]
+    for seed in range(20):
+        parts = split_records(records, parse_sizes("0.8/0.1/0.1"), seed)
+        assert [len(parts[n]) > 0 for n in ("train", "validation", "test")] == [True, True, True], seed
+        assert sum(len(p) for p in parts.values()) == 9
+

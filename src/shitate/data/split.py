@@ -23,7 +23,7 @@ def parse_sizes(spec: str) -> list[float]:
     return sizes
 
 
-def _question_key(record: dict[str, Any]) -> str:
+def question_group(record: dict[str, Any]) -> str:
     # Grouping by the user side means a question asked twice (even with different answers), or
     # a prompt with several preference pairs, cannot be trained on and then "held out". Questions about one
     # passage share its answer: they are grouped by the passage.
@@ -41,7 +41,7 @@ def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int =
     """Shuffle groups of identical questions with `seed` and deal them into three splits."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        groups.setdefault(_question_key(record), []).append(record)
+        groups.setdefault(question_group(record), []).append(record)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     total = len(records)
@@ -55,13 +55,19 @@ def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int =
             raise ShitateError(f"--sizes asks for {sum(targets)} records but the file has {total}; lower the counts")
     else:
         raise ShitateError("--sizes: give whole counts (70/30/30) or fractions that sum to 1 (0.8/0.1/0.1)")
-    result: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    dealt: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in SPLITS}
     for group in order:
         for name, target in zip(SPLITS, targets):
-            if len(result[name]) + len(group) <= target:
-                result[name].extend(group)
+            if sum(map(len, dealt[name])) + len(group) <= target:
+                dealt[name].append(group)
                 break
         else:
             if fractions:  # groups that fit nowhere exactly: train rather than nowhere (counts are taken as asked)
-                result["train"].extend(group)
-    return result
+                dealt["train"].append(group)
+    if fractions:
+        # A few records with groups of two can fill train before a tenth rounds to one record (9 records of 7
+        # passages at 0.8/0.1/0.1 gave 9/0/0): a split asked for gets train's last group while train keeps one.
+        for name, size in zip(SPLITS[1:], sizes[1:]):
+            if size > 0 and not dealt[name] and len(dealt["train"]) > 1:
+                dealt[name].append(dealt["train"].pop())
+    return {name: [record for group in groups for record in group] for name, groups in dealt.items()}
