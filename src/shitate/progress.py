@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+
+LOG_LINE_EVERY_S = 30.0  # how often a bar writes a line where stderr is not a terminal
+
+
+class _Progress(Progress):
+    """rich's bar; and where stderr is not a terminal (a log under nohup, CI, a job scheduler), where rich draws
+    nothing until the end, the same columns as a plain line every LOG_LINE_EVERY_S seconds — an eight-minute
+    `data synth` otherwise leaves its log empty until it is done."""
+
+    _last_line = float("-inf")
+
+    def update(self, task_id: TaskID, **fields: Any) -> None:
+        super().update(task_id, **fields)
+        self._log_line(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log_line(task_id)
+
+    def _log_line(self, task_id: TaskID) -> None:
+        if self.disable or self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        # At the end a lasting bar is printed by rich itself; a transient one would leave no trace.
+        if now - self._last_line >= LOG_LINE_EVERY_S or (task.finished and self.live.transient):
+            self._last_line = now
+            self.console.print(self.make_tasks_table([task]))
 
 
 def is_main_process() -> bool:
@@ -35,7 +65,7 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
 
 def training_bar(total_steps: int) -> Progress:
     """Steps, loss, tokens/s and ETA: what people watch during a fine-tune."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -64,6 +94,6 @@ def quiet_libraries() -> None:
 
 def work_bar() -> Progress:
     """Items done of a known number, with elapsed time and ETA: generation, scoring, scrubbing."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not is_main_process(),
                     transient=True)

@@ -8,14 +8,12 @@ from typing import Any
 from shitate.config import GenerateSpec, RubricCheck
 from shitate.data.formats import read_questions, write_jsonl
 from shitate.evals.rubric import passes
-from shitate.progress import console
+from shitate.progress import console, work_bar
 
 
 def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: GenerateSpec, rubric: list[RubricCheck],
             system: str | None = None, template: str = "auto") -> list[dict[str, Any]]:
     """Answer every prompt with both models and save the rows (with rubric results) to `out`."""
-    from rich.progress import Progress
-
     from shitate.models.inference import answer, load_for_inference
 
     items = read_questions(prompts_path, system)
@@ -23,7 +21,7 @@ def compare(base: str, tuned: str, prompts_path: Path, out: Path, spec: Generate
     answers: dict[str, list[str]] = {}
     for side, reference in (("base", base), ("tuned", tuned)):
         loaded = load_for_inference(reference, template)
-        with Progress(console=console, transient=True) as progress:
+        with work_bar() as progress:
             task = progress.add_task(f"{side}: answering {len(items)} prompts", total=len(items))
             answers[side] = answer(loaded, conversations, spec, on_batch=lambda n, task=task: progress.advance(task, n))
         del loaded

@@ -20,7 +20,7 @@ from shitate.evals import metrics
 from shitate.evals.judge import Mode
 from shitate.evals.rubric import passes
 from shitate.evals.tasks import jglue
-from shitate.progress import say, status
+from shitate.progress import say, status, work_bar
 
 
 def _cached_answers(path: Path, conversations: list[list[dict[str, str]]], loaded: Any, spec: GenerateSpec) -> list[str]:
@@ -28,13 +28,15 @@ def _cached_answers(path: Path, conversations: list[list[dict[str, str]]], loade
     from shitate.models.inference import answer
 
     done = _saved_answers(path)
-    with status(f"answering {len(conversations) - len(done)} questions…"):
+    with work_bar() as bar:
+        task = bar.add_task("answering", total=len(conversations), completed=len(done))
         for start in range(len(done), len(conversations), spec.batch_size):
             batch = answer(loaded, conversations[start:start + spec.batch_size], spec)
             with path.open("a", encoding="utf-8") as handle:
                 for text in batch:
                     handle.write(json.dumps({"answer": text}, ensure_ascii=False) + "\n")
             done += batch
+            bar.advance(task, len(batch))
     return done
 
 
