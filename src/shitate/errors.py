@@ -69,6 +69,10 @@ class TrainingInterrupted(Exception):
     """
 
 
+class StoppedAtExit(Exception):
+    """Model work in a thread was stopped because Python is exiting; what it had done is not returned."""
+
+
 class TrainingDiverged(ShitateError):
     """Training stopped because it diverged (a loss that is not a number, a KL past the recipe's limit); the
     weights of the last checkpoint are kept and the message says why and what to change."""

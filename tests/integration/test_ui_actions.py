@@ -110,3 +110,29 @@ while not RunFolder({str(run)!r}).metrics():
     steps = [record["step"] for record in RunFolder(run).metrics() if "loss" in record]
     assert RunFolder(run).latest_checkpoint() is not None and RunFolder(run).final_dir() is None
     assert 0 < max(steps) < 120
+
+
+def test_python_exits_cleanly_while_a_thread_is_generating(tiny_model):
+    """The UI's Evaluate button generates in a daemon thread: quitting the UI then must not abort the interpreter
+    (torch mid-op at teardown: SIGABRT), and the thread must get an error, not a cut-off answer."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading, time
+from shitate.config import GenerateSpec
+from shitate.models.inference import answer, load_for_inference
+loaded = load_for_inference({str(tiny_model)!r})
+def evaluate():
+    try:
+        answer(loaded, [[{{"role": "user", "content": "なんで空は青いの?"}}]] * 4, GenerateSpec(max_new_tokens=5000))
+        print("finished", flush=True)
+    except Exception as error:
+        print(type(error).__name__, flush=True)
+threading.Thread(target=evaluate, daemon=True).start()
+time.sleep(2)
+"""  # and the interpreter exits with the thread inside generate
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.split() == ["StoppedAtExit"]

@@ -3,15 +3,18 @@ end marker, streaming, and answer log-likelihoods for multiple choice."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import atexit
+import contextlib
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from threading import Event, Thread
+from threading import Condition, Event, Thread
 from typing import Any
 
 import torch
 
 from shitate.config import GenerateSpec
 from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
+from shitate.errors import StoppedAtExit
 from shitate.models.load import ModelSource, load_model, load_tokenizer, pick_precision, resolve
 from shitate.progress import status
 from shitate.runs import RunFolder
@@ -43,6 +46,43 @@ def load_for_inference(reference: str, template: str = "auto", dtype: Any = None
     return LoadedModel(reference, model, tokenizer, chat_template, source)
 
 
+class _InFlight:
+    """The model work running now, in any thread, so that Python's exit can stop it and wait.
+
+    Work in a daemon thread (the web UI's Evaluate button, a server's request) that is still inside torch when the
+    interpreter tears down aborts it: "terminate called without an active exception", exit code 134. At exit each
+    `generate` stops after its next token, each scoring pass finishes its batch, and both raise StoppedAtExit, so
+    no caller keeps half an answer as a whole one.
+    """
+
+    def __init__(self) -> None:
+        self.exiting = Event()
+        self._count = 0
+        self._changed = Condition()
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+        if self.exiting.is_set():
+            raise StoppedAtExit("stopped: Python is exiting")
+
+    def stop_all(self, timeout: float = 60.0) -> None:
+        self.exiting.set()
+        with self._changed:
+            self._changed.wait_for(lambda: self._count == 0, timeout=timeout)
+
+
+_in_flight = _InFlight()
+atexit.register(_in_flight.stop_all)
+
+
 def _sampling(spec: GenerateSpec) -> dict[str, Any]:
     if spec.temperature <= 0:
         return {"do_sample": False}
@@ -62,8 +102,9 @@ def _generate_batch(loaded: LoadedModel, texts: list[str], spec: GenerateSpec, s
     # Left padding (new tokens must follow every prompt directly), asked per call: the shared tokenizer stays as it is.
     inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                        add_special_tokens=False).to(model.device)
-    with torch.inference_mode():
-        output = model.generate(**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end))
+    with torch.inference_mode(), _in_flight.work():
+        output = model.generate(**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end),
+                                stopping_criteria=[_StopWhenSet(_in_flight.exiting)])
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
 
@@ -132,7 +173,7 @@ def choice_logprobs(loaded: LoadedModel, prompts: list[str], choices: list[list[
             distance = positions[:, :, None] - positions[:, None, :]
             attention = {t: mask & (distance < window)[:, None].to(device) if t == "sliding_attention" else mask
                          for t in layer_types}
-        with torch.inference_mode():
+        with torch.inference_mode(), _in_flight.work():
             hidden = base.get_decoder()(input_ids=ids.to(device), position_ids=positions.to(device),
                                         attention_mask=attention).last_hidden_state
             row_index = torch.cat([torch.full((len(r["from"]),), i) for i, r in enumerate(rows)])
