@@ -21,7 +21,9 @@ class _Progress(Progress):
     nothing until the end, the same columns as a plain line every LOG_LINE_EVERY_S seconds — an eight-minute
     `data synth` otherwise leaves its log empty until it is done."""
 
-    _last_line = float("-inf")
+    def __init__(self, *columns: Any, **options: Any) -> None:
+        super().__init__(*columns, **options)
+        self._last_line = time.monotonic()  # a job done within the interval logs only its end
 
     def update(self, task_id: TaskID, **fields: Any) -> None:
         super().update(task_id, **fields)
