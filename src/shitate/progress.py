@@ -37,9 +37,10 @@ class _Progress(Progress):
         if self.disable or self.console.is_terminal:
             return
         task = self._tasks[task_id]
+        if task.finished and not self.live.transient:
+            return  # rich prints a lasting bar's end itself; a transient one would leave no trace
         now = time.monotonic()
-        # At the end a lasting bar is printed by rich itself; a transient one would leave no trace.
-        if now - self._last_line >= LOG_LINE_EVERY_S or (task.finished and self.live.transient):
+        if now - self._last_line >= LOG_LINE_EVERY_S or task.finished:
             self._last_line = now
             self.console.print(self.make_tasks_table([task]))
 

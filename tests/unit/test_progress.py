@@ -9,12 +9,12 @@ from rich.console import Console
 from shitate import progress
 
 
-def logged(monkeypatch, make_bar, every: float) -> str:
+def logged(monkeypatch, make_bar, every: float, **fields) -> str:
     log = io.StringIO()
     monkeypatch.setattr(progress, "console", Console(file=log, force_terminal=False, width=100))
     monkeypatch.setattr(progress, "LOG_LINE_EVERY_S", every)
     with make_bar() as bar:
-        task = bar.add_task("writing questions", total=3)
+        task = bar.add_task("writing questions", total=3, **fields)
         for _ in range(3):
             bar.advance(task)
     return "\n".join(line for line in log.getvalue().splitlines() if line.strip())  # rich ends with a blank line
@@ -29,6 +29,12 @@ def test_a_bar_writes_lines_to_a_log_and_its_end(monkeypatch):
 def test_a_quick_job_logs_only_its_end_though_its_bar_is_transient(monkeypatch):
     lines = logged(monkeypatch, progress.work_bar, every=3600).splitlines()
     assert len(lines) == 1 and "3/3" in lines[0]
+
+
+def test_a_lasting_bar_logs_its_end_once(monkeypatch):
+    lines = logged(monkeypatch, lambda: progress.training_bar(3), every=0, loss=1.0,
+                   tokens_per_s=10.0).splitlines()
+    assert [line.count("3/3") for line in lines] == [0, 0, 1]
 
 
 def test_nothing_extra_is_written_on_a_terminal(monkeypatch):
