@@ -56,10 +56,12 @@ def split_records(records: list[dict[str, Any]], sizes: list[float], seed: int =
     else:
         raise ShitateError("--sizes: give whole counts (70/30/30) or fractions that sum to 1 (0.8/0.1/0.1)")
     dealt: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in SPLITS}
+    filled = dict.fromkeys(SPLITS, 0)
     for group in order:
         for name, target in zip(SPLITS, targets):
-            if sum(map(len, dealt[name])) + len(group) <= target:
+            if filled[name] + len(group) <= target:
                 dealt[name].append(group)
+                filled[name] += len(group)
                 break
         else:
             if fractions:  # groups that fit nowhere exactly: train rather than nowhere (counts are taken as asked)
