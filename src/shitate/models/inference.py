@@ -7,7 +7,7 @@ import atexit
 import contextlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from threading import Condition, Event, Thread
+from threading import Condition, Event, Thread, current_thread
 from typing import Any
 
 import torch
@@ -57,18 +57,18 @@ class _InFlight:
 
     def __init__(self) -> None:
         self.exiting = Event()
-        self._count = 0
+        self._threads: list[Thread] = []  # one entry per piece of work in progress
         self._changed = Condition()
 
     @contextlib.contextmanager
     def work(self) -> Iterator[None]:
         with self._changed:
-            self._count += 1
+            self._threads.append(current_thread())
         try:
             yield
         finally:
             with self._changed:
-                self._count -= 1
+                self._threads.remove(current_thread())
                 self._changed.notify_all()
         if self.exiting.is_set():
             raise StoppedAtExit("stopped: Python is exiting")
@@ -76,7 +76,12 @@ class _InFlight:
     def stop_all(self, timeout: float = 60.0) -> None:
         self.exiting.set()
         with self._changed:
-            self._changed.wait_for(lambda: self._count == 0, timeout=timeout)
+            stopped = set(self._threads)
+            self._changed.wait_for(lambda: not self._threads, timeout=timeout)
+        # A thread that ends now tears down its torch thread state while the interpreter does: the same abort, seen
+        # once in a CI run. Give the stopped threads a moment to end; a pool's thread that lives on costs that moment.
+        for thread in stopped:
+            thread.join(timeout=2.0)
 
 
 _in_flight = _InFlight()
