@@ -136,3 +136,37 @@ time.sleep(2)
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.split() == ["StoppedAtExit"]
+
+
+def test_python_exit_stops_a_streaming_answer_instead_of_waiting_for_it(tiny_model):
+    """The UI streams chat answers from a worker thread: quitting mid-answer must stop that answer — neither abort
+    (a thread started from the web server's daemon thread is a daemon too, and one inside torch at teardown aborted
+    the interpreter: exit −6) nor wait for all of it (this model never ends an answer by itself)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading, time
+import torch
+from shitate.config import GenerateSpec
+from shitate.models.inference import load_for_inference, stream_answer
+loaded = load_for_inference({str(tiny_model)!r})
+def endless_generate(input_ids, streamer, stopping_criteria, **kwargs):
+    ids = input_ids
+    while not any(bool(stop(ids, None).all()) for stop in stopping_criteria):
+        ids = torch.cat([ids, ids[:, -1:]], dim=1)
+        streamer.put(ids[:, -1:])
+        time.sleep(0.01)
+    print("stopped after", ids.shape[1] - input_ids.shape[1], "tokens", flush=True)
+    streamer.end()
+loaded.model.generate = endless_generate
+def chat():  # as the UI's handler reads the stream, in a daemon thread of the web server
+    for _ in stream_answer(loaded, [{{"role": "user", "content": "なんで空は青いの?"}}], GenerateSpec()):
+        pass
+threading.Thread(target=chat, daemon=True).start()
+time.sleep(2)
+"""  # and the interpreter exits while the answer streams
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.startswith("stopped after"), done.stdout

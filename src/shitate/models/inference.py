@@ -252,10 +252,18 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
     streamer = _japanese_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancelled = Event()
     kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer,
-              "stopping_criteria": [_StopWhenSet(cancelled)]}
-    # Not a daemon: a daemon thread still inside torch when Python exits aborts the interpreter ("terminate called
-    # without an active exception"); this one ends within max_new_tokens, or a token after its reader stops.
-    worker = Thread(target=lambda: loaded.model.generate(**kwargs))
+              "stopping_criteria": [_StopWhenSet(cancelled), _StopWhenSet(_in_flight.exiting)]}
+
+    def generate() -> None:
+        try:
+            with torch.inference_mode(), _in_flight.work():
+                loaded.model.generate(**kwargs)
+        except StoppedAtExit:
+            pass  # the answer ends where it stopped; nobody is left to read it
+
+    # A daemon registered as work in flight: Python joins a plain thread before any exit hook runs, so quitting the
+    # UI mid-answer waited for the whole answer. Now exit stops it after its next token and waits for that.
+    worker = Thread(target=generate, daemon=True)
     worker.start()
     try:
         yield from streamer
