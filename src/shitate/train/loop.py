@@ -103,6 +103,9 @@ def train_step(session: Session, objective: Objective, examples: list[Example]) 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
             loss_sum = weight * module(**objective.make_batch(chunk, device))[0]
         accelerator.backward(loss_sum / divisor)
+        # The micro-batch's activations are free now: handing their pages back before the next one lowered kids_qa's
+        # peak by 0.03-0.04 GB more than trimming once a step (within the noise of its speed, Xeon).
+        return_free_heap()
         total_loss += loss_sum.detach()  # read once per step: on a GPU each .item() waits for the device
         real_tokens += sum(len(e["input_ids"]) for e in chunk)
     if accelerator.num_processes > 1:  # the logged loss is the whole step's, as one process would log it
