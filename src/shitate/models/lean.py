@@ -116,25 +116,28 @@ def _lean_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
 class _GemmaRMSNorm(torch.autograd.Function):
     """(x / rms(x)) · (1 + w) in fp32, returned in x's dtype; keeps x and one scale per row."""
 
+    # Backward in fewer passes than the formula reads (no `normed` tensor, one addcmul): norms were 13% of a reward
+    # step on the Xeon.
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * (1.0 + weight.float())).to(x.dtype)
+        return (xf * rstd).mul_(1.0 + weight.float()).to(x.dtype)  # not in place: xf is x itself when x is fp32
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         x, weight, rstd = ctx.saved_tensors
-        xf, g = x.float(), grad_out.float()
-        normed = xf * rstd
+        xf = x.float()
         gain = 1.0 + weight.float()
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (g * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        gn = g * gain
-        grad_x = rstd * (gn - normed * (gn * normed).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
+            grad_weight = (grad_out.float() * xf * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gn = (grad_out * gain).float()  # one pass for bf16 (promoted to fp32); fp64 computes in fp32 as forward does
+        # d/dx of x·r·gain with r = rsqrt(mean(x²) + eps): r·(gn − x·r²·mean(gn·x))
+        # (not linalg.vecdot: autocast runs it in bf16)
+        coefficient = (gn * xf).sum(-1, keepdim=True).mul_(rstd.square()).div_(-x.shape[-1])
+        return torch.addcmul(gn, xf, coefficient).mul_(rstd).to(x.dtype), grad_weight, None
 
 
 def _lean_gemma_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
