@@ -71,7 +71,7 @@ class _LoraAdd(torch.autograd.Function):
         # 1/(1-p) rides on the rank-r product's scale, not on the full-width input: same value, less work.
         alpha = scale / (1.0 - dropout)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), low, weight_b.to(compute).T, alpha=alpha)
-        kept_positions = ()
+        kept_positions: tuple[torch.Tensor, ...] = ()
         if positions is not None:  # numel itself marks "past the end", so int32 holds them below 2**31 - 1 elements
             kept_positions = (positions.to(torch.int32) if x.numel() < 2**31 - 1 else positions,)
         ctx.save_for_backward(x, low, weight_a, weight_b, *kept_positions)
