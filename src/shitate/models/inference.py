@@ -63,6 +63,8 @@ class _InFlight:
     @contextlib.contextmanager
     def work(self) -> Iterator[None]:
         with self._changed:
+            if self.exiting.is_set():  # exit has begun and may no longer wait: start nothing inside torch now
+                raise StoppedAtExit("stopped: Python is exiting")
             self._threads.append(current_thread())
         try:
             yield
@@ -259,7 +261,7 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
             with torch.inference_mode(), _in_flight.work():
                 loaded.model.generate(**kwargs)
         except StoppedAtExit:
-            pass  # the answer ends where it stopped; nobody is left to read it
+            streamer.end()  # the answer ends where it stopped (or before it began, if exit had begun already)
 
     # A daemon registered as work in flight: Python joins a plain thread before any exit hook runs, so quitting the
     # UI mid-answer waited for the whole answer. Now exit stops it after its next token and waits for that.
