@@ -138,6 +138,42 @@ time.sleep(2)
     assert done.stdout.split() == ["StoppedAtExit"]
 
 
+def test_a_streaming_answer_leaves_no_tensor_with_its_reader(tiny_model):
+    """The reader of a streamed answer is a daemon thread nobody waits for at exit; a tensor it held would be freed as
+    the interpreter tears down, inside torch's C++, and abort the process (exit −6, about one exit in ten before the
+    prompt's tensors went with the worker). So while the answer streams, the reader's frame holds none."""
+    from collections.abc import Mapping
+
+    import torch
+
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import load_for_inference, stream_answer
+
+    loaded = load_for_inference(str(tiny_model))
+    piece = torch.tensor([loaded.tokenizer.encode("そら", add_special_tokens=False)])
+
+    def endless_generate(input_ids, streamer, stopping_criteria, **kwargs):
+        streamer.put(input_ids)  # the prompt, which the streamer skips
+        while not any(bool(stop(input_ids, None).all()) for stop in stopping_criteria):
+            streamer.put(piece)
+            time.sleep(0.01)
+        streamer.end()
+
+    loaded.model.generate = endless_generate
+    stream = stream_answer(loaded, [{"role": "user", "content": "なんで空は青いの?"}], GenerateSpec())
+    assert "そら" in next(stream)
+
+    def tensors_in(value, depth=0):  # a tensor, or one inside a mapping (a tokenizer's BatchEncoding too) or a list
+        if isinstance(value, torch.Tensor):
+            return 1
+        items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
+        return sum(tensors_in(item, depth + 1) for item in items) if depth < 3 else 0
+
+    held = {name: value for name, value in stream.gi_frame.f_locals.items() if tensors_in(value)}
+    stream.close()  # stops the answer and joins its worker
+    assert not held, f"the reader holds tensors in {sorted(held)}"
+
+
 def test_python_exit_stops_a_streaming_answer_instead_of_waiting_for_it(tiny_model):
     """The UI streams chat answers from a worker thread: quitting mid-answer must stop that answer — neither abort
     (a thread started from the web server's daemon thread is a daemon too, and one inside torch at teardown aborted

@@ -256,7 +256,7 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
     kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer,
               "stopping_criteria": [_StopWhenSet(cancelled), _StopWhenSet(_in_flight.exiting)]}
 
-    def generate() -> None:
+    def generate(kwargs: dict[str, Any]) -> None:
         try:
             with torch.inference_mode(), _in_flight.work():
                 loaded.model.generate(**kwargs)
@@ -265,7 +265,11 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
 
     # A daemon registered as work in flight: Python joins a plain thread before any exit hook runs, so quitting the
     # UI mid-answer waited for the whole answer. Now exit stops it after its next token and waits for that.
-    worker = Thread(target=generate, daemon=True)
+    worker = Thread(target=generate, args=(kwargs,), daemon=True)
+    # The prompt's tensors go with the worker, which exit waits for: freed by the reader (a daemon nobody waits for)
+    # as the interpreter tore down, a tensor's deallocation re-took the GIL inside torch's C++ and aborted the
+    # process ("terminate called without an active exception"), about one exit in ten.
+    del inputs, kwargs
     worker.start()
     try:
         yield from streamer
