@@ -174,6 +174,33 @@ def test_a_streaming_answer_leaves_no_tensor_with_its_reader(tiny_model):
     assert not held, f"the reader holds tensors in {sorted(held)}"
 
 
+def test_a_failing_answer_raises_its_error_in_the_reader_instead_of_leaving_it_waiting(tiny_model):
+    import threading
+
+    from shitate.config import GenerateSpec
+    from shitate.models.inference import load_for_inference, stream_answer
+
+    loaded = load_for_inference(str(tiny_model))
+
+    def broken_generate(**kwargs):
+        raise ValueError("the model refused")
+
+    loaded.model.generate = broken_generate
+    outcome: list[object] = []
+
+    def read():
+        try:
+            outcome.append(list(stream_answer(loaded, [{"role": "user", "content": "なんで空は青いの?"}], GenerateSpec())))
+        except ValueError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the reader still waits for an answer that failed"
+    assert [str(item) for item in outcome] == ["the model refused"]
+
+
 def test_python_exit_stops_a_streaming_answer_instead_of_waiting_for_it(tiny_model):
     """The UI streams chat answers from a worker thread: quitting mid-answer must stop that answer — neither abort
     (a thread started from the web server's daemon thread is a daemon too, and one inside torch at teardown aborted

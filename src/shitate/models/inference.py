@@ -256,12 +256,21 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
     kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer,
               "stopping_criteria": [_StopWhenSet(cancelled), _StopWhenSet(_in_flight.exiting)]}
 
+    failures: list[Exception] = []
+
     def generate(kwargs: dict[str, Any]) -> None:
+        ended = False  # generate ends the stream itself when it returns
         try:
             with torch.inference_mode(), _in_flight.work():
                 loaded.model.generate(**kwargs)
+                ended = True
         except StoppedAtExit:
-            streamer.end()  # the answer ends where it stopped (or before it began, if exit had begun already)
+            pass  # the answer ends where it stopped (or before it began, if exit had begun already)
+        except Exception as error:  # noqa: BLE001 — raised again in the reader, which would otherwise wait forever
+            failures.append(error)
+        finally:
+            if not ended:
+                streamer.end()
 
     # A daemon registered as work in flight: Python joins a plain thread before any exit hook runs, so quitting the
     # UI mid-answer waited for the whole answer. Now exit stops it after its next token and waits for that.
@@ -273,6 +282,8 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
     worker.start()
     try:
         yield from streamer
+        if failures:
+            raise failures[0]
     finally:  # the reader stopped early (Ctrl-C in `shitate chat`, a closed page): the answer stops too
         cancelled.set()
         worker.join()
