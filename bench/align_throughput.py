@@ -189,7 +189,7 @@ def child(stage: str, side: str, train: Path, validation: Path, result: Path, pa
             figures = run_shitate(stage, train, validation, Path(folder), pair_tokens)
         else:
             figures = run_trl(stage, train, validation, Path(folder), side.endswith("-bf16"), pair_tokens)
-    figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
+    figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     result.write_text(json.dumps(figures))
 
 
@@ -236,16 +236,16 @@ def _print_table(stage: str, results: dict) -> None:
           f"{'steps':>6} {'train() s':>9}")
     for side, r in results.items():
         own = f"{r['trl_val_loss']:.4f}" if "trl_val_loss" in r else "-"
-        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>7.2f}GB {r['val_loss_before']:>15.4f} "
+        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gib']:>6.2f}GiB {r['val_loss_before']:>15.4f} "
               f"{r['val_loss']:>7.4f} {own:>12} {r['steps']:>6} {r['wall_s']:>9.1f}")
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
     if "shitate" not in results or not trl:
         return
     ours = results["shitate"]
     fastest = max(trl, key=lambda s: trl[s]["tokens_per_s"])
-    leanest = min(trl, key=lambda s: trl[s]["peak_rss_gb"])
+    leanest = min(trl, key=lambda s: trl[s]["peak_rss_gib"])
     print(f"shitate: tokens/s {ours['tokens_per_s'] / trl[fastest]['tokens_per_s']:.2f}× the fastest TRL side ({fastest}), "
-          f"peak RSS {ours['peak_rss_gb'] / trl[leanest]['peak_rss_gb']:.2f}× the leanest ({leanest}), "
+          f"peak RSS {ours['peak_rss_gib'] / trl[leanest]['peak_rss_gib']:.2f}× the leanest ({leanest}), "
           f"validation loss (shitate's definition) {ours['val_loss_before'] - trl[fastest]['val_loss_before']:+.4f} "
           f"before training and {ours['val_loss'] - trl[fastest]['val_loss']:+.4f} after, against {fastest}")
 

@@ -167,7 +167,7 @@ def child(side: str, steps: int, result: Path, start: Path | None) -> None:
             figures = run_shitate(steps, Path(folder), "ppo" if side.endswith("-ppo") else "grpo", start)
         else:
             figures = run_trl(steps, Path(folder), side.endswith("-bf16"))
-    figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3
+    figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3
     result.write_text(json.dumps(figures))
 
 
@@ -201,7 +201,7 @@ def main() -> None:
           f"{'wall s':>7}  rewards")
     for side, r in results.items():
         print(f"{side:<11} {r['rollout_tokens_per_s']:>13.1f} {r['update_tokens_per_s']:>12.1f} {r['step_tokens_per_s']:>10.1f} "
-              f"{r['peak_rss_gb']:>7.2f}GB {r['steps']:>6} {r['wall_s']:>7.1f}  {r['rewards']}")
+              f"{r['peak_rss_gib']:>6.2f}GiB {r['steps']:>6} {r['wall_s']:>7.1f}  {r['rewards']}")
 
 
 if __name__ == "__main__":

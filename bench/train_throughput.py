@@ -244,11 +244,11 @@ def child(side: str, train: Path, validation: Path, result: Path, text: bool) ->
         else:
             figures = run_trl(train, validation, Path(folder), text, packing="pack" in side,
                               bf16_base=side.endswith("-bf16"))
-    figures["peak_rss_gb"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
+    figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     import torch
 
     if torch.cuda.is_available():  # on a GPU the memory that limits a run is the GPU's
-        figures["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     result.write_text(json.dumps(figures))
 
 
@@ -302,12 +302,12 @@ def main() -> None:
 def _print_table(data: str, results: dict, per_token: float, peak: float) -> None:
     print(f"\n{data}: {per_token / 1e6:.0f} MFLOP per token (4 × body, plus 4 × output layer where labelled)")
     # On a GPU the memory compared is the GPU's peak (what limits a run there); on a CPU the process's peak RSS.
-    memory = "peak_gpu_gb" if any("peak_gpu_gb" in r for r in results.values()) else "peak_rss_gb"
-    memory_label = "peak GPU" if memory == "peak_gpu_gb" else "peak RSS"
+    memory = "peak_gpu_gib" if any("peak_gpu_gib" in r for r in results.values()) else "peak_rss_gib"
+    memory_label = "peak GPU" if memory == "peak_gpu_gib" else "peak RSS"
     print(f"{'side':<14} {'tokens/s':>9} {memory_label:>9} {'val loss':>9} {'MFU':>6} {'run s':>9}")
     for side, r in results.items():
         mfu = r["tokens_per_s"] * per_token / (peak * 1e9)
-        print(f"{side:<14} {r['tokens_per_s']:>9.1f} {r[memory]:>7.2f}GB {r['val_loss']:>9.4f} {mfu:>6.1%} "
+        print(f"{side:<14} {r['tokens_per_s']:>9.1f} {r[memory]:>6.2f}GiB {r['val_loss']:>9.4f} {mfu:>6.1%} "
               f"{r['wall_s']:>9.1f}")
     trl = {s: results[s] for s in TRL_SIDES if s in results}
     if not trl:
