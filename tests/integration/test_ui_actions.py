@@ -138,12 +138,22 @@ time.sleep(2)
     assert done.stdout.split() == ["StoppedAtExit"]
 
 
+def _tensors_in(value, depth=0):
+    """How many tensors value is, or holds in a mapping (a tokenizer's BatchEncoding too) or a list, a few levels deep."""
+    from collections.abc import Mapping
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return 1
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
+    return sum(_tensors_in(item, depth + 1) for item in items) if depth < 3 else 0
+
+
 def test_a_streaming_answer_leaves_no_tensor_with_its_reader(tiny_model):
     """The reader of a streamed answer is a daemon thread nobody waits for at exit; a tensor it held would be freed as
     the interpreter tears down, inside torch's C++, and abort the process (exit −6, about one exit in ten before the
     prompt's tensors went with the worker). So while the answer streams, the reader's frame holds none."""
-    from collections.abc import Mapping
-
     import torch
 
     from shitate.config import GenerateSpec
@@ -163,19 +173,14 @@ def test_a_streaming_answer_leaves_no_tensor_with_its_reader(tiny_model):
     stream = stream_answer(loaded, [{"role": "user", "content": "なんで空は青いの?"}], GenerateSpec())
     assert "そら" in next(stream)
 
-    def tensors_in(value, depth=0):  # a tensor, or one inside a mapping (a tokenizer's BatchEncoding too) or a list
-        if isinstance(value, torch.Tensor):
-            return 1
-        items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
-        return sum(tensors_in(item, depth + 1) for item in items) if depth < 3 else 0
-
-    held = {name: value for name, value in stream.gi_frame.f_locals.items() if tensors_in(value)}
+    held = {name: value for name, value in stream.gi_frame.f_locals.items() if _tensors_in(value)}
     stream.close()  # stops the answer and joins its worker
     assert not held, f"the reader holds tensors in {sorted(held)}"
 
 
 def test_a_failing_answer_raises_its_error_in_the_reader_instead_of_leaving_it_waiting(tiny_model):
     import threading
+    import traceback
 
     from shitate.config import GenerateSpec
     from shitate.models.inference import load_for_inference, stream_answer
@@ -199,6 +204,10 @@ def test_a_failing_answer_raises_its_error_in_the_reader_instead_of_leaving_it_w
     reader.join(timeout=60)
     assert not reader.is_alive(), "the reader still waits for an answer that failed"
     assert [str(item) for item in outcome] == ["the model refused"]
+    # Nor does the error bring the prompt's tensors to the reader in its traceback's frames (see the test above).
+    held = [(frame.f_code.co_name, name) for frame, _ in traceback.walk_tb(outcome[0].__traceback__)
+            for name, value in frame.f_locals.items() if _tensors_in(value)]
+    assert not held, f"the error's frames hold tensors: {held}"
 
 
 def test_python_exit_stops_a_streaming_answer_instead_of_waiting_for_it(tiny_model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import traceback
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from threading import Condition, Event, Thread, current_thread
@@ -267,8 +268,11 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
         except StoppedAtExit:
             pass  # the answer ends where it stopped (or before it began, if exit had begun already)
         except Exception as error:  # noqa: BLE001 — raised again in the reader, which would otherwise wait forever
+            # The error's frames hold the prompt's tensors; the reader must not receive them (see below).
+            traceback.clear_frames(error.__traceback__)
             failures.append(error)
         finally:
+            kwargs.clear()
             if not ended:
                 streamer.end()
 
