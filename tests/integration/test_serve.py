@@ -180,6 +180,60 @@ def test_bad_requests_get_openai_shaped_errors(server, client):
     assert status == 400 and "UTF-8" in reply["error"]["message"]
 
 
+def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
+    """Clients built for newer OpenAI models send content as a list of parts and the system message as "developer"."""
+    def greedy(messages):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+        return reply.choices[0].message.content
+
+    plain = greedy([{"role": "system", "content": "やさしく"}, {"role": "user", "content": "なんで空は青いの?\nおしえて"}])
+    parts = greedy([{"role": "developer", "content": [{"type": "text", "text": "やさしく"}]},
+                    {"role": "user", "content": [{"type": "text", "text": "なんで空は青いの?"},
+                                                 {"type": "text", "text": "おしえて"}]}])
+    assert parts == plain
+    from shitate.serve.server import Message, _chat_messages
+
+    assert _chat_messages([Message(role="developer", content=[{"type": "text", "text": "やさしく"}])]) == [
+        {"role": "system", "content": "やさしく"}]
+    with pytest.raises(openai.BadRequestError, match="messages.0.content.1 is a 'image_url' part.*text only"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "これは何?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+
+
+@pytest.mark.parametrize("setting", [{"logprobs": True}, {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
+                                     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                                     {"frequency_penalty": 0.5}, {"logit_bias": {"17": 5}}])
+def test_a_setting_the_server_does_not_honour_is_refused_not_ignored(client, setting):
+    name = next(iter(setting))
+    with pytest.raises(openai.BadRequestError, match=f"{name} is not supported") as refused:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2, **setting)
+    assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == name
+
+
+def test_settings_a_client_sends_by_default_are_accepted(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                           logprobs=False, frequency_penalty=0, presence_penalty=0, logit_bias={},
+                                           response_format={"type": "text"}, tool_choice="none",
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="echo is not supported"):
+        client.completions.create(model="tiny", prompt="a", max_tokens=2, echo=True)
+
+
+def test_a_stream_ends_with_the_usage_when_asked(client):
+    messages = [{"role": "user", "content": "なんで空は青いの?"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=7, temperature=0, n=2)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=7, temperature=0, n=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    plain = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=7, temperature=0, stream=True))
+    assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked
+    settings = {"model": "tiny", "prompt": ["空は", "海は"], "max_tokens": 4, "temperature": 0}
+    text = list(client.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    assert text[-1].usage.model_dump() == client.completions.create(**settings).usage.model_dump()
+
+
 def test_a_missing_or_wrong_key_is_refused_before_anything_runs(server):
     import urllib.request
 

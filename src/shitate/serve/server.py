@@ -30,12 +30,15 @@ MAX_CHOICES = 8
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # "developer" is OpenAI's newer name for the system message; some clients send it.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]  # a string, or content parts: [{"type": "text", "text": …}, …]
 
 
 class _Common(BaseModel):
-    # Unknown OpenAI fields (logprobs, user, …) are accepted and ignored, as OpenAI-compatible servers do.
+    # Unknown fields (user, metadata, …) are accepted and ignored, as OpenAI-compatible servers do; the known ones
+    # below that would change the answer's shape or sampling are refused when a request asks for them
+    # (_refuse_what_is_not_done), so a client never silently gets less than it asked for.
     model_config = ConfigDict(extra="ignore")
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -45,15 +48,27 @@ class _Common(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | int | None = None  # chat: a bool; completions: how many
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class RequestError(Exception):
@@ -91,7 +106,8 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         engine = _engine(engines, body.model)
-        messages = [m.model_dump() for m in body.messages]
+        _refuse_what_is_not_done(body)
+        messages = _chat_messages(body.messages)
         if log_prompts:
             log.info("chat %s: %s", body.model, json.dumps(messages, ensure_ascii=False))
         prompt = engine.chat_prompt(messages)
@@ -102,11 +118,12 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
         return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": body.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
                              "finish_reason": a.finish_reason} for i, a in enumerate(answers)],
-                "usage": _usage(len(prompt), answers)}
+                "usage": _usage(len(prompt), [a.completion_tokens for a in answers])}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         engine = _engine(engines, body.model)
+        _refuse_what_is_not_done(body)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
@@ -125,7 +142,7 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
             choices += [{"index": p * body.n + i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
                         for i, a in enumerate(made)]
         return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model,
-                "choices": choices, "usage": _usage(prompt_tokens, answers)}
+                "choices": choices, "usage": _usage(prompt_tokens, [a.completion_tokens for a in answers])}
 
     return app
 
@@ -190,6 +207,58 @@ def _engine(engines: dict[str, Engine], name: str) -> Engine:
     return engines[name]
 
 
+def _chat_messages(messages: list[Message]) -> list[dict[str, str]]:
+    """The conversation as the template reads it: text content, the developer message as the system one."""
+    plain = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if not isinstance(content, str):
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"messages.{i}.content.{j} is a {part.get('type')!r} part; the models "
+                                            "served here read text only: send {\"type\": \"text\", \"text\": …} "
+                                            "parts or a string.", param=f"messages.{i}.content.{j}")
+            content = "\n".join(part["text"] for part in content)  # as vLLM joins text parts
+        plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    return plain
+
+
+_NOT_DONE = {
+    "logprobs": "answers come without token log-probabilities",
+    "top_logprobs": "answers come without token log-probabilities",
+    "response_format": "there is no constrained (JSON) decoding here; ask for JSON in the prompt and check the answer",
+    "tools": "the models served here are not given tools; send no tools, or tool_choice \"none\"",
+    "presence_penalty": "sampling here takes temperature, top_p, seed and stop",
+    "frequency_penalty": "sampling here takes temperature, top_p, seed and stop",
+    "logit_bias": "sampling here takes temperature, top_p, seed and stop",
+    "echo": "a completion here is the new text only",
+    "best_of": "each choice is one answer; ask for n of them",
+    "suffix": "there is no fill-in-the-middle here",
+}
+
+
+def _refuse_what_is_not_done(body: _Common) -> None:
+    """A 400 naming the first setting that asks for something this server does not do: an answer without it
+    would look like success and quietly be less than what the client asked for."""
+    fields = body.model_dump()
+    asked = {
+        "logprobs": fields["logprobs"] not in (None, False, 0),
+        "top_logprobs": bool(fields["top_logprobs"]),
+        "presence_penalty": bool(fields["presence_penalty"]),
+        "frequency_penalty": bool(fields["frequency_penalty"]),
+        "logit_bias": bool(fields["logit_bias"]),
+        "response_format": (fields.get("response_format") or {"type": "text"}).get("type") != "text",
+        "tools": bool(fields.get("tools")) and fields.get("tool_choice") != "none",
+        "echo": bool(fields.get("echo")),
+        "best_of": fields.get("best_of") not in (None, 1, body.n),
+        "suffix": bool(fields.get("suffix")),
+    }
+    for name, wanted in asked.items():
+        if wanted:
+            raise RequestError(400, f"{name} is not supported by shitate serve: {_NOT_DONE[name]}. Leave it out.",
+                               param=name, code="unsupported_parameter")
+
+
 def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_tokens: int) -> Sampling:
     defaults = engine.defaults
     wanted = max_tokens or defaults.max_new_tokens
@@ -224,8 +293,8 @@ async def _gather(engine: Engine, prompt: list[int], sampling: Sampling, n: int)
     return list(await asyncio.gather(*(engine.complete(prompt, choice) for choice in _choices(sampling, n))))
 
 
-def _usage(prompt_tokens: int, answers: list[Piece]) -> dict[str, int]:
-    completion = sum(a.completion_tokens for a in answers)
+def _usage(prompt_tokens: int, completion_tokens: list[int]) -> dict[str, int]:
+    completion = sum(completion_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
@@ -271,9 +340,13 @@ async def _chat_stream(engine: Engine, body: ChatRequest, prompt: list[int], sam
     for i in range(body.n):
         yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
+    completion_tokens = [0] * body.n
     async for index, piece in _merged([engine.answer(prompt, choice) for choice in _choices(sampling, body.n)]):
+        completion_tokens[index] = piece.completion_tokens
         delta = {"content": piece.text} if piece.text else {}
         yield _event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": piece.finish_reason}]})
+    if _usage_wanted(body):
+        yield _event({**head, "choices": [], "usage": _usage(len(prompt), completion_tokens)})
     yield "data: [DONE]\n\n"
 
 
@@ -282,7 +355,16 @@ async def _completion_stream(engine: Engine, body: CompletionRequest, prompts: l
     head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
     streams = [engine.answer(prompt, choice) for prompt, sampling in zip(prompts, samplings)
                for choice in _choices(sampling, body.n)]
+    completion_tokens = [0] * len(streams)
     async for index, piece in _merged(streams):
+        completion_tokens[index] = piece.completion_tokens
         yield _event({**head, "choices": [{"index": index, "text": piece.text, "finish_reason": piece.finish_reason,
                                            "logprobs": None}]})
+    if _usage_wanted(body):
+        yield _event({**head, "choices": [], "usage": _usage(sum(len(p) for p in prompts), completion_tokens)})
     yield "data: [DONE]\n\n"
+
+
+def _usage_wanted(body: _Common) -> bool:
+    """`stream_options: {"include_usage": true}`: a last chunk with the usage and no choices, as OpenAI sends it."""
+    return bool((body.stream_options or {}).get("include_usage"))
