@@ -48,3 +48,31 @@ def test_histogram_buckets_cover_all_lengths():
     buckets = histogram([10, 11, 12, 30, 50], bins=4)
     assert sum(count for _, _, count in buckets) == 5
     assert buckets[0][0] == 10 and buckets[-1][1] >= 50
+
+
+def test_any_string_the_tokenizer_reads_as_a_control_token_is_named(tmp_path: Path):
+    """Every added token flagged special, and Gemma 3's image markers (a GGUF file leaves them unflagged), is an
+    error in content; added tokens that are text (Gemma's <table>, whitespace runs) and look-alikes are not."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from shitate.data.preference import check_preference_file
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "assets" / "tiny-tokenizer")
+    tokenizer.add_tokens(["<start_of_image>", "[multimodal]", "<table>", "\n\n\n"])  # not special, as the GGUF has them
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<unused7>"]})
+    content = "図<start_of_image>を見て[multimodal]\n\n\nここ<unused7>と<table>と<br>と[注]と<start_of_image>"
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": "はい"}]}, ensure_ascii=False) + "\n")
+    named = [p.message.split("string ")[1] for p in check_file(chats, tokenizer).errors]
+    assert named == ["'<start_of_image>'", "'[multimodal]'", "'<unused7>'"]
+    without_tokenizer = [p.message.split("string ")[1] for p in check_file(chats).errors]
+    assert without_tokenizer == ["'<start_of_image>'", "'[multimodal]'"]  # <unused7> is known from the tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "見て", "chosen": content, "rejected": "いいえ"}, ensure_ascii=False) + "\n")
+    report = check_preference_file(pairs, tokenizer)
+    assert [(p.field, p.message.split("string ")[1]) for p in report.errors] == [
+        ("chosen", "'<start_of_image>'"), ("chosen", "'[multimodal]'"), ("chosen", "'<unused7>'")]

@@ -205,12 +205,11 @@ def read_preferences(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def check_preference_file(path: Path, tokenizer: Any = None, template: Any = None, max_length: int | None = None,
                           system: str | None = None) -> FileReport:
     """Every problem of a preference JSONL with its line, and statistics; with a tokenizer, over-long pairs."""
-    from shitate.data.templates import SPECIAL_MARKERS
+    from shitate.data.templates import SpecialMarkers
 
     path = Path(path)
     report = FileReport(path)
-    markers = tuple(m for m in dict.fromkeys(SPECIAL_MARKERS + tuple(getattr(tokenizer, "all_special_tokens", ()) or ()))
-                    if m and m not in ("<unk>", "<pad>"))
+    markers = SpecialMarkers(tokenizer)
     seen: set[str] = set()
     for line, obj in read_jsonl(path):
         if isinstance(obj, Problem):
@@ -228,7 +227,7 @@ def check_preference_file(path: Path, tokenizer: Any = None, template: Any = Non
             field, _, message = str(err).partition(": ")
             report.errors.append(Problem(path, line, field.split("[")[0], message))
             continue
-        bad = [(side, marker) for side in SIDES for marker in markers if marker in _side_text(pair[side])]
+        bad = [(side, marker) for side in SIDES for marker in markers.found_in(_side_text(pair[side]))]
         for side, marker in bad:
             report.errors.append(Problem(path, line, side, f"contains the special token string {marker!r}",
                                          "remove it: templates add turn markers themselves"))

@@ -9,6 +9,7 @@ tokenizer's own Jinja template) gets a correct mask for free.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,36 @@ SPECIAL_MARKERS = (
     "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
     "<|im_start|>", "<|im_end|>", "<|endoftext|>",
     "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    # Gemma 3's image markers: control tokens, but a GGUF file (the default model's) marks them as plain added ones.
+    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "[multimodal]",
 )
+# The shapes of control tokens' text: <…>, <|…|> or […] without spaces.
+_MARKUP = re.compile(r"<\|[^|\s]{1,64}\|>|<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
+
+
+class SpecialMarkers:
+    """The strings in a text that its tokenizer would turn into control tokens rather than read as text.
+
+    The tokenizer's named special tokens, and every added token it flags special (Gemma's 6,242 <unusedN> among
+    them): an added token is matched in text before the vocabulary applies. Added tokens not flagged special are
+    text (Gemma's <table>, <h1>, whitespace runs); the few control tokens a GGUF file leaves unflagged are in
+    SPECIAL_MARKERS.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        named = set(SPECIAL_MARKERS) | set(getattr(tokenizer, "all_special_tokens", ()) or ())
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        named |= {str(token) for token in added.values() if getattr(token, "special", False)}
+        named -= {"", "<unk>", "<pad>"}
+        # Found by one regular-expression pass and a set lookup: a loop over 6,000 markers per text was not cheap.
+        self._markup = {m for m in named if _MARKUP.fullmatch(m)}
+        self._other = sorted(named - self._markup)  # a special token of another shape: searched for as it is
+
+    def found_in(self, text: str) -> list[str]:
+        """The markers in text, each once, in the order they first appear."""
+        found = [m for m in _MARKUP.findall(text) if m in self._markup]
+        found += [m for m in self._other if m in text]
+        return list(dict.fromkeys(found))
 
 
 @dataclass(frozen=True)

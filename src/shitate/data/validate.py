@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shitate.data.formats import ROLES, detect_format, read_jsonl
-from shitate.data.templates import SPECIAL_MARKERS, ChatTemplate, encode_chat
+from shitate.data.templates import ChatTemplate, SpecialMarkers, encode_chat
 from shitate.errors import Problem
 
 
@@ -27,7 +27,7 @@ class FileReport:
     duplicates: int = 0
 
 
-def _message_problems(path: Path, line: int, messages: Any, markers: tuple[str, ...]) -> list[Problem]:
+def _message_problems(path: Path, line: int, messages: Any, markers: SpecialMarkers) -> list[Problem]:
     if not isinstance(messages, list) or not messages:
         return [Problem(path, line, "messages", "missing or not a non-empty list",
                         'use {"messages": [{"role": "user", "content": …}, …]}')]
@@ -51,10 +51,9 @@ def _message_problems(path: Path, line: int, messages: Any, markers: tuple[str, 
         elif not content.strip():
             problems.append(Problem(path, line, f"{where}.content", "is empty", "write the turn's text or drop the record"))
         else:
-            for marker in markers:
-                if marker in content:
-                    problems.append(Problem(path, line, f"{where}.content", f"contains the special token string {marker!r}",
-                                            "remove it: templates add turn markers themselves"))
+            for marker in markers.found_in(content):
+                problems.append(Problem(path, line, f"{where}.content", f"contains the special token string {marker!r}",
+                                        "remove it: templates add turn markers themselves"))
     roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in ROLES]
     turns = [r for r in roles if r != "system"]
     if turns and turns[0] != "user":
@@ -74,8 +73,7 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
     """Validate a canonical chat JSONL; with a tokenizer, also count tokens and find over-long examples."""
     path = Path(path)
     report = FileReport(path)
-    markers = tuple(dict.fromkeys(SPECIAL_MARKERS + tuple(getattr(tokenizer, "all_special_tokens", ()) or ())))
-    markers = tuple(m for m in markers if m and m not in ("<unk>", "<pad>"))
+    markers = SpecialMarkers(tokenizer)
     seen: set[str] = set()
     for line, obj in read_jsonl(path):
         if isinstance(obj, Problem):
