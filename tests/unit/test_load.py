@@ -98,3 +98,25 @@ def test_a_gemma_tokenizer_drops_its_python_vocabulary_and_encodes_and_saves_the
     lean.save_pretrained(tmp_path / "lean")
     plain.save_pretrained(tmp_path / "plain")
     assert (tmp_path / "lean/tokenizer.json").read_bytes() == (tmp_path / "plain/tokenizer.json").read_bytes()
+
+
+def test_control_tokens_a_gguf_left_unflagged_are_not_printed_in_answers(tmp_path, tiny_model):
+    # The default model's GGUF marks Gemma 3's image markers as plain added tokens; decoded answers showed them.
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "from-gguf"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<start_of_image>", "<table>"])  # as the GGUF has them: neither flagged special
+    tokenizer.save_pretrained(folder)
+    model_config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**model_config, "vocab_size": len(tokenizer)}))
+    ids = tokenizer.encode("空<start_of_image><table>", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "空<start_of_image><table>"
+
+    loaded = load.load_tokenizer(load.resolve(str(folder), progress=False))
+    assert loaded.encode("空<start_of_image><table>", add_special_tokens=False) == ids  # the same tokens
+    assert loaded.decode(ids, skip_special_tokens=True) == "空<table>"  # <table> is text (an HTML tag)

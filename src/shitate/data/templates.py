@@ -24,9 +24,12 @@ SPECIAL_MARKERS = (
     "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
     "<|im_start|>", "<|im_end|>", "<|endoftext|>",
     "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    # Gemma 3's image markers: control tokens, but a GGUF file (the default model's) marks them as plain added ones.
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "[multimodal]",
+    "<image_soft_token>",
 )
+# Gemma 3's image markers: control tokens (special in Google's tokenizer.json), but a GGUF file, the default model's
+# among them, marks them as plain added ones. models/load.py flags them special again.
+GGUF_UNFLAGGED_CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>", "[multimodal]")
+SPECIAL_MARKERS += GGUF_UNFLAGGED_CONTROL_TOKENS
 # The shapes of control tokens' text: <…>, <|…|> or […] without spaces.
 _MARKUP = re.compile(r"<\|[^|\s]{1,64}\|>|<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
 
@@ -36,8 +39,7 @@ class SpecialMarkers:
 
     The tokenizer's named special tokens, and every added token it flags special (Gemma's 6,242 <unusedN> among
     them): an added token is matched in text before the vocabulary applies. Added tokens not flagged special are
-    text (Gemma's <table>, <h1>, whitespace runs); the few control tokens a GGUF file leaves unflagged are in
-    SPECIAL_MARKERS.
+    text (Gemma's <table>, <h1>, whitespace runs).
     """
 
     def __init__(self, tokenizer: Any = None) -> None:

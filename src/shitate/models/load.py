@@ -126,8 +126,21 @@ def load_tokenizer(source: ModelSource) -> Any:
     except OSError as err:
         raise _load_error(source, err) from None
     _check_vocabulary(source, tokenizer)
+    _flag_control_tokens(tokenizer)
     _drop_python_vocabulary(tokenizer)
     return tokenizer
+
+
+def _flag_control_tokens(tokenizer: Any) -> None:
+    """Flag special the control tokens a GGUF file left as plain added tokens, as the model's own tokenizer has them:
+    unflagged, decoding kept them, and the base model's answers read "…color<start_of_image>"."""
+    from shitate.data.templates import GGUF_UNFLAGGED_CONTROL_TOKENS
+
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    unflagged = [str(token) for token in added.values()
+                 if str(token) in GGUF_UNFLAGGED_CONTROL_TOKENS and not getattr(token, "special", True)]
+    if unflagged:
+        tokenizer.add_special_tokens({"extra_special_tokens": unflagged}, replace_extra_special_tokens=False)
 
 
 def _drop_python_vocabulary(tokenizer: Any) -> None:
