@@ -19,17 +19,17 @@ from shitate.errors import ConfigError
 Message = dict[str, str]
 IGNORE_INDEX = -100
 
-# Strings that mean "turn boundary" to some model family; inside content they corrupt training.
-SPECIAL_MARKERS = (
-    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<image_soft_token>",
-)
 # Gemma 3's image markers: control tokens (special in Google's tokenizer.json), but a GGUF file, the default model's
 # among them, marks them as plain added ones. models/load.py flags them special again.
 GGUF_UNFLAGGED_CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>", "[multimodal]")
-SPECIAL_MARKERS += GGUF_UNFLAGGED_CONTROL_TOKENS
+# Strings that mean "turn boundary" (or another control token) to some model family; inside content they corrupt
+# training.
+SPECIAL_MARKERS: tuple[str, ...] = (
+    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<image_soft_token>", *GGUF_UNFLAGGED_CONTROL_TOKENS,
+)
 # The shapes of control tokens' text: <…>, <|…|> or […] without spaces.
 _MARKUP = re.compile(r"<\|[^|\s]{1,64}\|>|<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
 
