@@ -198,6 +198,8 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
     with pytest.raises(openai.BadRequestError, match="messages.0.content.1 is a 'image_url' part.*text only"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
             {"type": "text", "text": "これは何?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+    with pytest.raises(openai.BadRequestError, match="messages.0.content.0.text: a text part needs its text"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "text"}]}])
 
 
 @pytest.mark.parametrize("setting", [{"logprobs": True}, {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
@@ -218,6 +220,8 @@ def test_settings_a_client_sends_by_default_are_accepted(client):
     assert reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="echo is not supported"):
         client.completions.create(model="tiny", prompt="a", max_tokens=2, echo=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):  # 0: the chosen token's own
+        client.completions.create(model="tiny", prompt="a", max_tokens=2, logprobs=0)
 
 
 def test_a_stream_ends_with_the_usage_when_asked(client):

@@ -214,10 +214,13 @@ def _chat_messages(messages: list[Message]) -> list[dict[str, str]]:
         content = message.content
         if not isinstance(content, str):
             for j, part in enumerate(content):
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if part.get("type") != "text":
                     raise RequestError(400, f"messages.{i}.content.{j} is a {part.get('type')!r} part; the models "
                                             "served here read text only: send {\"type\": \"text\", \"text\": …} "
                                             "parts or a string.", param=f"messages.{i}.content.{j}")
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"messages.{i}.content.{j}.text: a text part needs its text as a string",
+                                       param=f"messages.{i}.content.{j}.text")
             content = "\n".join(part["text"] for part in content)  # as vLLM joins text parts
         plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
     return plain
@@ -242,7 +245,7 @@ def _refuse_what_is_not_done(body: _Common) -> None:
     would look like success and quietly be less than what the client asked for."""
     fields = body.model_dump()
     asked = {
-        "logprobs": fields["logprobs"] not in (None, False, 0),
+        "logprobs": fields["logprobs"] is not None and fields["logprobs"] is not False,  # completions' 0 asks too
         "top_logprobs": bool(fields["top_logprobs"]),
         "presence_penalty": bool(fields["presence_penalty"]),
         "frequency_penalty": bool(fields["frequency_penalty"]),
