@@ -60,7 +60,7 @@ def data_import(
     from shitate.data.preference import PREFERENCE_FORMATS, import_preferences, looks_like_preferences
     from shitate.data.text import read_documents
     from shitate.errors import DataError, ShitateError
-    from shitate.progress import say
+    from shitate.progress import counted, say
 
     known = FORMATS + ("text",) + PREFERENCE_FORMATS
     if format not in known:
@@ -76,29 +76,30 @@ def data_import(
             raise ShitateError(f"{source}: no preference pairs found ({without_pair} records gave none, e.g. ties or "
                                "judgments whose two answer orders disagree)")
         count = write_jsonl(out, pairs)
-        say(f"Wrote {count} preference pairs to {out}" + (f"; {without_pair} records gave no pair (a tie, or the "
-                                                          "two judgment orders disagree)" if without_pair else "")
+        unpaired = (f"; {counted(without_pair, 'record')} gave no pair (a tie, or the two judgment orders disagree)"
+                    if without_pair else "")
+        say(f"Wrote {counted(count, 'preference pair')} to {out}{unpaired}"
             + (f"; {len(problems)} skipped" if problems else "") + ".")
         return
     if format == "text" and not source.is_dir() and source.suffix.lower() not in DOCUMENT_SUFFIXES:
         documents = read_documents(source)  # a text JSONL, checked and rewritten
         count = write_jsonl(out, ({"text": d.text, "source": d.source} for d in documents))
-        say(f"Wrote {count} text records to {out} (for stage pretrain).")
+        say(f"Wrote {counted(count, 'text record')} to {out} (for stage pretrain).")
         return
     if format in ("text", "auto") and (source.is_dir() or source.suffix.lower() in DOCUMENT_SUFFIXES):
         found, problems, files = import_documents(source, max_chars, overlap, skip_bad)
         for problem in problems:
             say(f"[yellow]skipped[/] {problem}")
         count = write_jsonl(out, (p.record() for p in found))
-        say(f"Wrote {count} passages from {files - len(problems)} of {files} files to {out} (text records: stage "
-            "pretrain reads them, `shitate data synth` makes questions from them)."
-            + (f" {len(problems)} files skipped." if problems else ""))
+        say(f"Wrote {counted(count, 'passage')} from {files - len(problems)} of {counted(files, 'file')} to {out} "
+            "(text records: stage pretrain reads them, `shitate data synth` makes questions from them)."
+            + (f" {counted(len(problems), 'file')} skipped." if problems else ""))
         return
     records, skipped = import_records(source, format, system, question_column, answer_column, skip_bad, encoding)
     for problem in skipped:
         say(f"[yellow]skipped[/] {problem}")
     count = write_jsonl(out, records)
-    say(f"Wrote {count} conversations to {out}" + (f" ({len(skipped)} skipped)" if skipped else "") + ".")
+    say(f"Wrote {counted(count, 'conversation')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else "") + ".")
 
 
 @data_app.command("check")
@@ -117,7 +118,7 @@ def data_check(
 ) -> None:
     """List every problem of a data file (file:line: field: what — fix) and its statistics; chats or raw text."""
     from shitate.data.validate import histogram
-    from shitate.progress import console
+    from shitate.progress import console, counted
     from shitate.workflow import check_data
 
     report, kind = check_data(file, model if tokens else None, template, max_length, system)
@@ -132,9 +133,10 @@ def data_check(
         console.print(f"[red]error[/] {problem}", highlight=False)
     for problem in report.warnings:
         console.print(f"[yellow]warning[/] {problem}", highlight=False)
-    console.print(f"\n[bold]{file}[/]: {report.records} valid {'documents' if text else 'pairs' if pairs else 'conversations'}, "
-                  f"{len(report.errors)} errors, "
-                  f"{len(report.warnings)} warnings, {report.duplicates} repeated.")
+    kind_noun = "document" if text else "pair" if pairs else "conversation"
+    console.print(f"\n[bold]{file}[/]: {counted(report.records, 'valid ' + kind_noun)}, "
+                  f"{counted(len(report.errors), 'error')}, {counted(len(report.warnings), 'warning')}, "
+                  f"{report.duplicates} repeated.")
     if report.turns:
         console.print("turns by role: " + ", ".join(f"{role} {n}" for role, n in sorted(report.turns.items())))
     if report.tokens:

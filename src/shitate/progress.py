@@ -50,6 +50,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """"1 error", "3 errors": a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def say(message: str) -> None:
     """Print a line for people (to stderr, so stdout stays machine-readable)."""
     if is_main_process():

@@ -50,7 +50,7 @@ def test_data_check_lists_each_broken_line(tmp_path):
     assert result.returncode == 1
     assert f"{path}:2: not valid JSON" in result.stderr
     assert f"{path}:3: messages[0].role: is 'usr'; expected one of system, user, assistant (did you mean user?)" in result.stderr
-    assert "1 valid conversations, 3 errors" in result.stderr
+    assert "1 valid conversation, 3 errors" in result.stderr
 
 
 def test_import_then_split_from_a_csv(tmp_path):

@@ -37,7 +37,7 @@ def test_check_train_and_chat_in_a_browser(tmp_path, tiny_model):
             # Data: upload the training file and read data check's verdict.
             page.locator("#data-file input[type=file]").set_input_files(str(tmp_path / "train.jsonl"))
             page.locator("#check").click()
-            page.locator("#check-result").get_by_text("24 valid chats, 0 errors").wait_for(timeout=60_000)
+            page.locator("#check-result").get_by_text("24 valid conversations, 0 errors").wait_for(timeout=60_000)
             # Train: three steps of the recipe, with the live progress the run folder reports.
             page.get_by_role("tab", name="学習 / Train").click()
             # The tab is drawn and its timer ticking before we type: a field filled while it mounts can be reset.

@@ -112,6 +112,7 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
 
     from shitate.config import load_recipe
     from shitate.models.inference import load_for_inference
+    from shitate.progress import counted
     from shitate.runs import RunFolder
     from shitate.workflow import check_data, evaluate_target
 
@@ -128,8 +129,10 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
         if file is None:
             return "ファイルを選んでください / Choose a file first."
         report, kind = check_data(Path(file), model or None)
-        lines = [f"**{Path(file).name}**: {report.records} valid {kind}, {len(report.errors)} errors, "
-                 f"{len(report.warnings)} warnings, {report.duplicates} repeated."]
+        noun = {"chats": "conversation", "pairs": "pair", "text": "document"}[kind]
+        lines = [f"**{Path(file).name}**: {counted(report.records, 'valid ' + noun)}, "
+                 f"{counted(len(report.errors), 'error')}, {counted(len(report.warnings), 'warning')}, "
+                 f"{report.duplicates} repeated."]
         lines += [f"- ❌ {p}" for p in report.errors[:50]] + [f"- ⚠️ {p}" for p in report.warnings[:50]]
         if report.lengths:
             lines.append(f"\ntokens per example: min {min(report.lengths)}, max {max(report.lengths)}, "
