@@ -163,3 +163,26 @@ def test_a_broken_line_that_opens_a_bracket_does_not_hide_the_lines_after_it(tmp
     path.write_text(f"[{good}\n{good}\n{{oops\n{good}\n", encoding="utf-8")
     records, problems = import_records(path, skip_bad=True)
     assert len(records) == 2 and [p.line for p in problems] == [1, 3]
+
+
+def test_weights_on_answers_are_kept_and_wrong_ones_named_with_their_line(tmp_path):
+    from shitate.data.validate import check_file
+
+    good = {"messages": [*QA, {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "weight": 1}]}
+    good["messages"][1] = {**QA[1], "weight": 0}
+    bad = [{"messages": [{**QA[0], "weight": 0}, QA[1]]},
+           {"messages": [QA[0], {**QA[1], "weight": 0.5}]},
+           {"messages": [QA[0], {**QA[1], "weight": 0}]},
+           {"messages": QA, "weight": 0}]
+    path = tmp_path / "weighted.jsonl"
+    write_jsonl(path, [good, *bad])
+    expected = [f"{path}:2: messages[0].weight: is set on a user message",
+                f"{path}:3: messages[1].weight: is 0.5",
+                f"{path}:4: messages: has no trained turn: every assistant weight is 0",
+                f"{path}:5: weight: is set on the record"]
+    assert [str(p).split(" — ")[0] for p in check_file(path).errors] == expected
+    with pytest.raises(DataError) as refused:  # training reads the file the same way
+        read_chat(path)
+    assert [str(p).split(" — ")[0] for p in refused.value.problems] == expected
+    path.write_text(json.dumps(good) + "\n")
+    assert read_chat(path)[0][1] == good  # the weights survive reading (and `data import`, which uses the same)

@@ -91,3 +91,15 @@ def test_each_template_s_jinja_renders_the_same_bytes_as_training(tokenizer, nam
             rendered = tokenizer.apply_chat_template(messages, chat_template=template.jinja, tokenize=False,
                                                      add_generation_prompt=generation_prompt)
             assert rendered == template(messages, add_generation_prompt=generation_prompt), (messages, generation_prompt)
+
+
+def test_an_answer_with_weight_0_stays_in_the_context_but_out_of_the_loss(template):
+    # OpenAI's fine-tuning format: {"role": "assistant", "content": …, "weight": 0} is context only.
+    chat_template, tokenizer = template
+    weighted = [dict(m) for m in CONVERSATION]
+    first_answer = next(i for i, m in enumerate(weighted) if m["role"] == "assistant")
+    weighted[first_answer]["weight"] = 0
+    example = encode_chat(weighted, tokenizer, chat_template, max_length=10_000)
+    later = [m["content"] + chat_template.end_of_turn for m in CONVERSATION[first_answer + 1:] if m["role"] == "assistant"]
+    assert masked_runs(example, tokenizer) == later
+    assert example["input_ids"] == encode_chat(CONVERSATION, tokenizer, chat_template, 10_000)["input_ids"]

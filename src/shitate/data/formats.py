@@ -1,7 +1,8 @@
 """Readers for the formats people have, and the one canonical chat JSONL we train on.
 
 Canonical record: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-with optional "context" (a passage placed before the first question).
+with optional "context" (a passage placed before the first question), and on an assistant message
+an optional "weight" of 0 or 1 (OpenAI's fine-tuning format: 0 keeps that turn in the context but out of the loss).
 """
 
 from __future__ import annotations
@@ -212,6 +213,33 @@ def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
     return value.strip()
 
 
+def turn_weight(message: dict[str, Any], where: str) -> int | None:
+    """The `weight` of a message as OpenAI's fine-tuning format has it, or None where it has none: on an assistant
+    message, 0 (in the context, not trained) or 1 (trained, as without a weight)."""
+    if "weight" not in message:
+        return None
+    weight = message["weight"]
+    if message.get("role") != "assistant":
+        raise RecordError(f"{where}.weight", f"is set on a {message.get('role')} message",
+                          "only assistant messages carry a weight (0: not trained, 1: trained); remove it")
+    if isinstance(weight, str) or weight not in (0, 1):
+        raise RecordError(f"{where}.weight", f"is {weight!r}", "use 0 (the turn stays in the context but is not "
+                          "trained) or 1 (trained, as without a weight)")
+    return int(weight)
+
+
+def trained_turn_problem(record: dict[str, Any]) -> RecordError | None:
+    """A record whose weights leave nothing to learn, or that carries a weight where OpenAI's format has none."""
+    if "weight" in record:
+        return RecordError("weight", "is set on the record", 'OpenAI\'s format puts it on an assistant message: '
+                           '{"role": "assistant", "content": …, "weight": 0}')
+    weights = [m.get("weight", 1) for m in record["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+    if weights and not any(weights):
+        return RecordError("messages", "has no trained turn: every assistant weight is 0",
+                           "set weight 1 on the answer to learn, or drop the record")
+    return None
+
+
 def _chat(record: dict[str, Any]) -> dict[str, Any]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -223,7 +251,14 @@ def _chat(record: dict[str, Any]) -> dict[str, Any]:
         role = message.get("role")
         if role not in ROLES:
             raise RecordError(f"messages[{i}].role", f"is {role!r}", "expected one of system, user, assistant")
-        out.append({"role": role, "content": _text(message, "content")})
+        turn: dict[str, Any] = {"role": role, "content": _text(message, "content")}
+        weight = turn_weight(message, f"messages[{i}]")
+        if weight is not None:
+            turn["weight"] = weight
+        out.append(turn)
+    problem = trained_turn_problem({**record, "messages": out})
+    if problem:
+        raise problem
     converted: dict[str, Any] = {"messages": out}
     if record.get("context"):
         converted["context"] = _text(record, "context")

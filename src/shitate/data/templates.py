@@ -201,12 +201,13 @@ def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[st
     """Render a conversation and return the character spans the model is trained to produce.
 
     Each span is an assistant turn's text plus its end-of-turn marker, found by rendering
-    the conversation with and without that turn.
+    the conversation with and without that turn. A turn with weight 0 (OpenAI's format) stays
+    in the text but has no span.
     """
     text = template(messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
         prompt = template(messages[:i], add_generation_prompt=True)
         through_turn = template(messages[: i + 1])

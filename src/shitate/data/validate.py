@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shitate.data.formats import ROLES, detect_format, read_jsonl
+from shitate.data.formats import ROLES, RecordError, detect_format, read_jsonl, trained_turn_problem, turn_weight
 from shitate.data.templates import ChatTemplate, SpecialMarkers, encode_chat
 from shitate.errors import Problem
 
@@ -54,6 +54,10 @@ def _message_problems(path: Path, line: int, messages: Any, markers: SpecialMark
             for marker in markers.found_in(content):
                 problems.append(Problem(path, line, f"{where}.content", f"contains the special token string {marker!r}",
                                         "remove it: templates add turn markers themselves"))
+        try:
+            turn_weight(message, where)
+        except RecordError as err:
+            problems.append(Problem(path, line, err.field, err.message, err.fix))
     roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in ROLES]
     turns = [r for r in roles if r != "system"]
     if turns and turns[0] != "user":
@@ -88,6 +92,9 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
             report.errors.append(Problem(path, line, "messages", "missing", fix))
             continue
         problems = _message_problems(path, line, obj["messages"], markers)
+        unweighted = None if problems else trained_turn_problem(obj)
+        if unweighted:
+            problems.append(Problem(path, line, unweighted.field, unweighted.message, unweighted.fix))
         if problems:
             report.errors.extend(problems)
             continue
