@@ -173,16 +173,22 @@ def test_weights_on_answers_are_kept_and_wrong_ones_named_with_their_line(tmp_pa
     bad = [{"messages": [{**QA[0], "weight": 0}, QA[1]]},
            {"messages": [QA[0], {**QA[1], "weight": 0.5}]},
            {"messages": [QA[0], {**QA[1], "weight": 0}]},
-           {"messages": QA, "weight": 0}]
+           {"messages": QA, "weight": 0},
+           {"messages": QA, "weight": 2}]
     path = tmp_path / "weighted.jsonl"
     write_jsonl(path, [good, *bad])
     expected = [f"{path}:2: messages[0].weight: is set on a user message",
                 f"{path}:3: messages[1].weight: is 0.5",
                 f"{path}:4: messages: has no trained turn: every assistant weight is 0",
-                f"{path}:5: weight: is set on the record"]
+                f"{path}:5: messages: has no trained turn: every assistant weight is 0",
+                f"{path}:6: weight: is 2"]
     assert [str(p).split(" — ")[0] for p in check_file(path).errors] == expected
     with pytest.raises(DataError) as refused:  # training reads the file the same way
         read_chat(path)
     assert [str(p).split(" — ")[0] for p in refused.value.problems] == expected
     path.write_text(json.dumps(good) + "\n")
     assert read_chat(path)[0][1] == good  # the weights survive reading (and `data import`, which uses the same)
+    # A weight on the record (the design's chat format) is the default of the answers that have none.
+    path.write_text(json.dumps({"messages": [*QA, {"role": "user", "content": "Q2"},
+                                             {"role": "assistant", "content": "A2", "weight": 1}], "weight": 0}) + "\n")
+    assert [m.get("weight") for m in read_chat(path)[0][1]["messages"]] == [None, 0, None, 1]

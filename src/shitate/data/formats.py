@@ -228,12 +228,22 @@ def turn_weight(message: dict[str, Any], where: str) -> int | None:
     return int(weight)
 
 
+def record_weight(record: dict[str, Any]) -> int | None:
+    """A `weight` on the record (the design's chat format has one): the weight of its assistant messages that
+    carry none of their own."""
+    if "weight" not in record:
+        return None
+    try:
+        return turn_weight({"role": "assistant", "weight": record["weight"]}, "record")
+    except RecordError as err:
+        raise RecordError("weight", err.message, err.fix) from None
+
+
 def trained_turn_problem(record: dict[str, Any]) -> RecordError | None:
-    """A record whose weights leave nothing to learn, or that carries a weight where OpenAI's format has none."""
-    if "weight" in record:
-        return RecordError("weight", "is set on the record", 'OpenAI\'s format puts it on an assistant message: '
-                           '{"role": "assistant", "content": …, "weight": 0}')
-    weights = [m.get("weight", 1) for m in record["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+    """A record whose weights leave nothing to learn."""
+    default = record_weight(record)
+    weights = [m.get("weight", 1 if default is None else default) for m in record["messages"]
+               if isinstance(m, dict) and m.get("role") == "assistant"]
     if weights and not any(weights):
         return RecordError("messages", "has no trained turn: every assistant weight is 0",
                            "set weight 1 on the answer to learn, or drop the record")
@@ -253,10 +263,12 @@ def _chat(record: dict[str, Any]) -> dict[str, Any]:
             raise RecordError(f"messages[{i}].role", f"is {role!r}", "expected one of system, user, assistant")
         turn: dict[str, Any] = {"role": role, "content": _text(message, "content")}
         weight = turn_weight(message, f"messages[{i}]")
+        if weight is None and role == "assistant":
+            weight = record_weight(record)
         if weight is not None:
             turn["weight"] = weight
         out.append(turn)
-    problem = trained_turn_problem({**record, "messages": out})
+    problem = trained_turn_problem({"messages": out})
     if problem:
         raise problem
     converted: dict[str, Any] = {"messages": out}

@@ -92,9 +92,13 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
             report.errors.append(Problem(path, line, "messages", "missing", fix))
             continue
         problems = _message_problems(path, line, obj["messages"], markers)
-        unweighted = None if problems else trained_turn_problem(obj)
-        if unweighted:
-            problems.append(Problem(path, line, unweighted.field, unweighted.message, unweighted.fix))
+        if not problems:
+            try:
+                unweighted = trained_turn_problem(obj)
+            except RecordError as err:  # a record-level weight of another value
+                unweighted = err
+            if unweighted:
+                problems.append(Problem(path, line, unweighted.field, unweighted.message, unweighted.fix))
         if problems:
             report.errors.extend(problems)
             continue
