@@ -62,9 +62,9 @@ def test_packed_loss_equals_padded_loss(packed_model, tokenizer):
     batch = examples(tokenizer, 8)
     loss = AnswerLoss(packed_model)
     with torch.no_grad():
-        packed_total, packed_count = loss(**pack_batch(batch, 100, 0, "cpu"))  # several rows, with padding tails
-        padded_total, padded_count = loss(**pad_batch(batch, 0, "cpu"))
-    assert packed_count == padded_count
+        packed_total, packed_count, packed_stats = loss(**pack_batch(batch, 100, 0, "cpu"))  # rows with padding tails
+        padded_total, padded_count, padded_stats = loss(**pad_batch(batch, 0, "cpu"))
+    assert packed_count == padded_count and packed_stats == padded_stats
     torch.testing.assert_close(packed_total / packed_count, padded_total / padded_count, rtol=1e-5, atol=1e-5)
 
 

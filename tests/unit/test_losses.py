@@ -31,6 +31,9 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     torch.manual_seed(1)
     input_ids = torch.randint(5, 600, (3, 24))
+    with torch.no_grad():  # a greedy stretch, so that some answer tokens are the model's first choice
+        for t in range(13, 17):
+            input_ids[:, t + 1] = model(input_ids=input_ids[:, :t + 1]).logits[:, -1].argmax(-1)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[2, 18:] = 0  # a padded row
     labels = input_ids.clone()
@@ -39,12 +42,21 @@ def test_answer_loss_equals_the_models_own_loss_and_gradients(tiny_model):
 
     reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     reference_grads = torch.autograd.grad(reference, list(model.parameters()))
-    total, count = AnswerLoss(model, chunk_size=7)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    total, count, stats = AnswerLoss(model, chunk_size=7)(input_ids=input_ids, attention_mask=attention_mask,
+                                                          labels=labels)
     ours = total / count
     grads = torch.autograd.grad(ours, list(model.parameters()))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Token accuracy: the answer tokens the model ranks first, as argmax over the full logits counts them.
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    answered = targets != IGNORE_INDEX
+    expected = (logits.argmax(-1) == targets)[answered].sum()
+    assert 0 < int(expected) < int(count)  # a random tiny model gets some right: the check can tell them apart
+    assert int(stats["token_accuracy"]) == int(expected)
 
 
 def test_vocabulary_blocks_give_the_same_loss_and_gradients(monkeypatch):

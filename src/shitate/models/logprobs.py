@@ -49,7 +49,7 @@ def loss_workspace_bytes(device: torch.device | str, hidden_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """CE(softcap(h_i W^T), y_i) for every row i — summed, or per row — with the hidden states' gradient taken in
-    forward, on the way.
+    forward, on the way; and beside it, the rows whose target is the likeliest token (counted, or per row).
 
     The output layer's gradient (full fine-tuning) mixes rows and needs each row's final normaliser, so it
     is computed in backward, one more pass over the output layer, and only when the output layer trains.
@@ -57,28 +57,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, softcap: float | None, per_row: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, softcap: float | None, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         w = weight.to(compute_dtype)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        row_max, sums = torch.empty_like(losses), torch.empty_like(losses)
+        row_max, sums, target_logits = torch.empty_like(losses), torch.empty_like(losses), torch.empty_like(losses)
         # Even chunks (130 rows in two of 65, not 128 + 2): each chunk streams the whole output layer.
         chunk_size = math.ceil(hidden.shape[0] / max(1, math.ceil(hidden.shape[0] / chunk_size)))
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows].to(compute_dtype)
-            losses[rows], row_max[rows], sums[rows], grad = _online_softmax_pass(h, w, targets[rows], softcap,
-                                                                                 need_hidden)
+            losses[rows], row_max[rows], sums[rows], target_logits[rows], grad = _online_softmax_pass(
+                h, w, targets[rows], softcap, need_hidden)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad.to(hidden.dtype)
         ctx.save_for_backward(grad_hidden, *((hidden, weight, targets, row_max, sums) if need_weight else ()))
         ctx.weight_dtype, ctx.per_row, ctx.need_weight = weight.dtype, per_row, need_weight
         ctx.settings = (chunk_size, compute_dtype, softcap)
-        return losses if per_row else losses.sum()
+        # The target is the likeliest token where its logit is the row's maximum: the same floats, compared exactly.
+        hits = target_logits >= row_max
+        ctx.mark_non_differentiable(hits)
+        return (losses, hits) if per_row else (losses.sum(), hits.sum())
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_output: torch.Tensor, _grad_hits: Any) -> tuple[Any, ...]:
         grad_hidden, *inputs = ctx.saved_tensors
         scale = grad_output[:, None] if ctx.per_row else grad_output
         grad_weight = None
@@ -114,9 +117,9 @@ def _target_logits_in(logits: torch.Tensor, targets: torch.Tensor, start: int) -
 
 
 def _online_softmax_pass(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over the output layer for a chunk of rows: (losses, row maxima, sums of exp(logit − max),
-    d loss / d h in fp32 — or an empty tensor when not needed)."""
+                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over the output layer for a chunk of rows: (losses, row maxima, sums of exp(logit − max), target
+    logits, d loss / d h in fp32 — or an empty tensor when not needed)."""
     rows = h.shape[0]
     row_max = torch.full((rows,), -math.inf, dtype=torch.float32, device=h.device)
     sums = torch.zeros(rows, dtype=torch.float32, device=h.device)
@@ -142,7 +145,7 @@ def _online_softmax_pass(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
         if softcap:
             target_weights.mul_((1.0 - (target_logits / softcap) ** 2)[:, None])
         weighted.div_(sums[:, None]).sub_(target_weights)
-    return losses, row_max, sums, weighted
+    return losses, row_max, sums, target_logits, weighted
 
 
 def _weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
@@ -171,8 +174,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          softcap: float | None = None, per_row: bool = False) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows (by default as suits the device):
     summed, or one value per row."""
+    return linear_cross_entropy_and_hits(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)[0]
+
+
+def linear_cross_entropy_and_hits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  chunk_size: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                                  softcap: float | None = None, per_row: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_cross_entropy, and how many rows' target is the likeliest token (or, per row, whether it is): the
+    token accuracy that OpenAI's fine-tuning and TRL report, from the same pass."""
     chunk_size = chunk_size or loss_chunk_rows(hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
+    loss, hits = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
+    return loss, hits
 
 
 def decoder_states(causal_lm: Any, input_ids: torch.Tensor, attention_mask: Any = None,

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shitate.data.templates import IGNORE_INDEX
-from shitate.models.logprobs import decoder_states, linear_cross_entropy
+from shitate.models.logprobs import decoder_states, linear_cross_entropy_and_hits
 
 
 class AnswerLoss(nn.Module):
-    """Wraps a causal LM so that forward returns (summed answer loss, number of answer tokens).
+    """Wraps a causal LM so that forward returns (summed answer loss, number of answer tokens, {"token_accuracy":
+    how many of them the model ranks first}) — validation reports the accuracy's mean per token.
 
     Being a module (not a function) lets DDP/FSDP wrap it and sync gradients as usual.
     """
@@ -29,15 +30,15 @@ class AnswerLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                packed_lengths: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                packed_lengths: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         base, states = decoder_states(self.causal_lm, input_ids, attention_mask, position_ids, packed_lengths)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = states[:, :-1][keep]
         softcap = getattr(base.config, "final_logit_softcapping", None)
-        total = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets[keep], self.chunk_size,
-                                     self.compute_dtype, softcap)
-        return total, keep.sum()
+        total, hits = linear_cross_entropy_and_hits(hidden, base.get_output_embeddings().weight, targets[keep],
+                                                    self.chunk_size, self.compute_dtype, softcap)
+        return total, keep.sum(), {"token_accuracy": hits}
 
 
 # --- preference losses: per pair, on summed (or mean) answer log-probabilities -------------------------------------

@@ -100,8 +100,8 @@ def encode_documents(documents: list[Document], tokenizer: Any) -> list[list[int
 
 
 def perplexity_metrics(loss: float, stats: dict[str, float]) -> dict[str, float]:
-    """Validation loss per token and its perplexity (exp of it)."""
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    """Validation loss per token, its perplexity (exp of it), and the other statistics (token accuracy)."""
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), **{f"val_{k}": v for k, v in stats.items()}}
 
 
 def _make_batch(rows: list[Example], device: Any, pad_id: int) -> dict[str, Any]:
