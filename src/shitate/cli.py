@@ -430,7 +430,8 @@ def generate(
 @app.command()
 def chat(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    system: str | None = typer.Option(None, help="system prompt"),
+    system: str | None = typer.Option(None, help="system prompt (a run folder brings the one it trained with; "
+                                                 "--system '' for none)"),
     template: str = typer.Option("auto", help="chat template (a run folder brings its own)"),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
@@ -443,8 +444,10 @@ def chat(
 
     loaded = load_for_inference(model, template)
     spec = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature)
+    system = loaded.system if system is None else system
     messages = [{"role": "system", "content": system}] if system else []
-    console.print(f"[dim]{model} ({loaded.template.name} template). Empty line to quit.[/]")
+    console.print(f"[dim]{model} ({loaded.template.name} template"
+                  + (f"; system prompt: {system}" if system else "") + "). Empty line to quit.[/]", highlight=False)
     while True:
         try:
             question = console.input("[bold green]you>[/] ").strip()

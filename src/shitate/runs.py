@@ -91,6 +91,10 @@ class RunFolder:
         raw = yaml.safe_load(self.recipe_file.read_text(encoding="utf-8")) or {}
         return raw.get(key, default)
 
+    def system_prompt(self) -> str | None:
+        """The system prompt the run trained with (its recipe's data.system), which its answers expect."""
+        return (self.recipe_setting("data", {}) or {}).get("system")
+
     def unfinished_error(self) -> ModelError:
         return ModelError(f"{self.path}: this run has no final adapter yet (it did not finish). "
                           f"Resume it with `shitate train {self.recipe_file} --resume --out {self.path}`.")

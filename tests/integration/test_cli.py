@@ -81,6 +81,43 @@ def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
     assert result.exit_code == 0 and result.stdout.startswith("なんで")
 
 
+def test_chat_and_serve_with_a_run_use_the_system_prompt_it_trained_with(tmp_path, tiny_model, monkeypatch):
+    import shitate.models.inference as inference
+    from shitate.models.inference import with_system
+
+    recipe = make_recipe(tmp_path, tiny_model)  # its data.system: 子ども向けに答えてね。
+    assert runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")]).exit_code == 0
+    seen = []
+
+    def recording(loaded, messages, spec):
+        seen.append([dict(m) for m in messages])
+        yield "はい"
+
+    monkeypatch.setattr(inference, "stream_answer", recording)
+    for extra in ([], ["--system", ""], ["--system", "ていねいに"]):
+        result = runner.invoke(app, ["chat", str(tmp_path / "run"), *extra], input="なんで空は青いの?\n\n")
+        assert result.exit_code == 0, result.output
+    systems = [[m["content"] for m in messages if m["role"] == "system"] for messages in seen]
+    assert systems == [["子ども向けに答えてね。"], [], ["ていねいに"]]
+    assert "system prompt: 子ども向けに答えてね。" in runner.invoke(app, ["chat", str(tmp_path / "run")], input="\n").output
+    # The server's prompts: the run's system prompt where a request has none, the request's own where it has one.
+    from types import SimpleNamespace
+
+    from shitate.serve.engine import Engine
+
+    loaded = inference.load_for_inference(str(tmp_path / "run"))
+    asked = [{"role": "user", "content": "a"}]
+    own = [{"role": "system", "content": "T"}, *asked]
+    engine = SimpleNamespace(loaded=loaded)  # chat_prompt reads only the loaded model: no batcher needed
+
+    def tokens(messages):
+        return loaded.tokenizer(loaded.template(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    assert Engine.chat_prompt(engine, asked) == tokens([{"role": "system", "content": "子ども向けに答えてね。"}, *asked])
+    assert Engine.chat_prompt(engine, own) == tokens(own)
+    assert with_system(asked, None) == asked
+
+
 def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_conversation(tiny_model, monkeypatch):
     import shitate.models.inference as inference
 

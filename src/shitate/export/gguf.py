@@ -103,8 +103,7 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
     writer.close()
     partial.rename(out)
     if modelfile:
-        data = RunFolder(source.run).recipe_setting("data", {}) if source.run is not None else {}
-        _write_modelfile(folder, out, template, (data or {}).get("system"))
+        _write_modelfile(folder, out, template, RunFolder(source.run).system_prompt() if source.run is not None else None)
     return out
 
 

@@ -130,7 +130,7 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
 
     reference = load_for_inference(str(run), dtype=torch.float32)
     tokenizer, template = reference.tokenizer, reference.template
-    system = (RunFolder(run).recipe_setting("data", {}) or {}).get("system")
+    system = RunFolder(run).system_prompt()
     opening = [{"role": "system", "content": system}] if system else []
     prompts = [tokenizer(template(opening + [{"role": "user", "content": p}], add_generation_prompt=True),
                          add_special_tokens=False, return_tensors="pt")["input_ids"] for p in PROBES]

@@ -30,6 +30,14 @@ class LoadedModel:
     tokenizer: Any
     template: ChatTemplate
     source: ModelSource
+    system: str | None = None  # a run's system prompt from training: what chat and serve use when none is given
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """messages with `system` first where they have no system message of their own."""
+    if not system or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
 
 
 def load_for_inference(reference: str, template: str = "auto", dtype: Any = None) -> LoadedModel:
@@ -44,7 +52,8 @@ def load_for_inference(reference: str, template: str = "auto", dtype: Any = None
         # Not merged: folding a LoRA delta into bf16 weights would round part of it away.
         model = load_model(source, dtype=dtype).to(device).eval()
     chat_template = get_template(template, tokenizer, model.config.model_type)
-    return LoadedModel(reference, model, tokenizer, chat_template, source)
+    system = RunFolder(source.run).system_prompt() if source.run is not None else None
+    return LoadedModel(reference, model, tokenizer, chat_template, source, system)
 
 
 class _InFlight:

@@ -25,7 +25,7 @@ from typing import Any
 from shitate.config import GenerateSpec
 from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
-from shitate.models.inference import LoadedModel
+from shitate.models.inference import LoadedModel, with_system
 
 PAGE_TOKENS = 256
 
@@ -149,7 +149,9 @@ class Engine:
 
     # --- prompts -------------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.loaded.template(messages, add_generation_prompt=True)
+        """The prompt's tokens; a run folder's system prompt goes first when the request has none (as an Ollama
+        Modelfile's SYSTEM does: the run was trained with it, and answers without it drift from what it learned)."""
+        text = self.loaded.template(with_system(messages, self.loaded.system), add_generation_prompt=True)
         return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt(self, prompt: str) -> list[int]:

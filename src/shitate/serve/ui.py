@@ -160,7 +160,7 @@ def build(base: str, tuned: str | None = None, recipes: list[Path] | None = None
         # Both sides get the tuned run's system prompt, as `shitate compare` gives them.
         system = None
         if state["tuned"] and RunFolder(state["tuned"]).recipe_file.is_file():
-            system = (RunFolder(state["tuned"]).recipe_setting("data", {}) or {}).get("system")
+            system = RunFolder(state["tuned"]).system_prompt()
         tuned_model = loaded(state["tuned"]) if state["tuned"] else None
         yield from stream_both(message, base_history, tuned_history, loaded(base), tuned_model, system)
 
