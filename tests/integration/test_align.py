@@ -62,6 +62,11 @@ def test_each_preference_stage_moves_the_model_towards_the_chosen_answers(tmp_pa
     assert after[accuracy] == 1.0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stage"] == stage and manifest[accuracy[4:]]["after"] == 1.0
+    # Each step logs the same statistics on its own pairs, as TRL's trainers do: they move the same way.
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    moved = [step[statistic[4:]] for step in steps]
+    assert len(moved) == len(steps) > 2
+    assert (moved[-1] < moved[0]) if stage == "orpo" else (moved[-1] > moved[0])
     if stage == "reward":
         assert (run / "adapter" / "reward_head.safetensors").is_file()
 

@@ -60,6 +60,11 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(tmp_path, tin
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     validation = [m["val_loss"] for m in metrics(run) if "val_loss" in m]
     assert len(validation) == 4 and validation[-1] < validation[0]
+    # Token accuracy, logged each step and at each validation as TRL and OpenAI's fine-tuning report it: it rises.
+    accuracy = [m["token_accuracy"] for m in metrics(run) if "loss" in m]
+    held_out = [m["val_token_accuracy"] for m in metrics(run) if "val_loss" in m]
+    assert len(accuracy) == 12 and all(0 <= a <= 1 for a in accuracy + held_out)
+    assert sum(accuracy[-3:]) / 3 > sum(accuracy[:3]) / 3 + 0.03 and held_out[-1] > held_out[0]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["train"]["records"] == 24 and len(manifest["data"]["train"]["sha256"]) == 64
     assert manifest["template"] == "gemma" and manifest["steps"] == 12 and "finished" in manifest
