@@ -184,8 +184,7 @@ def linear_cross_entropy_and_hits(hidden: torch.Tensor, weight: torch.Tensor, ta
     """linear_cross_entropy, and how many rows' target is the likeliest token (or, per row, whether it is): the
     token accuracy that OpenAI's fine-tuning and TRL report, from the same pass."""
     chunk_size = chunk_size or loss_chunk_rows(hidden.device)
-    loss, hits = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
-    return loss, hits
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, softcap, per_row)
 
 
 def decoder_states(causal_lm: Any, input_ids: torch.Tensor, attention_mask: Any = None,
