@@ -63,8 +63,24 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(tmp_path, tin
     # Token accuracy, logged each step and at each validation as TRL and OpenAI's fine-tuning report it: it rises.
     accuracy = [m["token_accuracy"] for m in metrics(run) if "loss" in m]
     held_out = [m["val_token_accuracy"] for m in metrics(run) if "val_loss" in m]
-    assert len(accuracy) == 12 and all(0 <= a <= 1 for a in accuracy + held_out)
+    assert len(accuracy) == 12 and len(held_out) == 4
     assert sum(accuracy[-3:]) / 3 > sum(accuracy[:3]) / 3 + 0.03 and held_out[-1] > held_out[0]
+    # The last one is the share of validation answer tokens that argmax over the tuned model's full logits gets right.
+    from shitate.data.formats import conversation, read_chat
+    from shitate.data.templates import IGNORE_INDEX, encode_chat
+    from shitate.models.inference import load_for_inference
+
+    tuned = load_for_inference(str(run), dtype=torch.float32)
+    right = total = 0
+    with torch.no_grad():
+        for _, record in read_chat(tmp_path / "validation.jsonl"):
+            example = encode_chat(conversation(record, "子ども向けに答えてね。"), tuned.tokenizer, tuned.template, 96)
+            logits = tuned.model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            answered = targets != IGNORE_INDEX
+            right += int((logits.argmax(-1) == targets)[answered].sum())
+            total += int(answered.sum())
+    assert 0 < right < total and abs(held_out[-1] - right / total) <= 1 / total
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["train"]["records"] == 24 and len(manifest["data"]["train"]["sha256"]) == 64
     assert manifest["template"] == "gemma" and manifest["steps"] == 12 and "finished" in manifest

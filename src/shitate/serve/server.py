@@ -243,18 +243,21 @@ _NOT_DONE = {
 def _refuse_what_is_not_done(body: _Common) -> None:
     """A 400 naming the first setting that asks for something this server does not do: an answer without it
     would look like success and quietly be less than what the client asked for."""
-    fields = body.model_dump()
+    def given(name: str) -> Any:  # chat and completion requests each have their own of these settings
+        return getattr(body, name, None)
+
+    logprobs = given("logprobs")
     asked = {
-        "logprobs": fields["logprobs"] is not None and fields["logprobs"] is not False,  # completions' 0 asks too
-        "top_logprobs": bool(fields["top_logprobs"]),
-        "presence_penalty": bool(fields["presence_penalty"]),
-        "frequency_penalty": bool(fields["frequency_penalty"]),
-        "logit_bias": bool(fields["logit_bias"]),
-        "response_format": (fields.get("response_format") or {"type": "text"}).get("type") != "text",
-        "tools": bool(fields.get("tools")) and fields.get("tool_choice") != "none",
-        "echo": bool(fields.get("echo")),
-        "best_of": fields.get("best_of") not in (None, 1, body.n),
-        "suffix": bool(fields.get("suffix")),
+        "logprobs": logprobs is not None and logprobs is not False,  # completions' 0 asks too
+        "top_logprobs": bool(given("top_logprobs")),
+        "presence_penalty": bool(given("presence_penalty")),
+        "frequency_penalty": bool(given("frequency_penalty")),
+        "logit_bias": bool(given("logit_bias")),
+        "response_format": (given("response_format") or {"type": "text"}).get("type") != "text",
+        "tools": bool(given("tools")) and given("tool_choice") != "none",
+        "echo": bool(given("echo")),
+        "best_of": given("best_of") not in (None, 1, body.n),
+        "suffix": bool(given("suffix")),
     }
     for name, wanted in asked.items():
         if wanted:
