@@ -94,3 +94,26 @@ def test_a_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("4bit" in type(m).__name__ for m in model.modules())
     assert all(p.dtype == __import__("torch").float32 for p in model.parameters())
+
+
+def test_a_run_on_a_llama_gguf_exports_a_gguf_that_reads_back_as_the_merged_model(tmp_path, monkeypatch,
+                                                                                   tiny_llama_gguf, tokenizer):
+    # llama.cpp keeps a Llama's query and key rows permuted; written in transformers' order, every head's rotary
+    # position was scrambled in the file (at the first position rotation is the identity, so early tokens agreed).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SHITATE_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, tiny_llama_gguf[1]), run).exit_code == 0
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(run), "--out", str(out), "--dtype", "fp32", "--gguf", "f16"])
+    assert result.exit_code == 0, result.output
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("なんで夕焼けは赤いの? 空が青いのはなぜ?", add_special_tokens=False)])
+    assert ids.shape[1] >= 16
+    with torch.inference_mode():
+        expected, got = merged(ids).logits, from_gguf(ids).logits
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()  # f16 rounding of the weights, nothing more

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from shitate.models import load
 
 
@@ -120,3 +122,27 @@ def test_control_tokens_a_gguf_left_unflagged_are_not_printed_in_answers(tmp_pat
     loaded = load.load_tokenizer(load.resolve(str(folder), progress=False))
     assert loaded.encode("空<start_of_image><table>", add_special_tokens=False) == ids  # the same tokens
     assert loaded.decode(ids, skip_special_tokens=True) == "空<table>"  # <table> is text (an HTML tag)
+
+
+def test_a_users_llama_gguf_converts_to_the_model_and_vocabulary_it_holds(tmp_path, monkeypatch, tiny_llama_gguf,
+                                                                          tokenizer):
+    # Not the default Gemma: a Llama-family file, as Llama 3, ELYZA or Swallow GGUFs are (byte-level vocabulary,
+    # llama.cpp's order of query and key rows). transformers' reader added GPT-2's <|endoftext|> past the end of the
+    # vocabulary, and the vocabulary check refused the file.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SHITATE_HOME", str(tmp_path / "home"))
+    folder, gguf_file = tiny_llama_gguf
+    source = load.resolve(str(gguf_file), progress=False)
+    assert source.kind == "gguf" and Path(source.folder).parent == tmp_path / "home" / "models"
+
+    converted = load.load_tokenizer(source)
+    text = "なんで空は青いの?<end_of_turn>"
+    assert len(converted) == len(tokenizer) == 600
+    assert converted.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model = load.load_model(source, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=0)

@@ -90,6 +90,9 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
             data = tensors.get_tensor(hf_name).float().numpy()
             if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
                 data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w)
+            if arch == "llama" and stem.endswith(("q_proj", "k_proj")):
+                heads = config["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"]
+                data = interleave_rotary_halves(data, heads)
             data, qtype = _encode(data, kind, gguf, np)
             writer.add_tensor(name, data, raw_dtype=qtype)
             written.add(name)
@@ -105,6 +108,15 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
     if modelfile:
         _write_modelfile(folder, out, template, RunFolder(source.run).system_prompt() if source.run is not None else None)
     return out
+
+
+def interleave_rotary_halves(weights: Any, heads: int) -> Any:
+    """Llama's query or key rows in llama.cpp's order (its convert_hf_to_gguf.py permutes them so): within each head,
+    the rows of the two rotary halves interleaved. transformers undoes this when it reads a llama GGUF; a file
+    written in transformers' order reads back with every head's rotation scrambled (Llama 3, Mistral, ELYZA and
+    Swallow GGUFs are all `llama` files)."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
 
 
 def _copy_metadata(reader: Any, writer: Any) -> None:

@@ -86,11 +86,36 @@ def convert_gguf(gguf: Path, name: str | None = None, progress: bool = True) -> 
         try:
             model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            _drop_invented_tokens(staging, gguf)
             (staging / "SOURCE").write_text(f"{gguf.resolve()}\n", encoding="utf-8")
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _drop_invented_tokens(folder: Path, gguf: Path) -> None:
+    """Remove from the saved tokenizer the tokens that are not in the GGUF file's own list.
+
+    transformers builds a byte-level vocabulary (Llama 3's, any `tokenizer.ggml.model = gpt2` file) with GPT-2's
+    tokenizer class, which adds GPT-2's `<|endoftext|>` when the file has none: an id one past the model's
+    embedding table, which the vocabulary check then (rightly) refuses, and which would crash training on text
+    that contains the string. The file's list is the model's vocabulary; nothing past it exists.
+    """
+    import json
+
+    import gguf as gguf_package
+
+    field = gguf_package.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.tokens")
+    path = folder / "tokenizer.json"
+    if field is None or not path.is_file():
+        return
+    count = len(field.data)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    kept = [token for token in saved.get("added_tokens", []) if token["id"] < count]
+    if len(kept) != len(saved.get("added_tokens", [])):
+        saved["added_tokens"] = kept
+        path.write_text(json.dumps(saved, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def default_model_folder(progress: bool = True) -> Path:

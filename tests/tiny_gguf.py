@@ -1,0 +1,78 @@
+"""A tiny Llama as a GGUF file, written the way llama.cpp's convert_hf_to_gguf.py writes one.
+
+The default model's GGUF is a Gemma 3; users bring Llama-family files (Llama 3, Mistral, ELYZA, Swallow) too, whose
+tensors and vocabulary llama.cpp stores differently: query and key rows permuted, a byte-level (`gpt2`) vocabulary
+with its merges. llama.cpp's converter is not a package, so this writes the few fields transformers reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def build_tiny_llama(folder: Path, tokenizer) -> Path:
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output layer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def permute_as_llama_cpp(weights, heads: int):
+    # convert_hf_to_gguf.py's LlamaModel.permute, in NumPy
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def write_llama_gguf(folder: Path, path: Path) -> Path:
+    """`path`: the Llama in `folder` (config, safetensors, a byte-level BPE tokenizer.json) as an f32 GGUF."""
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+
+    ids = {**saved["model"]["vocab"], **{t["content"]: t["id"] for t in saved["added_tokens"]}}
+    tokens = sorted(ids, key=ids.__getitem__)
+    special = {t["content"] for t in saved["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in saved["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    for hf_name, tensor in load_file(str(folder / "model.safetensors")).items():
+        stem, _, suffix = hf_name.rpartition(".")
+        data = tensor.float().numpy()
+        if stem.endswith("q_proj"):
+            data = permute_as_llama_cpp(data, config["num_attention_heads"])
+        elif stem.endswith("k_proj"):
+            data = permute_as_llama_cpp(data, config["num_key_value_heads"])
+        writer.add_tensor(f"{names.get_name(stem)}.{suffix}", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
