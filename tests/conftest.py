@@ -100,10 +100,10 @@ def assert_same_adapter(run: Path, other: Path, atol: float = 1e-6) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_gguf(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A tiny Llama as a model folder, and the same model as llama.cpp's converter would write its GGUF."""
-    from tiny_gguf import build_tiny_llama, write_llama_gguf
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_gguf(request, tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A tiny Llama or Qwen2 as a model folder, and the same model as llama.cpp's converter would write its GGUF."""
+    from tiny_gguf import build_tiny, write_gguf
 
-    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
-    return folder, write_llama_gguf(folder, tmp_path_factory.mktemp("tiny-llama-gguf") / "tiny-llama-f32.gguf")
+    folder = build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
+    return folder, write_gguf(folder, tmp_path_factory.mktemp(f"{request.param}-gguf") / f"tiny-{request.param}-f32.gguf")

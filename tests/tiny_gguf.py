@@ -1,8 +1,9 @@
-"""A tiny Llama as a GGUF file, written the way llama.cpp's convert_hf_to_gguf.py writes one.
+"""Tiny Llama and Qwen2 models as GGUF files, written the way llama.cpp's convert_hf_to_gguf.py writes them.
 
-The default model's GGUF is a Gemma 3; users bring Llama-family files (Llama 3, Mistral, ELYZA, Swallow) too, whose
-tensors and vocabulary llama.cpp stores differently: query and key rows permuted, a byte-level (`gpt2`) vocabulary
-with its merges. llama.cpp's converter is not a package, so this writes the few fields transformers reads.
+The default model's GGUF is a Gemma 3; users bring other families' files too — Llama (Llama 3, Mistral, ELYZA,
+Swallow), whose query and key rows llama.cpp stores permuted, and Qwen2 (biases on the projections, tied output
+layer) — each with a byte-level (`gpt2`) vocabulary and its merges. llama.cpp's converter is not a package, so this
+writes the few fields transformers reads.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ import json
 from pathlib import Path
 
 
-def build_tiny_llama(folder: Path, tokenizer) -> Path:
-    """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output layer."""
+def build_tiny(family: str, folder: Path, tokenizer) -> Path:
+    """A 2-layer model with grouped-query attention (4 query heads, 2 key/value heads): a Llama with its own output
+    layer, or a Qwen2 with biases (drawn non-zero, so they count) and the output layer tied to the embeddings."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=family == "qwen2",
+                                  initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    for name, parameter in model.named_parameters():
+        if name.endswith(".bias"):
+            torch.nn.init.normal_(parameter, std=0.1)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -31,14 +38,15 @@ def permute_as_llama_cpp(weights, heads: int):
     return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def write_llama_gguf(folder: Path, path: Path) -> Path:
-    """`path`: the Llama in `folder` (config, safetensors, a byte-level BPE tokenizer.json) as an f32 GGUF."""
+def write_gguf(folder: Path, path: Path) -> Path:
+    """`path`: the Llama or Qwen2 in `folder` (config, safetensors, a byte-level BPE tokenizer.json) as an f32 GGUF."""
     import gguf
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    writer = gguf.GGUFWriter(str(path), "llama")
+    family = config["model_type"]
+    writer = gguf.GGUFWriter(str(path), family)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -54,7 +62,7 @@ def write_llama_gguf(folder: Path, path: Path) -> Path:
     tokens = sorted(ids, key=ids.__getitem__)
     special = {t["content"] for t in saved["added_tokens"] if t["special"]}
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("default")  # GPT-2's split, as the test tokenizer was trained with
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in saved["model"]["merges"]])
@@ -62,13 +70,14 @@ def write_llama_gguf(folder: Path, path: Path) -> Path:
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    architecture = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family)
+    names = gguf.get_tensor_name_map(architecture, config["num_hidden_layers"])
     for hf_name, tensor in load_file(str(folder / "model.safetensors")).items():
         stem, _, suffix = hf_name.rpartition(".")
         data = tensor.float().numpy()
-        if stem.endswith("q_proj"):
+        if family == "llama" and stem.endswith("q_proj"):
             data = permute_as_llama_cpp(data, config["num_attention_heads"])
-        elif stem.endswith("k_proj"):
+        elif family == "llama" and stem.endswith("k_proj"):
             data = permute_as_llama_cpp(data, config["num_key_value_heads"])
         writer.add_tensor(f"{names.get_name(stem)}.{suffix}", data)
     writer.write_header_to_file()

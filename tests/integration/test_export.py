@@ -96,8 +96,8 @@ def test_a_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tiny_model):
     assert all(p.dtype == __import__("torch").float32 for p in model.parameters())
 
 
-def test_a_run_on_a_llama_gguf_exports_a_gguf_that_reads_back_as_the_merged_model(tmp_path, monkeypatch,
-                                                                                   tiny_llama_gguf, tokenizer):
+def test_a_run_on_a_llama_or_qwen2_gguf_exports_a_gguf_that_reads_back_as_the_merged_model(tmp_path, monkeypatch,
+                                                                                            tiny_gguf, tokenizer):
     # llama.cpp keeps a Llama's query and key rows permuted; written in transformers' order, every head's rotary
     # position was scrambled in the file (at the first position rotation is the identity, so early tokens agreed).
     import torch
@@ -105,7 +105,7 @@ def test_a_run_on_a_llama_gguf_exports_a_gguf_that_reads_back_as_the_merged_mode
 
     monkeypatch.setenv("SHITATE_HOME", str(tmp_path / "home"))
     run = tmp_path / "run"
-    assert train(make_recipe(tmp_path, tiny_llama_gguf[1]), run).exit_code == 0
+    assert train(make_recipe(tmp_path, tiny_gguf[1]), run).exit_code == 0
     out = tmp_path / "export"
     result = runner.invoke(app, ["export", str(run), "--out", str(out), "--dtype", "fp32", "--gguf", "f16"])
     assert result.exit_code == 0, result.output
