@@ -79,6 +79,32 @@ def test_gemma_puts_the_system_prompt_in_the_first_user_turn(tokenizer):
 def test_auto_falls_back_to_the_model_family(tokenizer):
     assert get_template("auto", tokenizer, "gemma3_text").name == "gemma"
     assert get_template("auto", tokenizer, "llama").name == "llama3"
+    assert get_template("auto", tokenizer, "qwen2").name == "chatml"
+
+
+def test_auto_picks_plain_for_a_base_model_that_knows_no_turn_markers():
+    # A Japanese GPT-2 or a Llama 2 has no chat template and none of the built-in templates' markers: ChatML's
+    # <|im_end|> came out in 10 pieces here, and generation could not stop at one of them.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import kids_records
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [m["content"] for r in kids_records(60) for m in r["messages"]]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    gpt2_like = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+    for family in ("gpt2", "llama", "qwen2"):
+        template = get_template("auto", gpt2_like, family)
+        assert template.name == "plain" and template.end_of_turn == "<|endoftext|>"
+    example = encode_chat(MULTI_TURN[1:3], gpt2_like, template, 256)
+    labelled = [label for label in example["labels"] if label != IGNORE_INDEX]
+    assert labelled[-1] == gpt2_like.eos_token_id  # the answer ends with one token generation stops at
+    assert stop_token_ids(gpt2_like, template) == [gpt2_like.eos_token_id]
 
 
 @pytest.mark.parametrize("name", ["gemma", "chatml", "llama3", "plain"])

@@ -176,12 +176,18 @@ def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
 
 
 def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> ChatTemplate:
-    """Resolve a template name; `auto` takes the tokenizer's own, else the model family's."""
+    """Resolve a template name; `auto` takes the tokenizer's own, else the model family's if the tokenizer knows its
+    end marker, else plain."""
     if name == "auto":
         if getattr(tokenizer, "chat_template", None):
             return _tokenizer_template(tokenizer)
         family = (model_type or "").lower()
-        name = "gemma" if "gemma" in family else "llama3" if "llama" in family else "chatml"
+        built_in = get_template("gemma" if "gemma" in family else "llama3" if "llama" in family else "chatml", tokenizer)
+        # A base model with no turn markers in its vocabulary (a Japanese GPT-2, a Llama 2) would learn the family's
+        # markers in pieces, and generation would not stop at a piece; plain ends answers with its own EOS token.
+        if end_marker_is_one_token(tokenizer, built_in) or not tokenizer.eos_token:
+            return built_in
+        return get_template("plain", tokenizer)
     if name == "gemma":
         return ChatTemplate("gemma", _gemma, "<end_of_turn>", GEMMA_JINJA)
     if name == "chatml":
