@@ -103,7 +103,7 @@ def assert_same_adapter(run: Path, other: Path, atol: float = 1e-6) -> None:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_gguf(request, tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     """A tiny Llama or Qwen2 as a model folder, and the same model as llama.cpp's converter would write its GGUF."""
-    from tiny_gguf import build_tiny, write_gguf
+    from tiny_families import build_tiny, write_gguf
 
     folder = build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
     return folder, write_gguf(folder, tmp_path_factory.mktemp(f"{request.param}-gguf") / f"tiny-{request.param}-f32.gguf")

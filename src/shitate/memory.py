@@ -63,8 +63,10 @@ _BYTES_PER_WIDTH = 1.5
 def activation_bytes_per_token(config: Any, precision: str) -> float:
     """Estimated activation memory per token for a decoder-only transformer config."""
     hidden = config.hidden_size
-    attention = config.num_attention_heads * getattr(config, "head_dim", hidden // config.num_attention_heads)
-    width = 8 * hidden + 4 * config.intermediate_size + 6 * attention
+    attention = config.num_attention_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
+    # GPT-2's config names its MLP width n_inner, and leaves it None for the usual four times the hidden size.
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    width = 8 * hidden + 4 * intermediate + 6 * attention
     scale = 1.0 if precision == "bf16" else 2.0
     return _BYTES_PER_WIDTH * width * config.num_hidden_layers * scale
 

@@ -42,8 +42,13 @@ def attach(model: Any, spec: AdapterSpec) -> Any:
 
         # Casts norms to fp32 and enables input gradients, as QLoRA training needs; checkpointing is the recipe's choice.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's layers are Conv1D (weights stored transposed); PEFT adapts them only with fan_in_fan_out, and otherwise
+    # switches it on itself with a warning for every run.
+    transposed = any(isinstance(module, Conv1D) for module in model.modules())
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets,
-                        task_type="CAUSAL_LM", use_dora=spec.method == "dora")
+                        task_type="CAUSAL_LM", use_dora=spec.method == "dora", fan_in_fan_out=transposed)
     return get_peft_model(model, config)
 
 
@@ -58,8 +63,8 @@ def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, 
     lean = make_lean(model)
     if lean.skipped_adapters:
         say(f"[yellow]note:[/] {lean.skipped_adapters} adapted layers ({spec.method}) run PEFT's own forward, not "
-            "shitate's lean one (it supports plain LoRA on full-precision linear layers): expect more memory "
-            "per token than with adapter.method lora.")
+            "shitate's lean one (it supports plain LoRA on full-precision nn.Linear layers): expect more memory "
+            "per token" + (" than with adapter.method lora." if spec.method != "lora" else "."))
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -1,9 +1,9 @@
-"""Tiny Llama and Qwen2 models as GGUF files, written the way llama.cpp's convert_hf_to_gguf.py writes them.
+"""Tiny models of the families users bring besides Gemma 3, as folders and as GGUF files.
 
-The default model's GGUF is a Gemma 3; users bring other families' files too — Llama (Llama 3, Mistral, ELYZA,
-Swallow), whose query and key rows llama.cpp stores permuted, and Qwen2 (biases on the projections, tied output
-layer) — each with a byte-level (`gpt2`) vocabulary and its merges. llama.cpp's converter is not a package, so this
-writes the few fields transformers reads.
+Llama (Llama 3, Mistral, ELYZA, Swallow), Qwen2 (biases on the projections, a tied output layer) and GPT-2 (the
+Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
+convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, a byte-level (`gpt2`) vocabulary and its
+merges; llama.cpp's converter is not a package, so this writes the few fields transformers reads.
 """
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ from pathlib import Path
 
 
 def build_tiny(family: str, folder: Path, tokenizer) -> Path:
-    """A 2-layer model with grouped-query attention (4 query heads, 2 key/value heads): a Llama with its own output
-    layer, or a Qwen2 with biases (drawn non-zero, so they count) and the output layer tied to the embeddings."""
+    """A 2-layer model: a Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output
+    layer, a Qwen2 like it with biases (drawn non-zero, so they count) and the output layer tied to the embeddings,
+    or a GPT-2 (4 heads, its config's own names)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=512, tie_word_embeddings=family == "qwen2",
-                                  initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
+                                      n_positions=512, initializer_range=0.1, **ids)
+    else:
+        config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=family == "qwen2",
+                                      initializer_range=0.1, **ids)
     model = AutoModelForCausalLM.from_config(config)
     for name, parameter in model.named_parameters():
         if name.endswith(".bias"):
