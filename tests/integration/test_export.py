@@ -117,3 +117,17 @@ def test_a_run_on_a_llama_or_qwen2_gguf_exports_a_gguf_that_reads_back_as_the_me
     with torch.inference_mode():
         expected, got = merged(ids).logits, from_gguf(ids).logits
     assert (got - expected).abs().max() < 0.01 * expected.abs().max()  # f16 rounding of the weights, nothing more
+
+
+def test_a_run_with_no_decided_choice_is_judged_on_all_of_them(tmp_path, tokenizer):
+    # A barely trained tiny GPT-2 leads by a logit nowhere: its exact fp32 export agreed at 100% of the positions and
+    # was refused for agreeing at "0.0%" of none.
+    from shitate.export.merge import Parity
+    from tiny_families import build_tiny
+
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, build_tiny("gpt2", tmp_path / "gpt2", tokenizer)), run).exit_code == 0
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "100.0% of the run's next-token choices agree (none is decided" in " ".join(result.output.split())
+    assert not Parity("f", None, 0.9).passed and Parity("f", None, 1.0).passed and Parity("f", 1.0, 0.9).passed

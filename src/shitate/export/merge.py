@@ -38,13 +38,20 @@ class Parity:
     flip), which must agree, and at all positions (near-ties included), which is reported."""
 
     name: str
-    decided: float
+    decided: float | None  # None where no position was decided (a barely trained toy model): then all positions count
     overall: float
     answers: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.decided >= REQUIRED_AGREEMENT
+        return (self.decided if self.decided is not None else self.overall) >= REQUIRED_AGREEMENT
+
+    def agreement(self) -> str:
+        if self.decided is None:
+            return (f"{self.overall:.1%} of the run's next-token choices agree (none is decided, so all count; needs "
+                    f"{REQUIRED_AGREEMENT:.0%})")
+        return (f"{self.decided:.1%} of the run's decided next-token choices agree (needs {REQUIRED_AGREEMENT:.0%}), "
+                f"{self.overall:.1%} of all")
 
 
 def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...] = (), force: bool = False,
@@ -84,13 +91,11 @@ def export(run: Path, out: Path, dtype: str = "bf16", gguf_types: tuple[str, ...
         return []
     results = check_parity(run, out, files)
     for result in results:
-        say(f"parity {result.name}: {result.decided:.1%} of the run's decided next-token choices agree (needs "
-            f"{REQUIRED_AGREEMENT:.0%}), {result.overall:.1%} of all — {'ok' if result.passed else 'FAILED'}")
+        say(f"parity {result.name}: {result.agreement()} — {'ok' if result.passed else 'FAILED'}")
     failed = [r for r in results if not r.passed]
     if failed:
         raise ParityFailed(f"{', '.join(r.name for r in failed)} does not answer like {run}: "
-                           f"{failed[0].decided:.1%} of the run's decided next-token choices agree, below "
-                           f"{REQUIRED_AGREEMENT:.0%}. Do not ship it; export with --dtype fp32 (or a larger GGUF "
+                           f"{failed[0].agreement()}. Do not ship it; export with --dtype fp32 (or a larger GGUF "
                            "type) and compare again.")
     return results
 
@@ -151,7 +156,7 @@ def check_parity(run: Path, merged: Path, gguf_files: list[Path]) -> list[Parity
         same = [torch.as_tensor(g) == e for g, e in zip(got, choices)]
         decided_same = sum(int(m[d].sum()) for m, d in zip(same, decided))
         decided_total = sum(int(d.sum()) for d in decided)
-        return Parity(name, decided_same / max(decided_total, 1),
+        return Parity(name, decided_same / decided_total if decided_total else None,
                       sum(int(m.sum()) for m in same) / max(sum(m.numel() for m in same), 1), answers)
 
     results = []
