@@ -24,7 +24,8 @@ def build_tiny(family: str, folder: Path, tokenizer) -> Path:
            "pad_token_id": tokenizer.pad_token_id}
     if family == "gpt2":
         config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
-                                      n_positions=512, initializer_range=0.1, **ids)
+                                      n_positions=1024, initializer_range=0.1, **ids)  # transformers' GGUF reader
+        # sets n_ctx, not n_positions, from a file's context length: 1024, every GPT-2's, is the length that reads back
     else:
         config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -45,7 +46,7 @@ def permute_as_llama_cpp(weights, heads: int):
 
 
 def write_gguf(folder: Path, path: Path) -> Path:
-    """`path`: the Llama or Qwen2 in `folder` (config, safetensors, a byte-level BPE tokenizer.json) as an f32 GGUF."""
+    """`path`: the model of `folder` (config, safetensors, a byte-level BPE tokenizer.json) as an f32 GGUF."""
     import gguf
     from safetensors.torch import load_file
 
@@ -53,15 +54,23 @@ def write_gguf(folder: Path, path: Path) -> Path:
     saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     family = config["model_type"]
     writer = gguf.GGUFWriter(str(path), family)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if family == "gpt2":
+        writer.add_context_length(config["n_positions"])
+        writer.add_embedding_length(config["n_embd"])
+        writer.add_block_count(config["n_layer"])
+        writer.add_feed_forward_length(4 * config["n_embd"])
+        writer.add_head_count(config["n_head"])
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+    else:
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_block_count(config["num_hidden_layers"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(config["num_attention_heads"])
+        writer.add_head_count_kv(config["num_key_value_heads"])
+        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+        writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
 
     ids = {**saved["model"]["vocab"], **{t["content"]: t["id"] for t in saved["added_tokens"]}}
@@ -77,7 +86,7 @@ def write_gguf(folder: Path, path: Path) -> Path:
     writer.add_pad_token_id(config["pad_token_id"])
 
     architecture = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family)
-    names = gguf.get_tensor_name_map(architecture, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(architecture, config.get("num_hidden_layers") or config["n_layer"])
     for hf_name, tensor in load_file(str(folder / "model.safetensors")).items():
         stem, _, suffix = hf_name.rpartition(".")
         data = tensor.float().numpy()
@@ -85,7 +94,12 @@ def write_gguf(folder: Path, path: Path) -> Path:
             data = permute_as_llama_cpp(data, config["num_attention_heads"])
         elif family == "llama" and stem.endswith("k_proj"):
             data = permute_as_llama_cpp(data, config["num_key_value_heads"])
-        writer.add_tensor(f"{names.get_name(stem)}.{suffix}", data)
+        elif family == "gpt2" and stem.endswith(("c_attn", "c_proj", "c_fc")) and suffix == "weight":
+            data = data.T  # Conv1D keeps (in, out); llama.cpp's files (out, in)
+        name = names.get_name(stem)
+        writer.add_tensor(f"{name}.{suffix}", data)
+        if family == "gpt2" and name == "token_embd":
+            writer.add_tensor("output.weight", data)  # GPT-2's output layer is its embedding; llama.cpp writes both
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -96,10 +96,11 @@ def test_a_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tiny_model):
     assert all(p.dtype == __import__("torch").float32 for p in model.parameters())
 
 
-def test_a_run_on_a_llama_or_qwen2_gguf_exports_a_gguf_that_reads_back_as_the_merged_model(tmp_path, monkeypatch,
+def test_a_run_on_another_family_s_gguf_exports_a_gguf_that_reads_back_as_the_merged_model(tmp_path, monkeypatch,
                                                                                             tiny_gguf, tokenizer):
     # llama.cpp keeps a Llama's query and key rows permuted; written in transformers' order, every head's rotary
     # position was scrambled in the file (at the first position rotation is the identity, so early tokens agreed).
+    # A GPT-2's export stopped with a KeyError (its config says n_layer) before its transposed layers were written.
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -119,15 +120,13 @@ def test_a_run_on_a_llama_or_qwen2_gguf_exports_a_gguf_that_reads_back_as_the_me
     assert (got - expected).abs().max() < 0.01 * expected.abs().max()  # f16 rounding of the weights, nothing more
 
 
-def test_a_run_with_no_decided_choice_is_judged_on_all_of_them(tmp_path, tokenizer):
-    # A barely trained tiny GPT-2 leads by a logit nowhere: its exact fp32 export agreed at 100% of the positions and
-    # was refused for agreeing at "0.0%" of none.
-    from shitate.export.merge import Parity
-    from tiny_families import build_tiny
+def test_a_run_with_no_decided_choice_is_judged_on_all_of_them(tuned_run, tmp_path, monkeypatch):
+    # A barely trained toy model (a tiny GPT-2) leads by a logit nowhere: its exact fp32 export agreed at 100% of the
+    # positions and was refused for agreeing at "0.0%" of none. A margin no choice reaches makes every run such a run.
+    from shitate.export import merge
 
-    run = tmp_path / "run"
-    assert train(make_recipe(tmp_path, build_tiny("gpt2", tmp_path / "gpt2", tokenizer)), run).exit_code == 0
-    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"])
+    monkeypatch.setattr(merge, "DECIDED_MARGIN", 1e9)
+    result = runner.invoke(app, ["export", str(tuned_run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"])
     assert result.exit_code == 0, result.output
     assert "100.0% of the run's next-token choices agree (none is decided" in " ".join(result.output.split())
-    assert not Parity("f", None, 0.9).passed and Parity("f", None, 1.0).passed and Parity("f", 1.0, 0.9).passed
+    assert not merge.Parity("f", None, 0.9).passed and merge.Parity("f", 1.0, 0.9).passed

@@ -124,8 +124,8 @@ def test_control_tokens_a_gguf_left_unflagged_are_not_printed_in_answers(tmp_pat
     assert loaded.decode(ids, skip_special_tokens=True) == "空<table>"  # <table> is text (an HTML tag)
 
 
-def test_a_users_llama_or_qwen2_gguf_converts_to_the_model_and_vocabulary_it_holds(tmp_path, monkeypatch, tiny_gguf,
-                                                                                   tokenizer):
+def test_a_gguf_of_another_family_converts_to_the_model_and_vocabulary_it_holds(tmp_path, monkeypatch, tiny_gguf,
+                                                                             tokenizer):
     # Not the default Gemma: files of the families users bring (byte-level vocabularies; a Llama's query and key rows
     # in llama.cpp's order). transformers' reader added GPT-2's <|endoftext|> past the end of a vocabulary without
     # one (Llama 3's, this test's), and the vocabulary check refused the file.

@@ -58,11 +58,11 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
     origin = check_possible(source, (kind,))
     reader = gguf.GGUFReader(str(origin))
     arch = str(reader.fields["general.architecture"].contents())
-    import json
+    from transformers import AutoConfig
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+    config = AutoConfig.from_pretrained(folder)  # its attribute names are the same for every family (GPT-2's too)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     config.num_hidden_layers)
     expected = {t.name for t in reader.tensors}
 
     out = folder / f"model-{kind}.gguf"
@@ -91,11 +91,17 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
             if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
                 data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w)
             if arch == "llama" and stem.endswith(("q_proj", "k_proj")):
-                heads = config["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"]
+                heads = config.num_attention_heads if stem.endswith("q_proj") else config.num_key_value_heads
                 data = interleave_rotary_halves(data, heads)
+            if arch == "gpt2" and data.ndim == 2 and stem.endswith(("c_attn", "c_proj", "c_fc")):
+                data = np.ascontiguousarray(data.T)  # GPT-2's Conv1D keeps (in, out); llama.cpp's layers (out, in)
             data, qtype = _encode(data, kind, gguf, np)
             writer.add_tensor(name, data, raw_dtype=qtype)
             written.add(name)
+            if name == "token_embd.weight" and "output.weight" in expected and "lm_head.weight" not in tensors.keys():
+                # A tied output layer that the source file stores as a tensor of its own (GPT-2's files do).
+                writer.add_tensor("output.weight", data, raw_dtype=qtype)
+                written.add("output.weight")
     if written != expected:
         partial.unlink(missing_ok=True)
         raise ConfigError(f"--gguf: the merged model's tensors do not match {origin.name}'s "
