@@ -1,7 +1,7 @@
 """Tiny models of the families users bring besides Gemma 3, as folders and as GGUF files.
 
-Llama (Llama 3, Mistral, ELYZA, Swallow), Qwen2 (biases on the projections, a tied output layer) and GPT-2 (the
-Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
+Llama (Llama 3, Mistral, ELYZA, Swallow), Qwen2 (biases on the projections, a tied output layer), Gemma 2
+(soft-capped attention scores) and GPT-2 (the Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
 convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, a byte-level (`gpt2`) vocabulary and its
 merges; llama.cpp's converter is not a package, so this writes the few fields transformers reads.
 """
@@ -15,14 +15,20 @@ from pathlib import Path
 def build_tiny(family: str, folder: Path, tokenizer) -> Path:
     """A 2-layer model: a Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output
     layer, a Qwen2 like it with biases (drawn non-zero, so they count) and the output layer tied to the embeddings,
-    or a GPT-2 (4 heads, its config's own names)."""
+    a Gemma 2 (a sliding-window layer, soft-capped scores) or a GPT-2 (4 heads, its config's own names)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
-    if family == "gpt2":
+    if family == "gemma2":  # Google's gemma-2-2b-jpn-it: attention scores soft-capped, which no SDPA kernel does
+        config = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      sliding_window=16, max_position_embeddings=512, initializer_range=0.1,
+                                      query_pre_attn_scalar=1, attn_logit_softcapping=1.0, **ids)  # scores that reach
+        # the cap (Gemma's own: 50), so that it matters
+    elif family == "gpt2":
         config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
                                       n_positions=1024, initializer_range=0.1, **ids)  # transformers' GGUF reader
         # sets n_ctx, not n_positions, from a file's context length: 1024, every GPT-2's, is the length that reads back

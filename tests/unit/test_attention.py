@@ -76,3 +76,41 @@ def test_a_gpu_batch_takes_one_masked_call_only_while_its_mask_is_small():
     assert use_one_masked_call(gpu, rows=8, width=256)
     assert not use_one_masked_call(gpu, rows=8, width=4096)  # a 128 MB mask: the per-example loop instead
     assert not use_one_masked_call(torch.device("cpu"), rows=8, width=256)
+
+
+def test_soft_capped_attention_packed_or_padded_matches_transformers_eager_gemma2(tmp_path, tokenizer):
+    # Gemma 2 (gemma-2-2b-jpn-it) soft-caps its scores, which neither SDPA nor the packed loop computed: training
+    # stopped on its first step. Reference: transformers' own eager Gemma 2 on a padded batch. The batch's lengths
+    # differ by more than the 16-token sliding window, so a padding query sees no key: with a -inf mask that turned
+    # every later layer NaN.
+    from transformers import AutoModelForCausalLM
+
+    from conftest import kids_records
+    from shitate.data.collate import pack_batch, pad_batch
+    from shitate.data.templates import encode_chat, get_template
+    from shitate.models.attention import use_packed_attention
+    from shitate.train.losses import AnswerLoss
+    from tiny_families import build_tiny
+
+    folder = build_tiny("gemma2", tmp_path / "gemma2", tokenizer)
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    packed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    use_packed_attention(packed)
+    template = get_template("gemma", tokenizer)
+    batch = [encode_chat(r["messages"], tokenizer, template, 512) for r in kids_records(8)]
+    lengths = [len(e["input_ids"]) for e in batch]
+    assert max(lengths) - min(lengths) > packed.config.sliding_window
+
+    with torch.no_grad():
+        expected, count, _ = AnswerLoss(eager)(**pad_batch(batch, 0, "cpu"))
+        for model_batch in (pack_batch(batch, 100, 0, "cpu"), pad_batch(batch, 0, "cpu")):
+            got, got_count, _ = AnswerLoss(packed)(**model_batch)
+            assert got_count == count
+            torch.testing.assert_close(got / got_count, expected / count, rtol=1e-5, atol=1e-5)
+        capped = AnswerLoss(packed)(**pack_batch(batch, 100, 0, "cpu"))[0]
+    packed.config.attn_logit_softcapping = None  # the cap matters here: without it the loss differs
+    for layer in packed.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    with torch.no_grad():
+        uncapped = AnswerLoss(packed)(**pack_batch(batch, 100, 0, "cpu"))[0]
+    assert abs(float(uncapped - capped)) > 1e-3 * float(capped)  # a hundred times the tolerance above

@@ -202,11 +202,12 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("softcap"):
+        return _softcapped_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                     packed_lengths, **kwargs)
     if packed_lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    if getattr(module, "attn_logit_softcapping", None):
-        raise ValueError("packed attention does not support attention logit soft-capping; set train.packing: false")
     if use_one_masked_call(query.device, query.shape[0], query.shape[2]):
         out = _masked_batch_attention(query, key, value, packed_lengths, dropout, scaling, sliding_window)
         return out.transpose(1, 2).contiguous(), None
@@ -233,3 +234,51 @@ def use_packed_attention(model: Any) -> None:
     AttentionInterface.register(NAME, packed_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
+
+
+def use_plain_attention(model: Any) -> None:
+    """Switch back to what a saved model loads with: SDPA, or eager attention for a model that cannot use SDPA
+    (Gemma 2, whose scores are soft-capped; transformers refuses SDPA for it)."""
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError:
+        model.set_attn_implementation("eager")
+
+
+def _softcapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: Any, dropout: float, scaling: float | None, sliding_window: int | None,
+                          packed_lengths: list[list[Any]] | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention whose scores are soft-capped (Gemma 2: cap·tanh(s/cap)), which no SDPA kernel computes: the model's
+    own eager attention, under a mask that allows what the packed path computes (each example, or tree branch, only
+    itself), or under the batch's own mask. Its scores take memory as the whole row squared, as eager attention's do.
+    """
+    import sys
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        from shitate.errors import ModelError
+
+        raise ModelError(f"{type(module).__name__} soft-caps its attention scores and its module has no eager "
+                         "attention to compute them with; this model family cannot be trained here.")
+    if packed_lengths is not None:
+        allowed = _batch_mask(packed_lengths, query.shape[2], sliding_window, query.device)
+    elif attention_mask is None:  # transformers left out a plain causal mask, as SDPA needs none
+        allowed = _causal_mask(query.shape[2], key.shape[2], sliding_window, query.device)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0], None
+    # The dtype's lowest number, not -inf, as transformers' own additive masks: a query that may see nothing (a
+    # padding position past a sliding window's reach) then averages its keys instead of turning every later layer NaN.
+    lowest = torch.finfo(query.dtype).min
+    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, lowest)
+    return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)[0], None
+
+
+def _causal_mask(queries: int, keys: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """(1, 1, queries, keys): the last `queries` positions of `keys` see themselves and what precedes them."""
+    distance = (torch.arange(queries, device=device)[:, None] + keys - queries) - torch.arange(keys, device=device)
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed &= distance < sliding_window
+    return allowed[None, None]

@@ -37,6 +37,7 @@ from shitate.memory import (
     training_bytes,
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
+from shitate.models.attention import use_plain_attention
 from shitate.models.load import ModelSource, load_tokenizer, pick_precision
 from shitate.models.logprobs import loss_workspace_bytes
 from shitate.progress import say
@@ -284,7 +285,7 @@ class Session:
         if self.is_main:
             self.run.plot_loss()
             if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation("sdpa")  # packed attention is a training device; the saved model is plain
+                use_plain_attention(model)  # packed attention is a training device; the saved model is plain
 
             def save(folder: Path) -> None:
                 model.save_pretrained(folder, safe_serialization=True)
