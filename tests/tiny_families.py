@@ -1,7 +1,8 @@
 """Tiny models of the families users bring besides Gemma 3, as folders and as GGUF files.
 
-Llama (Llama 3, Mistral, ELYZA, Swallow), Qwen2 (biases on the projections, a tied output layer), Gemma 2
-(soft-capped attention scores) and GPT-2 (the Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
+Llama (Llama 3, ELYZA, Swallow, llm-jp), Mistral, Qwen2 (biases on the projections, a tied output layer), Gemma 2
+(soft-capped attention scores), GPT-NeoX (open-calm, rinna's) and GPT-2 (the Japanese GPT-2s: Conv1D layers, learned
+positions). The GGUF files are written the way llama.cpp's
 convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, a byte-level (`gpt2`) vocabulary and its
 merges; llama.cpp's converter is not a package, so this writes the few fields transformers reads.
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 
 def build_tiny(family: str, folder: Path, tokenizer) -> Path:
     """A 2-layer model: a Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output
-    layer, a Qwen2 like it with biases (drawn non-zero, so they count) and the output layer tied to the embeddings,
-    a Gemma 2 (a sliding-window layer, soft-capped scores) or a GPT-2 (4 heads, its config's own names)."""
+    layer, a Mistral like it with a sliding window, a Qwen2 with biases (drawn non-zero, so they count) and the
+    output layer tied to the embeddings, a Gemma 2 (a sliding-window layer, soft-capped scores), a GPT-NeoX or a
+    GPT-2 (4 heads, its config's own names)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -32,11 +34,16 @@ def build_tiny(family: str, folder: Path, tokenizer) -> Path:
         config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
                                       n_positions=1024, initializer_range=0.1, **ids)  # transformers' GGUF reader
         # sets n_ctx, not n_positions, from a file's context length: 1024, every GPT-2's, is the length that reads back
-    else:
+    elif family == "gpt_neox":  # open-calm, rinna's japanese-gpt-neox: fused query/key/value, rotary on a quarter
+        config = AutoConfig.for_model("gpt_neox", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                      initializer_range=0.1, **ids)
+    else:  # llama, qwen2, mistral (with a 16-token sliding window)
         config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, tie_word_embeddings=family == "qwen2",
-                                      initializer_range=0.1, **ids)
+                                      initializer_range=0.1, **({"sliding_window": 16} if family == "mistral" else {}),
+                                      **ids)
     model = AutoModelForCausalLM.from_config(config)
     for name, parameter in model.named_parameters():
         if name.endswith(".bias"):

@@ -87,7 +87,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(tmp_path, tin
     assert [p.name for p in (run / "checkpoints").iterdir()] and not list(run.glob(".*"))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox", "gpt2"])
 def test_a_model_folder_of_another_family_trains_and_answers(tmp_path, tokenizer, family, recwarn):
     # A GPT-2 (the seed's Japanese GPT-2) stopped with an AttributeError in the memory plan (its config says n_inner,
     # not intermediate_size), and PEFT warned on every run about its Conv1D layers. A Gemma 2 stopped on its first
