@@ -30,6 +30,16 @@ def build_tiny(family: str, folder: Path, tokenizer) -> Path:
                                       sliding_window=16, max_position_embeddings=512, initializer_range=0.1,
                                       query_pre_attn_scalar=1, attn_logit_softcapping=1.0, **ids)  # scores that reach
         # the cap (Gemma's own: 50), so that it matters
+    elif family == "gemma3_vision":  # Gemma 3 from 4B up: a SigLIP vision tower beside the language model
+        text = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                    layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                                    initializer_range=0.1, **ids)
+        vision = AutoConfig.for_model("siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14)
+        config = AutoConfig.for_model("gemma3", text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                      mm_tokens_per_image=4, boi_token_index=len(tokenizer),
+                                      eoi_token_index=len(tokenizer) + 1, image_token_index=len(tokenizer) + 2)
     elif family == "gpt2":
         config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
                                       n_positions=1024, initializer_range=0.1, **ids)  # transformers' GGUF reader

@@ -105,6 +105,35 @@ def test_a_model_folder_of_another_family_trains_and_answers(tmp_path, tokenizer
     assert answered.exit_code == 0, answered.output
 
 
+def test_a_multimodal_gemma3_trains_its_language_model_only(tmp_path, tokenizer):
+    # Gemma 3 from 4B up is one checkpoint with a vision tower: training stopped on an AttributeError (its top-level
+    # config has no hidden_size), and LoRA's all-linear adapted the vision tower too.
+    from conftest import write_jsonl
+    from tiny_families import build_tiny
+
+    model = build_tiny("gemma3_vision", tmp_path / "gemma3-vision", tokenizer)
+    recipe = make_recipe(tmp_path, model)
+    lora = tmp_path / "lora"
+    result = train(recipe, lora, "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    adapted = load_file(lora / "adapter" / "adapter_model.safetensors")
+    assert adapted and all(".language_model." in name for name in adapted)
+
+    full = tmp_path / "full"
+    assert train(recipe, full, "--set", "train.epochs=1", "--set", "adapter.method=full").exit_code == 0
+    before, after = load_file(model / "model.safetensors"), load_file(full / "model" / "model.safetensors")
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items() if "vision_tower" in name)
+    assert not torch.equal(after["language_model.model.layers.0.mlp.up_proj.weight"],
+                           before["language_model.model.layers.0.mlp.up_proj.weight"])
+
+    pairs = [{"prompt": r["messages"][0]["content"], "chosen": r["messages"][1]["content"], "rejected": "しらない。"}
+             for r in kids_records(12)]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    reward = train(recipe, tmp_path / "reward", "--set", "stage=reward", "--set", "data.train=pairs.jsonl",
+                   "--set", "data.validation=pairs.jsonl", "--set", "data.test=null", "--set", "train.epochs=1")
+    assert reward.exit_code == 0, reward.output
+
+
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_model):
     recipe = make_recipe(tmp_path, tiny_model)
     full = tmp_path / "full"

@@ -32,8 +32,9 @@ def check_supported(spec: AdapterSpec, device_type: str) -> None:
 def attach(model: Any, spec: AdapterSpec) -> Any:
     """Return the model ready for training under `spec`."""
     if spec.method == "full":
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+        prefix = _language_model_prefix(model)
+        for name, parameter in model.named_parameters():  # a multimodal checkpoint's vision tower stays frozen
+            parameter.requires_grad_(prefix is None or name.startswith((prefix, "lm_head")))
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -47,9 +48,35 @@ def attach(model: Any, spec: AdapterSpec) -> Any:
     # GPT-2's layers are Conv1D (weights stored transposed); PEFT adapts them only with fan_in_fan_out, and otherwise
     # switches it on itself with a warning for every run.
     transposed = any(isinstance(module, Conv1D) for module in model.modules())
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.targets,
-                        task_type="CAUSAL_LM", use_dora=spec.method == "dora", fan_in_fan_out=transposed)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=language_model_targets(model, spec.targets), task_type="CAUSAL_LM",
+                        use_dora=spec.method == "dora", fan_in_fan_out=transposed)
     return get_peft_model(model, config)
+
+
+def language_model_targets(model: Any, targets: str | list[str]) -> str | list[str]:
+    """The layers to adapt: `targets` as PEFT reads them, except in a multimodal checkpoint (Gemma 3 from 4B up), where
+    they are narrowed to the language model's layers — training on text has nothing to teach the vision tower, and
+    PEFT's all-linear (or a name such as q_proj, which SigLIP uses too) would adapt it as well."""
+    prefix = _language_model_prefix(model)
+    if prefix is None:
+        return targets
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules()
+            if name.startswith(prefix) and isinstance(module, (nn.Linear, Conv1D))
+            and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)]
+
+
+def _language_model_prefix(model: Any) -> str | None:
+    """In a multimodal checkpoint (a vision config beside the text one), where its language model's modules are named
+    (`model.language_model.`); None for a text model."""
+    if getattr(model.config, "vision_config", None) is None:
+        return None
+    language_model = model.get_decoder()
+    found = next(name for name, module in model.named_modules() if module is language_model)
+    return f"{found}." if found else ""
 
 
 def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, activation_checkpointing: bool) -> Any:

@@ -197,7 +197,7 @@ def choice_logprobs(loaded: LoadedModel, prompts: list[str], choices: list[list[
             sources = torch.cat([torch.tensor(r["from"]) for r in rows])
             targets = torch.cat([torch.tensor(r["targets"]) for r in rows]).to(device)
             logits = base.get_output_embeddings()(hidden[row_index, sources]).float()
-            softcap = getattr(base.config, "final_logit_softcapping", None)
+            softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             token_scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).cpu()

@@ -226,7 +226,7 @@ class AnswerLogProbs(nn.Module):
         """(log-probability of each answer token, in the batch's order; the decoder's hidden states)."""
         base, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
         hidden = states.reshape(-1, states.shape[-1])[sources]
-        softcap = getattr(base.config, "final_logit_softcapping", None)
+        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         token_losses = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
                                             compute_dtype=self.compute_dtype, softcap=softcap, per_row=True)
         return -token_losses, states

@@ -26,7 +26,7 @@ class RewardModel(nn.Module):
     def __init__(self, causal_lm: Any) -> None:
         super().__init__()
         self.causal_lm = causal_lm
-        width = causal_lm.config.hidden_size
+        width = causal_lm.config.get_text_config().hidden_size
         self.head = nn.Linear(width, 1, device=next(causal_lm.parameters()).device)
         nn.init.normal_(self.head.weight, std=1.0 / (width + 1) ** 0.5)  # as OpenAI's lm-human-preferences starts it
         nn.init.zeros_(self.head.bias)

@@ -35,7 +35,7 @@ class AnswerLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = states[:, :-1][keep]
-        softcap = getattr(base.config, "final_logit_softcapping", None)
+        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         total, hits = linear_cross_entropy_and_hits(hidden, base.get_output_embeddings().weight, targets[keep],
                                                     self.chunk_size, self.compute_dtype, softcap)
         return total, keep.sum(), {"token_accuracy": hits}

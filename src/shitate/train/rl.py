@@ -143,7 +143,7 @@ class Policy(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
         self.logprobs = AnswerLogProbs(causal_lm, compute_dtype)
-        self.value_head = nn.Linear(causal_lm.config.hidden_size, 1) if value_head else None
+        self.value_head = nn.Linear(causal_lm.config.get_text_config().hidden_size, 1) if value_head else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)

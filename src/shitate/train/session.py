@@ -110,7 +110,8 @@ class Session:
               summary: str, **manifest_facts: Any) -> Objective:
         """Check memory, build optimizer and schedule, restore a checkpoint, wrap for the device; return the
         objective with its module ready to train."""
-        self.model, self.config, self.train_set = model, config, train_set
+        # A multimodal checkpoint (Gemma 3 from 4B up) keeps the language model's sizes in its text config.
+        self.model, self.config, self.train_set = model, config.get_text_config(), train_set
         self.trainable, self.total = count_parameters(model)
         self._check_memory(objective)
         # One process owns the run folder; the others wait until it is ready.
