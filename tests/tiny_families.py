@@ -13,6 +13,23 @@ import json
 from pathlib import Path
 
 
+def gpt2_like_tokenizer():
+    """A byte-level BPE as a Japanese GPT-2 or a base Llama has one: <|endoftext|> its only special token — no padding
+    token, none of the chat templates' turn markers — trained on the kids_qa questions and answers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import kids_records
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [m["content"] for r in kids_records() for m in r["messages"]] + ["### User: Assistant:"]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
 def build_tiny(family: str, folder: Path, tokenizer) -> Path:
     """A 2-layer model: a Llama with grouped-query attention (4 query heads, 2 key/value heads) and its own output
     layer, a Mistral like it with a sliding window, a Qwen2 with biases (drawn non-zero, so they count) and the

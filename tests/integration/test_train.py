@@ -105,6 +105,26 @@ def test_a_model_folder_of_another_family_trains_and_answers(tmp_path, tokenizer
     assert answered.exit_code == 0, answered.output
 
 
+def test_a_base_model_whose_tokenizer_has_no_padding_or_turn_markers_trains_and_is_compared(tmp_path):
+    # Llama 3's, GPT-2's and most base models' tokenizers have no padding token: compare and eval, which generate in
+    # padded batches, stopped with transformers' "Asking to pad but the tokenizer does not have a padding token".
+    from tiny_families import build_tiny, gpt2_like_tokenizer
+
+    tokenizer = gpt2_like_tokenizer()
+    assert tokenizer.pad_token is None
+    model = build_tiny("llama", tmp_path / "llama", tokenizer)
+    recipe = make_recipe(tmp_path, model)
+    recipe.write_text(recipe.read_text(encoding="utf-8").replace("template: gemma", "template: auto"), encoding="utf-8")
+    run = tmp_path / "run"
+    assert train(recipe, run, "--set", "train.epochs=1").exit_code == 0
+    assert json.loads((run / "manifest.json").read_text())["template"] == "plain"
+    compared = runner.invoke(app, ["compare", str(model), str(run), str(tmp_path / "test.jsonl"), "--out",
+                                   str(tmp_path / "compare.jsonl")])
+    assert compared.exit_code == 0, compared.output
+    rows = [json.loads(line) for line in (tmp_path / "compare.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8  # every test question answered, in batches of 4
+
+
 def test_a_multimodal_gemma3_trains_its_language_model_only(tmp_path, tokenizer):
     # Gemma 3 from 4B up is one checkpoint with a vision tower: training stopped on an AttributeError (its top-level
     # config has no hidden_size), and LoRA's all-linear adapted the vision tower too.

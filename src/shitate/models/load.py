@@ -126,6 +126,10 @@ def load_tokenizer(source: ModelSource) -> Any:
     except OSError as err:
         raise _load_error(source, err) from None
     _check_vocabulary(source, tokenizer)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Llama 3's, GPT-2's and most base models' tokenizers have none, and batched generation (compare, eval) pads
+        # its prompts: EOS pads them, under the attention mask, as transformers' generate does on its own.
+        tokenizer.pad_token = tokenizer.eos_token
     _flag_control_tokens(tokenizer)
     _drop_python_vocabulary(tokenizer)
     return tokenizer
