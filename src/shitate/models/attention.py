@@ -282,3 +282,31 @@ def _causal_mask(queries: int, keys: int, sliding_window: int | None, device: to
     if sliding_window is not None:
         allowed &= distance < sliding_window
     return allowed[None, None]
+
+
+def use_soft_capped_paged_attention(model: Any) -> None:
+    """Let transformers' continuous batcher (`shitate serve`) soft-cap a model's attention scores as its own eager
+    attention does: the batcher runs Gemma 2 through its paged eager attention, which leaves the cap out, and the
+    served answers differed from `shitate chat`'s. A model without the cap is untouched."""
+    if not getattr(model.config.get_text_config(), "attn_logit_softcapping", None):
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("paged|eager", _soft_capped_paged_eager)
+
+
+def _soft_capped_paged_eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' paged eager attention with Gemma 2's cap·tanh(s/cap) on the scores before the mask."""
+    from transformers.integrations.eager_paged import eager_paged_attention_forward
+
+    if not softcap:
+        return eager_paged_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scaling / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights

@@ -25,6 +25,7 @@ from typing import Any
 from shitate.config import GenerateSpec
 from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
+from shitate.models.attention import use_soft_capped_paged_attention
 from shitate.models.inference import LoadedModel, with_system
 
 PAGE_TOKENS = 256
@@ -119,8 +120,10 @@ class Engine:
         self.defaults = defaults or GenerateSpec(temperature=1.0, max_new_tokens=256)
         tokenizer = loaded.tokenizer
         self.stop_ids = stop_token_ids(tokenizer, loaded.template)
-        self.context_length = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 8192)
+        text_config = loaded.model.config.get_text_config()  # a multimodal checkpoint's language model
+        self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 8192)
         self._model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        use_soft_capped_paged_attention(self._model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests)
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
