@@ -105,6 +105,20 @@ def test_a_model_folder_of_another_family_trains_and_answers(tmp_path, tokenizer
     assert answered.exit_code == 0, answered.output
 
 
+def test_sequences_longer_than_a_gpt2_s_learned_positions_are_refused_before_loading(tmp_path, tokenizer, monkeypatch):
+    # GPT-2 has a table of 1024 learned positions: a longer example stopped training with an IndexError inside torch.
+    from shitate.train import sft
+    from tiny_families import build_tiny
+
+    model = build_tiny("gpt2", tmp_path / "gpt2", tokenizer)
+    monkeypatch.setattr(sft, "load_model", lambda *args, **kwargs: pytest.fail("the weights were loaded"))
+    result = train(make_recipe(tmp_path, model), tmp_path / "run", "--set", "train.max_length=2048")
+    assert result.exit_code == 1
+    message = " ".join(str(result.exception).split())
+    assert "train.max_length makes sequences of up to 2048 tokens" in message and "learned positions for 1024" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_base_model_whose_tokenizer_has_no_padding_or_turn_markers_trains_and_is_compared(tmp_path):
     # Llama 3's, GPT-2's and most base models' tokenizers have no padding token: compare and eval, which generate in
     # padded batches, stopped with transformers' "Asking to pad but the tokenizer does not have a padding token".

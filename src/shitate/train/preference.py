@@ -53,6 +53,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     with status(f"Loading {recipe.model} and the preference pairs…"):
         source = resolve(recipe.model)
         config = load_config(source)
+        session.check_positions(config)
         data = read_data(recipe, source, config.model_type)
         release_memory()  # the tokenizer went with read_data's frame
         model = load_model(source.for_training(), dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")

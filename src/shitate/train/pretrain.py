@@ -36,6 +36,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     with status(f"Loading {recipe.model} and the text…"):
         source = resolve(recipe.model)
         config = load_config(source)
+        session.check_positions(config)
         data = read_data(recipe, source)
         release_memory()  # the tokenizer went with read_data's frame: 0.13 GB for a 262k-word vocabulary
         model = load_model(source.for_training(), dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")

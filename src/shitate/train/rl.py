@@ -175,6 +175,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
     with status(f"Loading {recipe.model}, the prompts and the reward…"):
         source = resolve(recipe.model)
         config = load_config(source)
+        session.check_positions(config)
         tokenizer = load_tokenizer(source)  # kept: answers are decoded to text for the rubric
         template = get_template(recipe.template if source.run is None else
                                 RunFolder(source.run).recipe_setting("template", recipe.template), tokenizer,

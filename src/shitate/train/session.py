@@ -90,6 +90,27 @@ class Session:
         self.start_step = 0
         self.stop_requested: Callable[[], bool] = lambda: False
 
+    def check_positions(self, config: Any) -> None:
+        """Refuse, before the weights load, sequences longer than a model with learned positions has (GPT-2's
+        n_positions): its position table has no row past them, and the first long example stopped training with an
+        IndexError from inside torch. Rotary positions only reach past what the model was trained on."""
+        text = config.get_text_config()
+        limit = getattr(text, "max_position_embeddings", None)
+        if not limit or getattr(text, "rope_parameters", None) is not None:
+            return
+        recipe = self.recipe
+        if recipe.stage == "pretrain":
+            longest, setting = recipe.pretrain.block_size, "pretrain.block_size"
+        elif recipe.stage in ("ppo", "grpo"):  # a prompt keeps half of max_length, then the answer
+            longest = recipe.train.max_length // 2 + getattr(recipe, recipe.stage).max_new_tokens
+            setting = f"train.max_length / 2 + {recipe.stage}.max_new_tokens"
+        else:
+            longest, setting = recipe.train.max_length, "train.max_length"
+        if longest > limit:
+            raise ConfigError(f"{setting} makes sequences of up to {longest} tokens, but {recipe.model} has learned "
+                              f"positions for {limit} tokens only (its position table has no row past them); lower "
+                              f"it to {limit} or less.")
+
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
