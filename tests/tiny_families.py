@@ -1,10 +1,12 @@
-"""Tiny models of the families users bring besides Gemma 3, as folders and as GGUF files.
+"""Tiny models of the families users bring besides the default Gemma 3 270M, as folders and as GGUF files.
 
 Llama (Llama 3, ELYZA, Swallow, llm-jp), Mistral, Qwen2 (biases on the projections, a tied output layer), Gemma 2
-(soft-capped attention scores), GPT-NeoX (open-calm, rinna's) and GPT-2 (the Japanese GPT-2s: Conv1D layers, learned
-positions). The GGUF files are written the way llama.cpp's
-convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, a byte-level (`gpt2`) vocabulary and its
-merges; llama.cpp's converter is not a package, so this writes the few fields transformers reads.
+(soft-capped attention scores), Gemma 3 with a vision tower (4B and up), GPT-NeoX (open-calm, rinna's) and GPT-2 (the
+Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
+convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, GPT-2's layers transposed, a byte-level
+(`gpt2`) vocabulary and its merges; llama.cpp's converter is not a package, so this writes the few fields
+transformers reads. The permutation is written here independently of shitate's export, and transformers' reader
+undoes it: a test that reads such a file back checks both.
 """
 
 from __future__ import annotations
