@@ -130,3 +130,77 @@ def test_a_run_with_no_decided_choice_is_judged_on_all_of_them(tuned_run, tmp_pa
     assert result.exit_code == 0, result.output
     assert "100.0% of the run's next-token choices agree (none is decided" in " ".join(result.output.split())
     assert not merge.Parity("f", None, 0.9).passed and merge.Parity("f", 1.0, 0.9).passed
+
+
+def _render_go_template(text: str, messages: list[dict]) -> str:
+    """The subset of Go's text/template the plain Ollama template uses: range .Messages, if/else if eq .Role, .Content."""
+    import re
+
+    out: list[str] = []
+    tokens = re.split(r"(\{\{.*?\}\})", text)
+
+    def run(items: list[str], message: dict | None) -> None:
+        index = 0
+        while index < len(items):
+            item = items[index]
+            if item == "{{ range .Messages }}":
+                end = _matching_end(items, index)
+                for each in messages:
+                    run(items[index + 1:end], each)
+                index = end + 1
+            elif item.startswith("{{ if "):
+                end = _matching_end(items, index)
+                branches, start, depth = [], index, 0
+                for k in range(index + 1, end):
+                    depth += items[k].startswith(("{{ if ", "{{ range ")) - (items[k] == "{{ end }}")
+                    if depth == 0 and items[k].startswith("{{ else"):
+                        branches.append((items[start], items[start + 1:k]))
+                        start = k
+                branches.append((items[start], items[start + 1:end]))
+                for condition, body in branches:
+                    role = re.search(r'eq \.Role "(\w+)"', condition)
+                    if role is None or role.group(1) == message["role"]:
+                        run(body, message)
+                        break
+                index = end + 1
+            elif item == "{{ .Content }}":
+                out.append(message["content"])
+                index += 1
+            else:
+                out.append(item)
+                index += 1
+
+    run([t for t in tokens if t], None)
+    return "".join(out)
+
+
+def _matching_end(items: list[str], start: int) -> int:
+    depth = 0
+    for index in range(start, len(items)):
+        depth += items[index].startswith(("{{ if ", "{{ range ")) - (items[index] == "{{ end }}")
+        if depth == 0:
+            return index
+    raise AssertionError("unbalanced template")
+
+
+def test_the_ollama_modelfile_of_a_plain_template_run_prompts_as_training_did(tmp_path, monkeypatch, tokenizer):
+    # A base model whose tokenizer knows no turn markers trains on the plain template; its Modelfile had no TEMPLATE,
+    # and Ollama fell back to whatever it made of the GGUF's Jinja.
+    from conftest import MULTI_TURN
+    from shitate.data.templates import get_template
+    from tiny_families import build_tiny, write_gguf
+
+    monkeypatch.setenv("SHITATE_HOME", str(tmp_path / "home"))
+    folder = build_tiny("llama", tmp_path / "llama", tokenizer)
+    gguf_file = write_gguf(folder, tmp_path / "tiny-llama.gguf")
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, gguf_file), run, "--set", "template=plain", "--set", "train.epochs=1").exit_code == 0
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "export"), "--gguf", "f16", "--no-check"])
+    assert result.exit_code == 0, result.output
+
+    modelfile = (tmp_path / "export" / "Modelfile").read_text(encoding="utf-8")
+    ollama = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    template = get_template("plain", tokenizer)
+    for messages in (MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:2]):
+        assert _render_go_template(ollama, messages) == template(messages, add_generation_prompt=True)
+    assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile

@@ -161,11 +161,22 @@ _OLLAMA_TEMPLATES = {
 }
 
 
+def _ollama_plain_template(template: Any) -> str:
+    """The plain template (headings, the tokenizer's own BOS and EOS) as an Ollama template; its BOS is what it renders
+    for no messages. No `{{-`: it would trim the blank lines the headings need."""
+    bos, eos = template([]), template.end_of_turn
+    return (f'{bos}{{{{ range .Messages }}}}{{{{ if eq .Role "system" }}}}{{{{ .Content }}}}\n\n'
+            f'{{{{ else if eq .Role "assistant" }}}}### Assistant:\n{{{{ .Content }}}}{eos}\n\n'
+            f'{{{{ else }}}}### User:\n{{{{ .Content }}}}\n\n{{{{ end }}}}{{{{ end }}}}### Assistant:\n')
+
+
 def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str | None) -> None:
     """An Ollama Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), with the run's system prompt."""
     lines = [f"FROM ./{gguf_file.name}"]
     if template.name in _OLLAMA_TEMPLATES:
         lines.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template.name]}"""')
+    elif template.name == "plain":
+        lines.append(f'TEMPLATE """{_ollama_plain_template(template)}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines.append(f'PARAMETER stop "{template.end_of_turn}"')
