@@ -109,7 +109,7 @@ def _sampling(spec: GenerateSpec) -> dict[str, Any]:
 def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end: bool) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     stops = stop_token_ids(tokenizer, loaded.template) if stop_at_turn_end else [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     return {"max_new_tokens": spec.max_new_tokens, "eos_token_id": [s for s in stops if s is not None],
             "pad_token_id": pad, "repetition_penalty": spec.repetition_penalty, **_sampling(spec)}
 

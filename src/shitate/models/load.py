@@ -127,8 +127,8 @@ def load_tokenizer(source: ModelSource) -> Any:
         raise _load_error(source, err) from None
     _check_vocabulary(source, tokenizer)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Llama 3's, GPT-2's and most base models' tokenizers have none, and batched generation (compare, eval) pads
-        # its prompts: EOS pads them, under the attention mask, as transformers' generate does on its own.
+        # Llama 3's, GPT-2's and most base models' tokenizers have none, and every batch (training's, and compare's
+        # and eval's prompts) is padded: EOS pads them, under the attention mask, as transformers' generate does.
         tokenizer.pad_token = tokenizer.eos_token
     _flag_control_tokens(tokenizer)
     _drop_python_vocabulary(tokenizer)

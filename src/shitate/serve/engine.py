@@ -124,7 +124,7 @@ class Engine:
         self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 8192)
         self._model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
         use_soft_capped_paged_attention(self._model)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
         self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests)
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
         self._ids = itertools.count()

@@ -113,7 +113,7 @@ def read_data(recipe: Recipe, source: ModelSource, model_type: str | None) -> Pa
     encode = functools.partial(encode_pairs, recipe=recipe, tokenizer=tokenizer, template=template)
     train_set, shares = mix(recipe.data.train_sources(), encode, recipe.train.seed)
     validation_set = encode(recipe.data.validation) if recipe.data.validation else []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     return PairData(train_set, validation_set, shares, template.name, pad_id)
 
 

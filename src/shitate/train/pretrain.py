@@ -87,7 +87,7 @@ def read_data(recipe: Recipe, source: ModelSource) -> TextData:
     train_set = documents_to_rows(encode_documents(documents, tokenizer), block_size, bos)
     validation_set = (documents_to_rows(encode_documents(read_documents(recipe.data.validation), tokenizer), block_size,
                                         bos) if recipe.data.validation else [])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     return TextData(train_set, validation_set, len(documents), shares, pad_id)
 
 

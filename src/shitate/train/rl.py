@@ -193,7 +193,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                                                recipe.adapter, packed_attention=True, activation_checkpointing=False)
         session.place(reference_model).requires_grad_(False).eval()
     policy = Policy(model, session.compute_dtype, value_head=recipe.stage == "ppo").to(session.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     objective = session.start(
         policy, Objective(policy, make_batch=lambda examples, device: tree_batch(examples, 4096, pad_id, device),
                           loss_terms=lambda example: 1),
