@@ -17,6 +17,7 @@ from shitate.config import GenerateSpec
 from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
 from shitate.errors import StoppedAtExit
 from shitate.models.load import ModelSource, load_model, load_tokenizer, pick_precision, resolve
+from shitate.models.logprobs import output_softcap
 from shitate.progress import status
 from shitate.runs import RunFolder
 
@@ -197,7 +198,7 @@ def choice_logprobs(loaded: LoadedModel, prompts: list[str], choices: list[list[
             sources = torch.cat([torch.tensor(r["from"]) for r in rows])
             targets = torch.cat([torch.tensor(r["targets"]) for r in rows]).to(device)
             logits = base.get_output_embeddings()(hidden[row_index, sources]).float()
-            softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+            softcap = output_softcap(base)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             token_scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).cpu()

@@ -169,6 +169,12 @@ def _weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return grad_weight
 
 
+def output_softcap(model: Any) -> float | None:
+    """The cap a model puts on its output logits (Gemma 2's cap·tanh(z/cap)), if any; a multimodal checkpoint keeps it
+    in its text config."""
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int | None = None, compute_dtype: torch.dtype = torch.float32,
                          softcap: float | None = None, per_row: bool = False) -> torch.Tensor:
@@ -226,7 +232,7 @@ class AnswerLogProbs(nn.Module):
         """(log-probability of each answer token, in the batch's order; the decoder's hidden states)."""
         base, states = decoder_states(self.causal_lm, input_ids, None, position_ids, packed_lengths)
         hidden = states.reshape(-1, states.shape[-1])[sources]
-        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        softcap = output_softcap(base)
         token_losses = linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
                                             compute_dtype=self.compute_dtype, softcap=softcap, per_row=True)
         return -token_losses, states

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shitate.data.templates import IGNORE_INDEX
-from shitate.models.logprobs import decoder_states, linear_cross_entropy_and_hits
+from shitate.models.logprobs import decoder_states, linear_cross_entropy_and_hits, output_softcap
 
 
 class AnswerLoss(nn.Module):
@@ -35,7 +35,7 @@ class AnswerLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = states[:, :-1][keep]
-        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        softcap = output_softcap(base)
         total, hits = linear_cross_entropy_and_hits(hidden, base.get_output_embeddings().weight, targets[keep],
                                                     self.chunk_size, self.compute_dtype, softcap)
         return total, keep.sum(), {"token_accuracy": hits}
