@@ -7,7 +7,9 @@ same Gemma template renders the prompt for both sides; TRL gets it as text with 
 completions (ending with the end-of-turn marker), as its users give a pre-rendered prompt.
 
 Each side runs in its own process (peak RSS is its own). TRL runs as its users run it: its defaults
-(the base in fp32 under bf16 autocast) and with the frozen base loaded in bf16. Both sides are timed
+(the base in fp32 under bf16 autocast), with the frozen base loaded in bf16, and in fp32 throughout
+(`bf16=False`, faster on a CPU whose fp32 matmul outruns its bf16 one); shitate with its default
+`precision: auto` (the faster of the two, measured) and in bf16. Both sides are timed
 on the same basis — the wall time of the training steps, plus for shitate's dpo the one pass that
 computes the reference log-probabilities before training (TRL computes them inside its steps) — over
 the same numerator: the tokens of the pairs (prompt + chosen + rejected). Also printed: peak RSS,
@@ -30,11 +32,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_side, step_timer  # noqa: E402
+from train_throughput import (  # noqa: E402
+    cpu_model,
+    matmul_peak_gflops,
+    peak_rss_bytes,
+    run_side,
+    step_timer,
+    trl_precision,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGMENTS = REPO.parent / "shared" / "data" / "ja-vicuna-qa" / "model_judgment" / "pairwise" / "gpt-4"
-SIDES = ("shitate", "trl", "trl-bf16")
+SIDES = ("shitate", "shitate-bf16", "trl", "trl-bf16", "trl-fp32")
 SETTINGS: dict[str, Any] = {"batch_size": 8, "learning_rate": 1.0e-4, "max_length": 256, "r": 16, "alpha": 32,
                             "dropout": 0.0, "seed": 42, "beta": 0.1}
 
@@ -67,7 +76,7 @@ def prepare_pairs(folder: Path, train_count: int, validation_count: int) -> tupl
     return paths[0], paths[1], sum(lengths[id(p)] for p in train)
 
 
-def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_tokens: int) -> dict:
+def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_tokens: int, precision: str = "auto") -> dict:
     from shitate.config import Recipe
     from shitate.train import preference
 
@@ -87,7 +96,7 @@ def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_token
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
         "train": {"epochs": 1, "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
                   "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
-                  "lr_scheduler": "linear", "precision": "bf16"},
+                  "lr_scheduler": "linear", "precision": precision},
         **({"dpo": {"beta": SETTINGS["beta"]}} if stage == "dpo" else {}),
         **({"orpo": {"odds_ratio_weight": SETTINGS["beta"]}} if stage == "orpo" else {}),
     })
@@ -108,8 +117,7 @@ def run_shitate(stage: str, train: Path, validation: Path, out: Path, pair_token
             "wall_s": wall, "reference_s": reference_seconds[0] * train_share, "steps": manifest["steps"]}
 
 
-def run_trl(stage: str, train: Path, validation: Path, out: Path, bf16_base: bool, pair_tokens: int) -> dict:
-    import torch
+def run_trl(stage: str, train: Path, validation: Path, out: Path, side: str, pair_tokens: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -132,10 +140,10 @@ def run_trl(stage: str, train: Path, validation: Path, out: Path, bf16_base: boo
         return Dataset.from_list(rows)
 
     StepTimer = step_timer()
-    dtype = torch.bfloat16 if bf16_base else torch.float32
+    dtype, autocast = trl_precision(side)
     common = dict(output_dir=str(out / "trl"), num_train_epochs=1, per_device_train_batch_size=SETTINGS["batch_size"],
                   per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],
-                  lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True,
+                  lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=autocast,
                   use_cpu=True, seed=SETTINGS["seed"], logging_steps=1, save_strategy="no", eval_strategy="no",
                   report_to=[], dataloader_num_workers=0, disable_tqdm=True)
     lora = LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"], lora_dropout=SETTINGS["dropout"],
@@ -185,10 +193,11 @@ def _our_loss(stage: str, metrics: dict) -> float:
 
 def child(stage: str, side: str, train: Path, validation: Path, result: Path, pair_tokens: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        if side == "shitate":
-            figures = run_shitate(stage, train, validation, Path(folder), pair_tokens)
+        if side.startswith("shitate"):
+            figures = run_shitate(stage, train, validation, Path(folder), pair_tokens,
+                                  precision="bf16" if side == "shitate-bf16" else "auto")
         else:
-            figures = run_trl(stage, train, validation, Path(folder), side.endswith("-bf16"), pair_tokens)
+            figures = run_trl(stage, train, validation, Path(folder), side, pair_tokens)
     figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     result.write_text(json.dumps(figures))
 
@@ -211,7 +220,8 @@ def main() -> None:
         return
     if not JUDGMENTS.is_dir():
         raise SystemExit(f"{JUDGMENTS}: not found; this bench reads ja-vicuna-qa from ../shared/data.")
-    print(f"CPU: {cpu_model()}; bf16 2048×2048 matmul: {matmul_peak_gflops():.0f} GFLOP/s; settings: {SETTINGS}",
+    print(f"CPU: {cpu_model()}; 2048×2048 matmul: bf16 {matmul_peak_gflops():.0f}, fp32 "
+          f"{matmul_peak_gflops(dtype='float32'):.0f} GFLOP/s; settings: {SETTINGS}",
           flush=True)
     with tempfile.TemporaryDirectory() as folder:
         train, validation, pair_tokens = prepare_pairs(Path(folder), args.pairs, args.validation_pairs)
@@ -232,22 +242,25 @@ def main() -> None:
 
 def _print_table(stage: str, results: dict) -> None:
     print(f"\n{stage}")
-    print(f"{'side':<10} {'tokens/s':>9} {'peak RSS':>9} {'val loss before':>15} {'after':>7} {'TRL own loss':>12} "
+    print(f"{'side':<12} {'tokens/s':>9} {'peak RSS':>9} {'val loss before':>15} {'after':>7} {'TRL own loss':>12} "
           f"{'steps':>6} {'train() s':>9}")
     for side, r in results.items():
         own = f"{r['trl_val_loss']:.4f}" if "trl_val_loss" in r else "-"
-        print(f"{side:<10} {r['tokens_per_s']:>9.1f} {r['peak_rss_gib']:>6.2f}GiB {r['val_loss_before']:>15.4f} "
+        print(f"{side:<12} {r['tokens_per_s']:>9.1f} {r['peak_rss_gib']:>6.2f}GiB {r['val_loss_before']:>15.4f} "
               f"{r['val_loss']:>7.4f} {own:>12} {r['steps']:>6} {r['wall_s']:>9.1f}")
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
-    if "shitate" not in results or not trl:
+    if not trl:
         return
-    ours = results["shitate"]
     fastest = max(trl, key=lambda s: trl[s]["tokens_per_s"])
     leanest = min(trl, key=lambda s: trl[s]["peak_rss_gib"])
-    print(f"shitate: tokens/s {ours['tokens_per_s'] / trl[fastest]['tokens_per_s']:.2f}× the fastest TRL side ({fastest}), "
-          f"peak RSS {ours['peak_rss_gib'] / trl[leanest]['peak_rss_gib']:.2f}× the leanest ({leanest}), "
-          f"validation loss (shitate's definition) {ours['val_loss_before'] - trl[fastest]['val_loss_before']:+.4f} "
-          f"before training and {ours['val_loss'] - trl[fastest]['val_loss']:+.4f} after, against {fastest}")
+    for side in ("shitate", "shitate-bf16"):
+        if side not in results:
+            continue
+        ours = results[side]
+        print(f"{side}: tokens/s {ours['tokens_per_s'] / trl[fastest]['tokens_per_s']:.2f}× the fastest TRL side "
+              f"({fastest}), peak RSS {ours['peak_rss_gib'] / trl[leanest]['peak_rss_gib']:.2f}× the leanest ({leanest}), "
+              f"validation loss (shitate's definition) {ours['val_loss_before'] - trl[fastest]['val_loss_before']:+.4f} "
+              f"before training and {ours['val_loss'] - trl[fastest]['val_loss']:+.4f} after, against {fastest}")
 
 
 if __name__ == "__main__":

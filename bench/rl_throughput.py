@@ -7,7 +7,8 @@ the kids_qa recipe's rubric (the share of its checks an answer passes: ends with
 through the same function, with the same KL coefficient to the start and one optimizer step per
 rollout (ppo: the same 16 answers a step, each with its own advantage from the value head and GAE). TRL runs
 on a CPU as its users would there: no vLLM, its defaults otherwise (the base in fp32
-under bf16 autocast), and once with the base loaded in bf16.
+under bf16 autocast), once with the base loaded in bf16 and once in fp32 throughout (`bf16=False`);
+shitate with its default `precision: auto` (the faster arithmetic of the two, measured).
 
 Printed per side: rollout tokens/s (answer tokens over the time spent sampling and scoring them),
 update tokens/s (answer tokens over the rest of the step), answer tokens/s over whole steps, peak RSS
@@ -29,12 +30,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_side, step_timer  # noqa: E402
+from train_throughput import (  # noqa: E402
+    cpu_model,
+    matmul_peak_gflops,
+    peak_rss_bytes,
+    run_side,
+    step_timer,
+    trl_precision,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KIDS_RECIPE = REPO / "examples" / "kids_qa" / "recipe.yaml"
 KIDS_TRAIN = REPO / "examples" / "kids_qa" / "data" / "train.jsonl"
-SIDES = ("shitate", "shitate-ppo", "trl", "trl-bf16")  # shitate: stage grpo
+SIDES = ("shitate", "shitate-ppo", "trl", "trl-bf16", "trl-fp32")  # shitate: stage grpo
 SETTINGS: dict[str, Any] = {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0,
                             "learning_rate": 1.0e-4, "kl_coef": 0.05, "r": 16, "alpha": 32, "seed": 42}
 
@@ -58,7 +66,7 @@ def run_shitate(steps: int, out: Path, stage: str, start: Path | None) -> dict:
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": 0.0},
         "train": {"epochs": 1, "max_steps": steps, "batch_size": SETTINGS["prompts_per_step"],
                   "learning_rate": SETTINGS["learning_rate"], "warmup_ratio": 0.0, "max_length": 256,
-                  "seed": SETTINGS["seed"], "precision": "bf16"},
+                  "seed": SETTINGS["seed"], "precision": "auto"},
         stage: {"samples_per_prompt": SETTINGS["samples_per_prompt"], "max_new_tokens": SETTINGS["max_new_tokens"],
                  "temperature": SETTINGS["temperature"], "kl_coef": SETTINGS["kl_coef"], "update_epochs": 1,
                  "rubric_weight": 1.0, "validation_every": 0},
@@ -91,15 +99,14 @@ def start_run(out: Path) -> Path:
         "data": {"train": str(KIDS_TRAIN), "system": kids.data.system},
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": 0.0},
         "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "learning_rate": SETTINGS["learning_rate"],
-                  "seed": SETTINGS["seed"], "precision": "bf16"},
+                  "seed": SETTINGS["seed"], "precision": "auto"},
     })
     run_dir = sft.run(recipe, out=out / "start", force=True)
     assert isinstance(run_dir, Path)  # not a dry run
     return run_dir
 
 
-def run_trl(steps: int, out: Path, bf16_base: bool) -> dict:
-    import torch
+def run_trl(steps: int, out: Path, side: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -125,14 +132,14 @@ def run_trl(steps: int, out: Path, bf16_base: bool) -> dict:
         rewards.append(sum(scores) / len(scores))
         return scores
 
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.bfloat16 if bf16_base else torch.float32,
-                                                 local_files_only=True)
+    dtype, autocast = trl_precision(side)
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, local_files_only=True)
     StepTimer = step_timer()
     args = GRPOConfig(output_dir=str(out / "trl"), max_steps=steps, learning_rate=SETTINGS["learning_rate"],
                       per_device_train_batch_size=SETTINGS["prompts_per_step"] * SETTINGS["samples_per_prompt"],
                       num_generations=SETTINGS["samples_per_prompt"], max_completion_length=SETTINGS["max_new_tokens"],
                       temperature=SETTINGS["temperature"], beta=SETTINGS["kl_coef"], num_iterations=1,
-                      lr_scheduler_type="linear", warmup_steps=0, bf16=True, use_cpu=True, seed=SETTINGS["seed"],
+                      lr_scheduler_type="linear", warmup_steps=0, bf16=autocast, use_cpu=True, seed=SETTINGS["seed"],
                       logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True)
     lora = LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -166,7 +173,7 @@ def child(side: str, steps: int, result: Path, start: Path | None) -> None:
         if side.startswith("shitate"):
             figures = run_shitate(steps, Path(folder), "ppo" if side.endswith("-ppo") else "grpo", start)
         else:
-            figures = run_trl(steps, Path(folder), side.endswith("-bf16"))
+            figures = run_trl(steps, Path(folder), side)
     figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3
     result.write_text(json.dumps(figures))
 
@@ -182,7 +189,8 @@ def main() -> None:
     if args.side:
         child(args.side, args.steps, args.result, args.start)
         return
-    print(f"CPU: {cpu_model()}; bf16 2048×2048 matmul: {matmul_peak_gflops():.0f} GFLOP/s; settings: {SETTINGS}, "
+    print(f"CPU: {cpu_model()}; 2048×2048 matmul: bf16 {matmul_peak_gflops():.0f}, fp32 "
+          f"{matmul_peak_gflops(dtype='float32'):.0f} GFLOP/s; settings: {SETTINGS}, "
           f"{args.steps} steps", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as folder:

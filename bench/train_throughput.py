@@ -4,17 +4,20 @@ Each side runs in its own process (so peak RSS is its own) on the same examples.
 (kids_qa, dolly-ja) the chats are rendered with the same Gemma template: shitate's sft stage
 against TRL 1.x `SFTTrainer` with completion-only loss. For continued pretraining (`text`:
 RealPersonaChat dialogues) shitate's pretrain stage against `SFTTrainer` on a language-modelling
-dataset (`{"text": …}`, loss on every token). TRL runs as its users run it, each way twice:
-with its defaults (the base in fp32 under bf16 autocast) and with the frozen base loaded in
-bf16, as TRL's LoRA examples do; padding to the longest example, and `packing=True` (BFD).
+dataset (`{"text": …}`, loss on every token). TRL runs as its users run it, each way three times:
+with its defaults (the base in fp32 under bf16 autocast), with the frozen base loaded in bf16, as
+TRL's LoRA examples do, and in fp32 throughout (`bf16=False`), which is faster on a CPU whose fp32
+matmul outruns its bf16 one; padding to the longest example, and `packing=True` (BFD). shitate runs
+with its default `precision: auto` (the faster arithmetic of the two, measured), and in bf16.
 
 Both sides are timed on the same basis: the wall time of the training steps alone (TRL: from
 each step's begin to its end, by a callback; shitate: its own step timer), over the real
 (non-padding) tokens of the data set. Printed too, the wall time of a whole run from loading the model to the
 end of training, libraries already imported on both sides: shitate's includes a validation pass each epoch,
 its checkpoints and the saved adapter; TRL's, as configured here, neither validates nor saves.
-Also printed: peak RSS, final validation loss, model-FLOPs utilisation against a bf16 matmul
-measured in the same run, the CPU model, and the ratios against the fastest and the leanest TRL side.
+Also printed: peak RSS, final validation loss, model-FLOPs utilisation against the faster of a bf16 and
+an fp32 matmul measured in the same run, the CPU model, and the ratios against the fastest and the leanest
+TRL side.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/train_throughput.py                 # kids_qa, dolly-ja and text, all sides
@@ -37,10 +40,12 @@ from shitate.memory import cpu_model, peak_rss_bytes  # noqa: F401 - align_throu
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly-ja" / "databricks-dolly-15k-ja.jsonl"
 PERSONA_CHAT = REPO.parent / "shared" / "data" / "real-persona-chat" / "dialogues-2000.jsonl"
-# shitate: the defaults (on a CPU, each step of 8 examples in micro-batches of at most 256 tokens);
-# shitate-whole: each step in one pass (faster, more memory); shitate-ckpt: activation checkpointing.
-# trl-*: TRL's defaults (fp32 base); trl-*-bf16: the frozen base loaded in bf16.
-SIDES = ("shitate", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16", "trl-pack-bf16")
+# shitate: the defaults (on a CPU, each step of 8 examples in micro-batches of at most 256 tokens; precision auto);
+# shitate-bf16: bf16 arithmetic; shitate-whole: each step in one pass (faster, more memory); shitate-ckpt: activation
+# checkpointing. trl-*: TRL's defaults (fp32 base, bf16 autocast); trl-*-bf16: the frozen base loaded in bf16;
+# trl-*-fp32: fp32 throughout.
+SIDES = ("shitate", "shitate-bf16", "shitate-whole", "shitate-ckpt", "trl-pad", "trl-pack", "trl-pad-bf16",
+         "trl-pack-bf16", "trl-pad-fp32", "trl-pack-fp32")
 # Not among the defaults, `shitate-percall`: on a GPU, what a CPU runs (an attention call per example, 128-row loss
 # chunks) — the GPU's own choices measured against it. On a CPU it is the same as `shitate`.
 TRL_SIDES = tuple(side for side in SIDES if side.startswith("trl"))
@@ -83,7 +88,7 @@ def prepare_data(name: str, folder: Path, train_count: int, validation_count: in
 
 
 def run_shitate(train: Path, validation: Path, out: Path, text: bool, checkpointing: bool = False,
-                micro_batch_tokens: int | str | None = "auto") -> dict:
+                micro_batch_tokens: int | str | None = "auto", precision: str = "auto") -> dict:
     from shitate.config import Recipe
     from shitate.train import pretrain, sft
 
@@ -94,7 +99,7 @@ def run_shitate(train: Path, validation: Path, out: Path, text: bool, checkpoint
         "adapter": {"method": "lora", "r": SETTINGS["r"], "alpha": SETTINGS["alpha"], "dropout": SETTINGS["dropout"]},
         "train": {"epochs": SETTINGS["epochs"], "batch_size": SETTINGS["batch_size"], "learning_rate": SETTINGS["learning_rate"],
                   "max_length": SETTINGS["max_length"], "seed": SETTINGS["seed"], "warmup_ratio": 0.0,
-                  "lr_scheduler": "linear", "precision": "bf16", "activation_checkpointing": checkpointing,
+                  "lr_scheduler": "linear", "precision": precision, "activation_checkpointing": checkpointing,
                   "micro_batch_tokens": micro_batch_tokens},
     })
     stage_module = pretrain if text else sft
@@ -107,10 +112,10 @@ def run_shitate(train: Path, validation: Path, out: Path, text: bool, checkpoint
     manifest = json.loads((run_dir / "manifest.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"tokens_per_s": manifest["train_tokens_per_s"], "val_loss": [m["val_loss"] for m in metrics if "val_loss" in m][-1],
-            "wall_s": wall}
+            "wall_s": wall, "precision": manifest["precision"]}
 
 
-def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool, bf16_base: bool) -> dict:
+def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool, side: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -135,12 +140,12 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
         return Dataset.from_list(rows)
 
     StepTimer = step_timer()
-    dtype = torch.bfloat16 if bf16_base else torch.float32
+    dtype, autocast = trl_precision(side)
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, local_files_only=True)
     config = SFTConfig(
         output_dir=str(out / "trl"), num_train_epochs=SETTINGS["epochs"], per_device_train_batch_size=SETTINGS["batch_size"],
         per_device_eval_batch_size=SETTINGS["batch_size"], learning_rate=SETTINGS["learning_rate"],
-        lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=True,
+        lr_scheduler_type="linear", warmup_steps=0, max_length=SETTINGS["max_length"], bf16=autocast,
         use_cpu=not torch.cuda.is_available(),
         seed=SETTINGS["seed"], logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         packing=packing, dataloader_num_workers=0, disable_tqdm=True,
@@ -154,6 +159,16 @@ def run_trl(train: Path, validation: Path, out: Path, text: bool, packing: bool,
     trainer.train()
     wall = time.perf_counter() - started
     return {"tokens_per_s": real_tokens / StepTimer.seconds, "val_loss": trainer.evaluate()["eval_loss"], "wall_s": wall}
+
+
+def trl_precision(side: str) -> tuple[Any, bool]:
+    """(the dtype TRL's base loads in, whether TRL trains under bf16 autocast) for a TRL side: its defaults, `-bf16`
+    (a bf16 base, as its LoRA examples load one) or `-fp32` (fp32 throughout)."""
+    import torch
+
+    if side.endswith("-bf16"):
+        return torch.bfloat16, True
+    return torch.float32, not side.endswith("-fp32")
 
 
 def run_side(script: str, label: str, options: list[str], result: Path) -> dict | None:
@@ -184,14 +199,14 @@ def step_timer() -> Any:
     return StepTimer
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 20) -> float:
-    """bf16 matmul throughput on the device training runs on: the ceiling MFU is measured against."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 20, dtype: str = "bfloat16") -> float:
+    """Matmul throughput (bf16, or `dtype`) on the device training runs on: the ceiling MFU is measured against."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         size, repeats = 8192, 50
-    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype), device=device) for _ in range(2))
     for _ in range(3):
         a @ b
     if device == "cuda":
@@ -240,10 +255,10 @@ def child(side: str, train: Path, validation: Path, result: Path, text: bool) ->
     with tempfile.TemporaryDirectory() as folder:
         if side.startswith("shitate"):
             figures = run_shitate(train, validation, Path(folder), text, checkpointing=side == "shitate-ckpt",
-                                  micro_batch_tokens=None if side == "shitate-whole" else "auto")
+                                  micro_batch_tokens=None if side == "shitate-whole" else "auto",
+                                  precision="bf16" if side == "shitate-bf16" else "auto")
         else:
-            figures = run_trl(train, validation, Path(folder), text, packing="pack" in side,
-                              bf16_base=side.endswith("-bf16"))
+            figures = run_trl(train, validation, Path(folder), text, packing="pack" in side, side=side)
     figures["peak_rss_gib"] = peak_rss_bytes() / 1024**3  # not ru_maxrss: it inherits the parent's peak
     import torch
 
@@ -273,8 +288,10 @@ def main() -> None:
         child(args.side, args.train, args.validation, args.result, args.text)
         return
 
-    peak = matmul_peak_gflops()
-    print(f"{device_name()}; bf16 matmul: {peak:.0f} GFLOP/s; model {MODEL}; settings: {SETTINGS}, "
+    peaks = {dtype: matmul_peak_gflops(dtype=dtype) for dtype in ("bfloat16", "float32")}
+    peak = max(peaks.values())  # MFU against the faster arithmetic: on some CPUs that is fp32
+    print(f"{device_name()}; matmul: bf16 {peaks['bfloat16']:.0f}, fp32 {peaks['float32']:.0f} GFLOP/s; model {MODEL}; "
+          f"settings: {SETTINGS}, "
           f"{args.train_examples} examples", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for data in args.data.split(","):
@@ -315,11 +332,12 @@ def _print_table(data: str, results: dict, per_token: float, peak: float) -> Non
     fastest_side = max(trl, key=lambda s: trl[s]["tokens_per_s"])
     leanest_side = min(trl, key=lambda s: trl[s][memory])
     fastest, leanest = trl[fastest_side], trl[leanest_side]
-    for side in ("shitate", "shitate-whole", "shitate-ckpt"):
+    for side in ("shitate", "shitate-bf16", "shitate-whole", "shitate-ckpt"):
         if side in results:
             ours = results[side]
-            # Validation loss is compared with TRL padding to the longest: the same examples in the same steps.
-            same_steps = trl.get("trl-pad-bf16", trl.get("trl-pad", fastest))
+            # Validation loss is compared with TRL padding to the longest: the same examples in the same steps, in the
+            # same arithmetic where that side ran.
+            same_steps = trl.get(f"trl-pad-{ours.get('precision', 'bf16')}", trl.get("trl-pad", fastest))
             print(f"{side}: tokens/s {ours['tokens_per_s'] / fastest['tokens_per_s']:.2f}× the fastest TRL side "
                   f"({fastest_side}), {memory_label} {ours[memory] / leanest[memory]:.2f}× the leanest "
                   f"({leanest_side}), val loss {ours['val_loss'] - same_steps['val_loss']:+.4f} against TRL (pad)")

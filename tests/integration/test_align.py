@@ -71,6 +71,33 @@ def test_each_preference_stage_moves_the_model_towards_the_chosen_answers(tmp_pa
         assert (run / "adapter" / "reward_head.safetensors").is_file()
 
 
+def test_a_bf16_base_trains_in_fp32_arithmetic_with_its_fp32_copys_numbers(tmp_path, tiny_model, monkeypatch):
+    # precision fp32 (what `auto` picks on a CPU whose fp32 matmul is the faster) keeps a bf16 base in bf16 and widens
+    # each layer as it runs: the same numbers as an fp32 copy of the model, at half its weight memory.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shitate.train import preference
+
+    narrow, wide = tmp_path / "bf16", tmp_path / "fp32"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(narrow)
+    AutoModelForCausalLM.from_pretrained(narrow, dtype=torch.float32).save_pretrained(wide)
+    for folder in (narrow, wide):
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    loaded = []
+    original = preference.load_model
+    monkeypatch.setattr(preference, "load_model", lambda source, dtype, **kw: loaded.append(dtype) or original(source, dtype, **kw))
+    runs = {}
+    for name, model in (("bf16", narrow), ("fp32", wide)):
+        runs[name] = tmp_path / f"run-{name}"
+        result = train(make_recipe(tmp_path, model, "orpo"), runs[name])
+        assert result.exit_code == 0, result.output
+    assert loaded == [torch.bfloat16, torch.float32]
+    before, copy_before = validations(runs["bf16"])[0], validations(runs["fp32"])[0]
+    # Before the first step the adapter adds nothing (B = 0): the two models are the same function.
+    assert before["val_loss"] == pytest.approx(copy_before["val_loss"], rel=1e-6)
+    assert validations(runs["bf16"])[-1]["val_chosen_nll"] < before["val_chosen_nll"] - 0.5
+
+
 def test_dpo_reference_is_computed_once_and_resume_is_exact(tmp_path, tiny_model, monkeypatch):
     from shitate.train import preference
 

@@ -79,10 +79,13 @@ def _language_model_prefix(model: Any) -> str | None:
     return f"{found}." if found else ""
 
 
-def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, activation_checkpointing: bool) -> Any:
-    """Packed attention, the adapter, the lean forwards and checkpointing, in the order they must be applied."""
+def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, activation_checkpointing: bool,
+                         compute_dtype: Any) -> Any:
+    """Packed attention, the adapter, the lean forwards, the arithmetic's dtype and checkpointing, in the order they
+    must be applied."""
     from shitate.models.attention import use_packed_attention
     from shitate.models.lean import make_lean
+    from shitate.models.precision import widen_arithmetic
 
     if packed_attention:
         use_packed_attention(model)
@@ -92,6 +95,8 @@ def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, 
         say(f"[yellow]note:[/] {lean.skipped_adapters} adapted layers ({spec.method}) run PEFT's own forward, not "
             "shitate's lean one (it supports plain LoRA on full-precision nn.Linear layers): expect more memory "
             "per token" + (" than with adapter.method lora." if spec.method != "lora" else "."))
+    if spec.method != "qlora":  # bitsandbytes computes a 4-bit base in its own compute dtype
+        widen_arithmetic(model, compute_dtype)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

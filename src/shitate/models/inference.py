@@ -16,8 +16,9 @@ import torch
 from shitate.config import GenerateSpec
 from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
 from shitate.errors import StoppedAtExit
-from shitate.models.load import ModelSource, load_model, load_tokenizer, pick_precision, resolve
+from shitate.models.load import ModelSource, load_model, load_tokenizer, resolve
 from shitate.models.logprobs import output_softcap
+from shitate.models.precision import bf16_supported
 from shitate.progress import status
 from shitate.runs import RunFolder
 
@@ -49,7 +50,10 @@ def load_for_inference(reference: str, template: str = "auto", dtype: Any = None
             template = RunFolder(source.run).recipe_setting("template", "auto")
         tokenizer = load_tokenizer(source)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = dtype or (torch.bfloat16 if pick_precision("auto", device) == "bf16" else torch.float32)
+        # bf16 where it is native, even on a CPU whose fp32 matmul is faster (models/precision.py): generating one
+        # token at a time reads the weights more than it multiplies them, and ran as fast in bf16 (18.8 tokens/s
+        # either way on the 2-core Xeon) at half the memory.
+        dtype = dtype or (torch.bfloat16 if bf16_supported(device) else torch.float32)
         # Not merged: folding a LoRA delta into bf16 weights would round part of it away.
         model = load_model(source, dtype=dtype).to(device).eval()
     chat_template = get_template(template, tokenizer, model.config.model_type)

@@ -278,23 +278,3 @@ def _load_error(source: ModelSource, err: Exception) -> ModelError:
         return ModelError(f"{source.reference}: could not fetch it from the model hub ({err.__class__.__name__}). "
                           "Without network access, download the model elsewhere and pass its local folder instead.")
     return ModelError(f"{source.folder}: could not load the model ({err}).")
-
-
-def bf16_supported(device: str) -> bool:
-    """Whether bf16 arithmetic is fast here: a GPU that has it, or a CPU with AVX512-BF16 or AMX."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def pick_precision(setting: str, device: str) -> str:
-    """Resolve the recipe's precision: `auto` means bf16 where the hardware has it, else fp32."""
-    if setting == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return setting

@@ -28,6 +28,7 @@ LOSS_CHUNK = 512
 GPU_LOSS_CHUNK = 1024
 _BLOCK_ELEMENTS = 2**20  # logits of one block on a CPU: 4 MB in fp32, within a core's cache
 _GPU_BLOCK_ELEMENTS = 2**25
+_WIDENED_BLOCK_WORDS = 4096
 
 
 def loss_chunk_rows(device: torch.device | str) -> int:
@@ -60,7 +61,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 compute_dtype: torch.dtype, softcap: float | None, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        w = weight.to(compute_dtype)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         row_max, sums, target_logits = torch.empty_like(losses), torch.empty_like(losses), torch.empty_like(losses)
         # Even chunks (130 rows in two of 65, not 128 + 2): each chunk streams the whole output layer.
@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden[rows].to(compute_dtype)
             losses[rows], row_max[rows], sums[rows], target_logits[rows], grad = _online_softmax_pass(
-                h, w, targets[rows], softcap, need_hidden)
+                h, weight, targets[rows], softcap, need_hidden)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad.to(hidden.dtype)
         ctx.save_for_backward(grad_hidden, *((hidden, weight, targets, row_max, sums) if need_weight else ()))
@@ -126,8 +126,14 @@ def _online_softmax_pass(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
     target_logits = torch.zeros_like(sums)
     weighted = torch.zeros(rows, w.shape[1] if need_grad else 0, dtype=torch.float32, device=h.device)
     block = _vocab_block(rows, h.device)
+    if w.dtype != h.dtype:
+        # A layer stored narrower than the arithmetic (a bf16 base computed in fp32, models/precision.py) is widened a
+        # block at a time — all at once, Gemma 3's would be another 0.67 GB — and in blocks of at most 4,096 words:
+        # the widened copy of a 10k-word block (27 MB for 100 rows) made a pass 17% slower than an fp32 layer's,
+        # one of 4,096 words 3% (2-core Xeon).
+        block = min(block, _WIDENED_BLOCK_WORDS)
     for start in range(0, w.shape[0], block):
-        w_block = w[start:start + block]
+        w_block = w[start:start + block].to(h.dtype)
         logits = _block_logits(h, w_block, softcap)
         target_logits += _target_logits_in(logits, targets, start)
         new_max = torch.maximum(row_max, logits.amax(dim=1))
@@ -152,18 +158,17 @@ def _weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
                  sums: torch.Tensor, row_weights: torch.Tensor, chunk_size: int, compute_dtype: torch.dtype,
                  softcap: float | None) -> torch.Tensor:
     """sum_i r_i · d CE_i / dW, recomputing each block's logits with the normalisers forward found."""
-    w = weight.to(compute_dtype)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h, y, r = hidden[rows].to(compute_dtype), targets[rows], row_weights[rows].float()
         block = _vocab_block(h.shape[0], h.device)
-        for word in range(0, w.shape[0], block):
-            logits = _block_logits(h, w[word:word + block], softcap)
+        for word in range(0, weight.shape[0], block):
+            logits = _block_logits(h, weight[word:word + block].to(compute_dtype), softcap)
             probs = (logits - row_max[rows, None]).exp_().div_(sums[rows, None])
             probs.mul_(_softcap_slope(logits, softcap)).mul_(r[:, None])
             grad_weight[word:word + block] += (probs.to(compute_dtype).T @ h).float()
-        target_logits = _softcapped((h.float() * w[y].float()).sum(-1), softcap)
+        target_logits = _softcapped((h.float() * weight[y].float()).sum(-1), softcap)
         target_slope = _softcap_slope(target_logits, softcap)
         grad_weight.index_add_(0, y, -(r * target_slope)[:, None] * h.float())
     return grad_weight

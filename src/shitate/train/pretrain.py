@@ -39,9 +39,11 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         session.check_positions(config)
         data = read_data(recipe, source)
         release_memory()  # the tokenizer went with read_data's frame: 0.13 GB for a 262k-word vocabulary
-        model = load_model(source.for_training(), dtype=session.base_dtype(), four_bit=recipe.adapter.method == "qlora")
+        training = source.for_training()
+        model = load_model(training, dtype=session.base_dtype(training), four_bit=recipe.adapter.method == "qlora")
     model = prepare_for_training(model, recipe.adapter, packed_attention=True,
-                                 activation_checkpointing=recipe.train.activation_checkpointing)
+                                 activation_checkpointing=recipe.train.activation_checkpointing,
+                                 compute_dtype=session.compute_dtype)
 
     tokens = sum(len(row["input_ids"]) for row in data.train)
     objective = session.start(

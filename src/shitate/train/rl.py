@@ -183,14 +183,17 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         prompts, _ = mix(recipe.data.train_sources(), lambda path: _encode_prompts(path, recipe, tokenizer, template),
                          recipe.train.seed)
         validation = _encode_prompts(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
-        model = load_model(source.for_training(), dtype=session.base_dtype())
+        training = source.for_training()
+        model = load_model(training, dtype=session.base_dtype(training))
         reward_model = _load_reward_model(spec, session) if spec.reward_model and spec.reward_model_weight > 0 else None
     model = prepare_for_training(model, recipe.adapter, packed_attention=True,
-                                 activation_checkpointing=recipe.train.activation_checkpointing)
+                                 activation_checkpointing=recipe.train.activation_checkpointing,
+                                 compute_dtype=session.compute_dtype)
     reference_model = None
     if recipe.adapter.method == "full":  # no adapter to switch off: the start needs a frozen copy
-        reference_model = prepare_for_training(load_model(source.for_training(), dtype=session.base_dtype()),
-                                               recipe.adapter, packed_attention=True, activation_checkpointing=False)
+        reference_model = prepare_for_training(load_model(training, dtype=session.base_dtype(training)),
+                                               recipe.adapter, packed_attention=True, activation_checkpointing=False,
+                                               compute_dtype=session.compute_dtype)
         session.place(reference_model).requires_grad_(False).eval()
     policy = Policy(model, session.compute_dtype, value_head=recipe.stage == "ppo").to(session.device)
     pad_id = tokenizer.pad_token_id
@@ -465,9 +468,11 @@ def _load_reward_model(spec: Any, session: Session) -> nn.Module:
     from shitate.models.reward import RewardModel
 
     source = resolve(str(spec.reward_model))
-    reward_model = RewardModel(load_model(source, dtype=session.base_dtype()))
+    reward_model = RewardModel(load_model(source, dtype=session.base_dtype(source)))
     reward_model.load_head(source.adapter or Path(source.folder))
     from shitate.models.attention import use_packed_attention
+    from shitate.models.precision import widen_arithmetic
 
     use_packed_attention(reward_model.causal_lm)
+    widen_arithmetic(reward_model.causal_lm, session.compute_dtype)
     return reward_model.to(session.device).eval().requires_grad_(False)

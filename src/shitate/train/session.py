@@ -38,8 +38,9 @@ from shitate.memory import (
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.attention import use_plain_attention
-from shitate.models.load import ModelSource, load_tokenizer, pick_precision
+from shitate.models.load import ModelSource, load_config, load_tokenizer
 from shitate.models.logprobs import loss_workspace_bytes
+from shitate.models.precision import describe_precision, frozen_base_dtype, pick_precision
 from shitate.progress import say
 from shitate.runs import RunFolder, file_digest, weight_digests
 
@@ -116,9 +117,14 @@ class Session:
         return self.accelerator.is_main_process
 
     # --- before the loop ------------------------------------------------------------------------
-    def base_dtype(self) -> torch.dtype:
-        """A frozen base can live in bf16 (half the memory, no per-step casts); a fully trained one keeps fp32 masters."""
-        return torch.bfloat16 if self.bf16 and self.recipe.adapter.method != "full" else torch.float32
+    def base_dtype(self, source: ModelSource) -> torch.dtype:
+        """The dtype to load `source` in: a frozen base in 16 bits where the arithmetic or its file allows
+        (models/precision.py), a fully trained one in fp32 masters."""
+        config = load_config(source)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if source.merged:  # an earlier run's adapter is folded into the weights: 16 bits would round part of it away
+            stored = torch.float32
+        return frozen_base_dtype(self.precision, stored, full_fine_tune=self.recipe.adapter.method == "full")
 
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move a module to the training device now, for work done before `start` (a stage's reference
@@ -153,7 +159,8 @@ class Session:
                 self.run.clear_leftovers()
                 self.run.forget_metrics_after(self.start_step)
         module, self.optimizer = self.accelerator.prepare(objective.module, self.optimizer)
-        say(f"[bold]{self.recipe.name}[/]: {summary}, {self.precision}, {self.recipe.adapter.method} "
+        precision = describe_precision(self.spec.precision, self.device.type, self.precision)
+        say(f"[bold]{self.recipe.name}[/]: {summary}, {precision}, {self.recipe.adapter.method} "
             f"({self.trainable:,} of {self.total:,} parameters trained), {self.planned_steps} steps on {self.device}.")
         if self.is_main:
             source = manifest_facts.get("model_source")

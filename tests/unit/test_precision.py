@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from shitate.config import AdapterSpec
+from shitate.models import precision
+from shitate.models.adapters import prepare_for_training
+from shitate.models.logprobs import decoder_states, linear_cross_entropy
+from tiny_families import build_tiny
+
+
+def test_auto_precision_takes_the_faster_matmul_measured_once_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHITATE_HOME", str(tmp_path))
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
+    measured = []
+    speeds = {torch.bfloat16: 174.0, torch.float32: 330.0}  # the 2-core Xeon without AMX
+    monkeypatch.setattr(precision, "_matmul_gflops", lambda dtype: measured.append(dtype) or speeds[dtype])
+    assert precision.pick_precision("auto", "cpu") == "fp32"
+    assert precision.pick_precision("auto", "cpu") == "fp32"
+    assert len(measured) == 2  # bf16 and fp32 once; the second run read the file
+    assert list(json.loads((tmp_path / "matmul-speeds.json").read_text()).values()) == [{"bf16": 174.0, "fp32": 330.0}]
+
+    (tmp_path / "matmul-speeds.json").unlink()
+    speeds = {torch.bfloat16: 955.0, torch.float32: 330.0}  # a Xeon with AMX
+    assert precision.pick_precision("auto", "cpu") == "bf16"
+    (tmp_path / "matmul-speeds.json").unlink()
+    speeds = {torch.bfloat16: 300.0, torch.float32: 330.0}  # within the margin: bf16 keeps half the activations
+    assert precision.pick_precision("auto", "cpu") == "bf16"
+
+    assert precision.pick_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+    assert precision.pick_precision("auto", "cpu") == "fp32"  # bf16 emulated: not even measured
+
+
+def test_the_frozen_base_stays_in_its_files_16_bits_under_fp32_arithmetic():
+    assert precision.frozen_base_dtype("fp32", "bfloat16", full_fine_tune=False) == torch.bfloat16
+    assert precision.frozen_base_dtype("fp32", torch.float16, full_fine_tune=False) == torch.float16
+    assert precision.frozen_base_dtype("fp32", "float32", full_fine_tune=False) == torch.float32
+    assert precision.frozen_base_dtype("fp32", None, full_fine_tune=False) == torch.float32
+    assert precision.frozen_base_dtype("bf16", "float32", full_fine_tune=False) == torch.bfloat16
+    assert precision.frozen_base_dtype("fp32", "bfloat16", full_fine_tune=True) == torch.float32
+
+
+def _lora_model(folder, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if dtype != torch.bfloat16:  # (.to(bf16) would round the fp32 rotary frequencies that loading keeps)
+        model = model.to(dtype)
+    model = prepare_for_training(model, AdapterSpec(r=4, dropout=0.0), packed_attention=False,
+                                 activation_checkpointing=False, compute_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the same adapter on both (PEFT draws A in the base's dtype), B non-zero so that it matters
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_a_bf16_base_computed_in_fp32_matches_its_fp32_copy(family, tiny_model, tokenizer, tmp_path):
+    # Gemma 3 (scaled embeddings, a tied output layer), a Llama (its own output layer), GPT-2 (Conv1D layers).
+    folder = tiny_model if family == "gemma3" else build_tiny(family, tmp_path / family, tokenizer)
+    narrow, wide = _lora_model(folder, torch.bfloat16), _lora_model(folder, torch.float32)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(model):
+        base, states = decoder_states(model, ids[:, :-1])
+        hidden = states.reshape(-1, states.shape[-1])
+        loss = linear_cross_entropy(hidden, base.get_output_embeddings().weight, ids[:, 1:].reshape(-1))
+        return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    loss, grads = loss_and_grads(narrow)
+    expected_loss, expected_grads = loss_and_grads(wide)
+    # The same numbers: widening a bf16 weight to fp32 is exact, and every matmul ran in fp32.
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # ...while the weights that make up the model's size stayed in bf16.
+    big = [p for p in narrow.parameters() if p.dim() == 2 and not p.requires_grad]
+    assert big and all(p.dtype == torch.bfloat16 for p in big)
+    # Generation runs too: the output layer computes in its own dtype and hands fp32 on.
+    assert narrow(input_ids=ids).logits.dtype == torch.float32
