@@ -152,9 +152,8 @@ def _wide_embedding_forward(self: nn.Embedding, input_ids: torch.Tensor, dtype: 
     return rows * (scale.to(rows.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
-def widen_arithmetic(model: nn.Module, dtype: torch.dtype) -> int:
-    """Make a model whose frozen weights are narrower than `dtype` compute in `dtype`; returns how many tensors
-    were widened in place (the small ones)."""
+def widen_arithmetic(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make a model whose frozen weights are narrower than `dtype` compute in `dtype`."""
     from transformers.pytorch_utils import Conv1D
 
     def narrow(tensor: torch.Tensor | None) -> bool:
@@ -181,9 +180,6 @@ def widen_arithmetic(model: nn.Module, dtype: torch.dtype) -> int:
         covered.add(id(weight))
         if getattr(module, "bias", None) is not None:
             covered.add(id(module.bias))
-    widened = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in covered and narrow(tensor):
             tensor.data = tensor.data.to(dtype)
-            widened += 1
-    return widened

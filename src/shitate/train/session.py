@@ -120,6 +120,8 @@ class Session:
     def base_dtype(self, source: ModelSource) -> torch.dtype:
         """The dtype to load `source` in: a frozen base in 16 bits where the arithmetic or its file allows
         (models/precision.py), a fully trained one in fp32 masters."""
+        if self.recipe.adapter.method == "qlora":  # bitsandbytes computes the 4-bit base in this dtype
+            return self.compute_dtype
         config = load_config(source)
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if source.merged:  # an earlier run's adapter is folded into the weights: 16 bits would round part of it away
