@@ -30,14 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (  # noqa: E402
-    cpu_model,
-    matmul_peak_gflops,
-    peak_rss_bytes,
-    run_side,
-    step_timer,
-    trl_precision,
-)
+from train_throughput import cpu_model, matmul_peak_gflops, peak_rss_bytes, run_side, step_timer, trl_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KIDS_RECIPE = REPO / "examples" / "kids_qa" / "recipe.yaml"
