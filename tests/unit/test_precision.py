@@ -16,21 +16,22 @@ def test_auto_precision_takes_the_faster_matmul_measured_once_per_machine(monkey
     measured = []
     speeds = {torch.bfloat16: 174.0, torch.float32: 330.0}  # the 2-core Xeon without AMX
     monkeypatch.setattr(precision, "_matmul_gflops", lambda dtype: measured.append(dtype) or speeds[dtype])
-    assert precision.pick_precision("auto", "cpu") == "fp32"
-    assert precision.pick_precision("auto", "cpu") == "fp32"
+    assert precision.pick_precision("auto", "cpu")[0] == "fp32"
+    assert precision.pick_precision("auto", "cpu")[0] == "fp32"
     assert len(measured) == 2  # bf16 and fp32 once; the second run read the file
+    assert precision.pick_precision("auto", "cpu")[1] == "fp32 (this CPU's matmul: 330 GFLOP/s in fp32, 174 in bf16)"
     assert list(json.loads((tmp_path / "matmul-speeds.json").read_text()).values()) == [{"bf16": 174.0, "fp32": 330.0}]
 
     (tmp_path / "matmul-speeds.json").unlink()
     speeds = {torch.bfloat16: 955.0, torch.float32: 330.0}  # a Xeon with AMX
-    assert precision.pick_precision("auto", "cpu") == "bf16"
+    assert precision.pick_precision("auto", "cpu")[0] == "bf16"
     (tmp_path / "matmul-speeds.json").unlink()
     speeds = {torch.bfloat16: 300.0, torch.float32: 330.0}  # within the margin: bf16 keeps half the activations
-    assert precision.pick_precision("auto", "cpu") == "bf16"
+    assert precision.pick_precision("auto", "cpu")[0] == "bf16"
 
-    assert precision.pick_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    assert precision.pick_precision("bf16", "cpu")[0] == "bf16"  # an explicit choice is kept
     monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
-    assert precision.pick_precision("auto", "cpu") == "fp32"  # bf16 emulated: not even measured
+    assert precision.pick_precision("auto", "cpu")[0] == "fp32"  # bf16 emulated: not even measured
 
 
 def test_the_frozen_base_stays_in_its_files_16_bits_under_fp32_arithmetic():

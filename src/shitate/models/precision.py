@@ -42,25 +42,19 @@ def bf16_supported(device: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def pick_precision(setting: str, device: str) -> str:
-    """Resolve the recipe's precision: `auto` is bf16 on a GPU that has it; on a CPU the faster of bf16 and fp32
-    matmul where bf16 is native, else fp32."""
+def pick_precision(setting: str, device: str) -> tuple[str, str]:
+    """Resolve the recipe's precision: (bf16 or fp32, the same for people, with the measurement behind it where `auto`
+    timed this CPU). `auto` is bf16 on a GPU that has it; on a CPU the faster of bf16 and fp32 matmul where bf16 is
+    native, else fp32."""
     if setting != "auto":
-        return setting
+        return setting, setting
     if not bf16_supported(device):
-        return "fp32"
+        return "fp32", "fp32"
     if device.startswith("cuda"):
-        return "bf16"
+        return "bf16", "bf16"
     speeds = cpu_matmul_speeds()
-    return "fp32" if speeds["fp32"] >= _FP32_MARGIN * speeds["bf16"] else "bf16"
-
-
-def describe_precision(setting: str, device: str, chosen: str) -> str:
-    """The chosen precision, with the measurement behind it where `auto` timed this CPU."""
-    if setting != "auto" or device.startswith("cuda") or not bf16_supported(device):
-        return chosen
-    speeds = cpu_matmul_speeds()
-    return f"{chosen} (this CPU's matmul: {speeds['fp32']:.0f} GFLOP/s in fp32, {speeds['bf16']:.0f} in bf16)"
+    chosen = "fp32" if speeds["fp32"] >= _FP32_MARGIN * speeds["bf16"] else "bf16"
+    return chosen, f"{chosen} (this CPU's matmul: {speeds['fp32']:.0f} GFLOP/s in fp32, {speeds['bf16']:.0f} in bf16)"
 
 
 def cpu_matmul_speeds() -> dict[str, float]:
@@ -141,8 +135,7 @@ def _narrow_output_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The output layer is trained through models/logprobs, which widens it a block of words at a time; this forward
     # serves generation during training (the answer check, rollouts), where widening all of a 262k-word layer for
     # every new token would cost more than the matmul itself. Its logits are bf16-rounded, as bf16 inference's are.
-    return nn.functional.linear(x.to(self.weight.dtype), self.weight,
-                                None if self.bias is None else self.bias).to(x.dtype)
+    return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def _wide_embedding_forward(self: nn.Embedding, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

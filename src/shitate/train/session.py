@@ -40,7 +40,7 @@ from shitate.models.adapters import check_supported, count_parameters, trainable
 from shitate.models.attention import use_plain_attention
 from shitate.models.load import ModelSource, load_config, load_tokenizer
 from shitate.models.logprobs import loss_workspace_bytes
-from shitate.models.precision import describe_precision, frozen_base_dtype, pick_precision
+from shitate.models.precision import frozen_base_dtype, pick_precision
 from shitate.progress import say
 from shitate.runs import RunFolder, file_digest, weight_digests
 
@@ -76,7 +76,7 @@ class Session:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         check_supported(recipe.adapter, self.device.type)  # before anything is written or loaded
-        self.precision = pick_precision(self.spec.precision, self.device.type)
+        self.precision, self.precision_said = pick_precision(self.spec.precision, self.device.type)
         self.bf16 = self.precision == "bf16"
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
         if dry_run:
@@ -161,8 +161,7 @@ class Session:
                 self.run.clear_leftovers()
                 self.run.forget_metrics_after(self.start_step)
         module, self.optimizer = self.accelerator.prepare(objective.module, self.optimizer)
-        precision = describe_precision(self.spec.precision, self.device.type, self.precision)
-        say(f"[bold]{self.recipe.name}[/]: {summary}, {precision}, {self.recipe.adapter.method} "
+        say(f"[bold]{self.recipe.name}[/]: {summary}, {self.precision_said}, {self.recipe.adapter.method} "
             f"({self.trainable:,} of {self.total:,} parameters trained), {self.planned_steps} steps on {self.device}.")
         if self.is_main:
             source = manifest_facts.get("model_source")
