@@ -282,6 +282,22 @@ def test_a_run_that_cannot_fit_is_refused_before_training(tmp_path, tiny_model, 
     message = str(result.exception)
     assert "more memory but 0.0 GB is free" in message and "train.batch_size (now 8)" in message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "train.precision: bf16" not in message  # the recipe asked for fp32 itself
+
+
+def test_a_run_too_big_in_the_fp32_auto_chose_names_bf16_as_a_way_to_fit(tmp_path, tiny_model, monkeypatch):
+    from shitate.train import session
+
+    monkeypatch.setattr(session, "available_bytes", lambda device: 6e9)
+    monkeypatch.setattr(session, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(session, "pick_precision", lambda setting, device: ("fp32", "fp32 (measured faster)"))
+    monkeypatch.setattr(session, "training_bytes", lambda config, precision, *args, **kwargs: 8e9 if precision == "fp32"
+                        else 4e9)  # the tiny model needs almost nothing: sizes of a model that does not fit
+    recipe = make_recipe(tmp_path, tiny_model)
+    recipe.write_text(recipe.read_text().replace("precision: fp32", "precision: auto"), encoding="utf-8")
+    message = " ".join(str(train(recipe, tmp_path / "run").exception).split())
+    assert "needs about 8.0 GB more memory but 6.0 GB is free" in message
+    assert "set train.precision: bf16 (auto chose fp32 as this CPU's faster arithmetic; bf16 needs about 4.0 GB)" in message
 
 
 def launched(recipe: Path, run: Path, nproc: int, *extra: str, port: int = 29517):

@@ -40,7 +40,7 @@ from shitate.models.adapters import check_supported, count_parameters, trainable
 from shitate.models.attention import use_plain_attention
 from shitate.models.load import ModelSource, load_config, load_tokenizer
 from shitate.models.logprobs import loss_workspace_bytes
-from shitate.models.precision import frozen_base_dtype, pick_precision
+from shitate.models.precision import bf16_supported, frozen_base_dtype, pick_precision
 from shitate.progress import say
 from shitate.runs import RunFolder, file_digest, weight_digests
 
@@ -217,8 +217,9 @@ class Session:
             padded = max(longest[0], min(padded, budget))
         return min(padded, sum(longest)) if packed else padded
 
-    def _training_bytes(self, objective: Objective) -> int:
-        return training_bytes(self.config, self.precision, self._largest_micro_batch(self.train_set, objective.packed),
+    def _training_bytes(self, objective: Objective, precision: str | None = None) -> int:
+        return training_bytes(self.config, precision or self.precision,
+                              self._largest_micro_batch(self.train_set, objective.packed),
                               self.trainable, self.recipe.adapter.method == "full",
                               loss_workspace=loss_workspace_bytes(self.device, self.config.hidden_size),
                               checkpointing=self.spec.activation_checkpointing)
@@ -228,11 +229,16 @@ class Session:
         needed, free = self._training_bytes(objective), available_bytes(self.device.type)
         if needed > free:
             spec = self.spec
+            narrower = ""
+            if spec.precision == "auto" and self.precision == "fp32" and bf16_supported(self.device.type):
+                # auto took fp32 for speed; bf16 halves the activations, the part of the estimate that grows
+                narrower = (f", or set train.precision: bf16 (auto chose fp32 as this CPU's faster arithmetic; bf16 "
+                            f"needs about {self._training_bytes(objective, 'bf16') / 1e9:.1f} GB)")
             raise ConfigError(
                 f"this run needs about {needed / 1e9:.1f} GB more memory but {free / 1e9:.1f} GB is free on "
                 f"{self.device.type}. Lower train.micro_batch_tokens (now {spec.micro_batch_tokens}) to split each "
                 f"step into smaller passes, or train.batch_size (now {spec.batch_size}) or train.max_length "
-                f"(now {spec.max_length}); `shitate train RECIPE --dry-run` measures a setting in two steps.")
+                f"(now {spec.max_length}){narrower}; `shitate train RECIPE --dry-run` measures a setting in two steps.")
 
     # --- during the loop ------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
