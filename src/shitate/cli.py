@@ -439,6 +439,7 @@ def chat(
     """Talk to a model in the terminal; answers stream as they are written. Ctrl-C stops an answer; an empty line
     or Ctrl-D quits."""
     from shitate.config import GenerateSpec
+    from shitate.errors import ShitateError
     from shitate.models.inference import load_for_inference, stream_answer
     from shitate.progress import console
 
@@ -465,6 +466,10 @@ def chat(
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
             stream.close()
             console.print(" [dim](stopped)[/]", end="")
+        except ShitateError as error:  # a conversation past the model's positions: this turn is refused, not the chat
+            console.print(f"\n[red]{error}[/]", highlight=False)
+            messages.pop()
+            continue
         console.print()
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 

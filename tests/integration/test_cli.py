@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import kids_records
 from shitate.cli import app
+from shitate.errors import ConfigError
 
 runner = CliRunner()
 
@@ -158,3 +159,41 @@ def test_the_cli_warns_when_a_split_stays_empty(tmp_path):
     result = runner.invoke(app, ["data", "split", str(data), "--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "test got no records" in " ".join(result.output.split())
+
+
+def tiny_gpt2(folder: Path, tokenizer, positions: int) -> Path:
+    """A 2-layer GPT-2 whose table has `positions` learned positions."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                  n_positions=positions, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_generation_stops_where_learned_positions_end_and_refuses_a_prompt_past_them(tmp_path, tokenizer):
+    # A GPT-2's table of positions has no row past n_positions: generating past it stopped with an IndexError
+    # from inside torch, whatever the prompt.
+    model = tiny_gpt2(tmp_path / "gpt2", tokenizer, positions=32)
+    prompt = "なんで空は青いの?"
+    prompt_tokens = len(tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"])
+    result = runner.invoke(app, ["generate", str(model), prompt, "--max-new-tokens", "100"])
+    assert result.exit_code == 0, result.output
+    continued = result.output.strip()
+    assert continued.startswith(prompt)
+    new_tokens = len(tokenizer(continued[len(prompt):], add_special_tokens=False)["input_ids"])
+    assert 0 < new_tokens <= 32 - prompt_tokens + 1  # decoding and encoding again may merge one token differently
+
+    result = runner.invoke(app, ["generate", str(model), prompt * 6, "--max-new-tokens", "4"])
+    assert isinstance(result.exception, ConfigError) and "learned positions for 32 tokens only" in str(result.exception)
+
+    # In a chat the turn that no longer fits is refused and the chat goes on.
+    result = runner.invoke(app, ["chat", str(model), "--template", "gemma", "--max-new-tokens", "4"],
+                           input=f"{prompt * 6}\n{prompt}\n\n")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "start a new conversation" in output and output.count("model> ") == 2

@@ -69,6 +69,17 @@ def test_chat_streams_each_answer_into_its_pane(tiny_model):
     assert updates[0][1][-1]["content"] == ""
 
 
+def test_a_question_past_the_models_positions_is_answered_with_why_in_its_pane(tmp_path, tokenizer):
+    from test_cli import tiny_gpt2
+
+    from shitate.models.inference import load_for_inference
+    from shitate.serve.ui import stream_both
+
+    model = load_for_inference(str(tiny_gpt2(tmp_path / "gpt2", tokenizer, positions=32)), template="gemma")
+    base_pane, tuned_pane, _ = list(stream_both("なんで空は青いの?" * 6, [], [], model, model, system=None))[-1]
+    assert "learned positions for 32 tokens only" in base_pane[-1]["content"] == tuned_pane[-1]["content"]
+
+
 def test_a_chat_left_mid_answer_stops_generating(tiny_model):
     """A closed page or Ctrl-C in `shitate chat` stops the answer: no thread generates on (one still inside torch
     when Python exits aborts the interpreter)."""

@@ -15,8 +15,8 @@ import torch
 
 from shitate.config import GenerateSpec
 from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
-from shitate.errors import StoppedAtExit
-from shitate.models.load import ModelSource, load_model, load_tokenizer, resolve
+from shitate.errors import ConfigError, StoppedAtExit
+from shitate.models.load import ModelSource, learned_position_limit, load_model, load_tokenizer, resolve
 from shitate.models.logprobs import output_softcap
 from shitate.models.precision import bf16_supported
 from shitate.progress import status
@@ -111,12 +111,28 @@ def _sampling(spec: GenerateSpec) -> dict[str, Any]:
     return {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p}
 
 
-def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end: bool) -> dict[str, Any]:
+def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end: bool,
+                       prompt_tokens: int) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     stops = stop_token_ids(tokenizer, loaded.template) if stop_at_turn_end else [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id
-    return {"max_new_tokens": spec.max_new_tokens, "eos_token_id": [s for s in stops if s is not None],
-            "pad_token_id": pad, "repetition_penalty": spec.repetition_penalty, **_sampling(spec)}
+    return {"max_new_tokens": _room_for_answer(loaded, prompt_tokens, spec.max_new_tokens),
+            "eos_token_id": [s for s in stops if s is not None], "pad_token_id": pad,
+            "repetition_penalty": spec.repetition_penalty, **_sampling(spec)}
+
+
+def _room_for_answer(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> int:
+    """max_new_tokens, cut to the positions a model with a table of learned positions (GPT-2) has left after the
+    prompt, so the answer ends there instead of the table running out mid-answer; a prompt that fills the table is
+    refused, saying how long it is."""
+    limit = learned_position_limit(loaded.model.config)
+    if limit is None:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens, but {loaded.reference} has learned positions for "
+                          f"{limit} tokens only (its position table has no row past them), prompt and answer together; "
+                          "shorten the prompt (in a chat: start a new conversation).")
+    return min(max_new_tokens, limit - prompt_tokens)
 
 
 def _generate_batch(loaded: LoadedModel, texts: list[str], spec: GenerateSpec, stop_at_turn_end: bool) -> list[str]:
@@ -124,9 +140,9 @@ def _generate_batch(loaded: LoadedModel, texts: list[str], spec: GenerateSpec, s
     # Left padding (new tokens must follow every prompt directly), asked per call: the shared tokenizer stays as it is.
     inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                        add_special_tokens=False).to(model.device)
+    settings = _generation_kwargs(loaded, spec, stop_at_turn_end, prompt_tokens=inputs["input_ids"].shape[1])
     with torch.inference_mode(), _in_flight.work():
-        output = model.generate(**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end),
-                                stopping_criteria=[_StopWhenSet(_in_flight.exiting)])
+        output = model.generate(**inputs, **settings, stopping_criteria=[_StopWhenSet(_in_flight.exiting)])
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
 
@@ -268,7 +284,8 @@ def stream_answer(loaded: LoadedModel, messages: list[dict[str, str]],
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
     streamer = _japanese_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancelled = Event()
-    kwargs = {**inputs, **_generation_kwargs(loaded, spec, stop_at_turn_end=True), "streamer": streamer,
+    settings = _generation_kwargs(loaded, spec, stop_at_turn_end=True, prompt_tokens=inputs["input_ids"].shape[1])
+    kwargs = {**inputs, **settings, "streamer": streamer,
               "stopping_criteria": [_StopWhenSet(cancelled), _StopWhenSet(_in_flight.exiting)]}
 
     failures: list[Exception] = []

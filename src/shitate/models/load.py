@@ -178,6 +178,17 @@ def load_config(source: ModelSource) -> Any:
         raise _load_error(source, err) from None
 
 
+def learned_position_limit(config: Any) -> int | None:
+    """How many positions a model with a table of learned positions has (GPT-2's n_positions): past them the table has
+    no row, and torch stops with an IndexError from inside the embedding. None for rotary positions, which reach past
+    what the model was trained on (worse, but without failing)."""
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    if not limit or getattr(text, "rope_parameters", None) is not None:
+        return None
+    return int(limit)
+
+
 def _contiguous_input(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The output layer's input made contiguous. generate() hands it the last position of a batch, a strided
     slice; torch's CPU linear then expands the weight once per row and runs a batched matmul — for a 262k-word

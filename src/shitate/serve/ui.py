@@ -208,6 +208,7 @@ def stream_both(message: str, base_history: list, tuned_history: list, base: Any
                 system: str | None) -> Iterator[tuple[list, list, str]]:
     """Both chat panes as the answers are written: the base model's answer streams in, then the tuned one's."""
     from shitate.config import GenerateSpec
+    from shitate.errors import ShitateError
     from shitate.models.inference import stream_answer
 
     spec = GenerateSpec(max_new_tokens=64, temperature=0.0)
@@ -226,9 +227,12 @@ def stream_both(message: str, base_history: list, tuned_history: list, base: Any
     for side, model, history in (("base", base, base_history), ("tuned", tuned, tuned_history)):
         if model is None:
             continue
-        for piece in stream_answer(model, conversation(history), spec):
-            replies[side] += piece
-            yield panes()
+        try:
+            for piece in stream_answer(model, conversation(history), spec):
+                replies[side] += piece
+                yield panes()
+        except ShitateError as error:  # a conversation past a GPT-2's positions: said in its pane, the page goes on
+            replies[side] = f"({error})"
         replies[side] = replies[side].strip()
     yield panes()
 

@@ -38,7 +38,7 @@ from shitate.memory import (
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.attention import use_plain_attention
-from shitate.models.load import ModelSource, load_config, load_tokenizer
+from shitate.models.load import ModelSource, learned_position_limit, load_config, load_tokenizer
 from shitate.models.logprobs import loss_workspace_bytes
 from shitate.models.precision import bf16_supported, frozen_base_dtype, pick_precision
 from shitate.progress import say
@@ -93,11 +93,9 @@ class Session:
 
     def check_positions(self, config: Any) -> None:
         """Refuse, before the weights load, sequences longer than a model with learned positions has (GPT-2's
-        n_positions): its position table has no row past them, and the first long example stopped training with an
-        IndexError from inside torch. Rotary positions only reach past what the model was trained on."""
-        text = config.get_text_config()
-        limit = getattr(text, "max_position_embeddings", None)
-        if not limit or getattr(text, "rope_parameters", None) is not None:
+        n_positions): the first long example stopped training with an IndexError from inside torch."""
+        limit = learned_position_limit(config)
+        if limit is None:
             return
         recipe = self.recipe
         if recipe.stage == "pretrain":
