@@ -83,3 +83,24 @@ def test_a_bf16_base_computed_in_fp32_matches_its_fp32_copy(family, tiny_model, 
     assert big and all(p.dtype == torch.bfloat16 for p in big)
     # Generation runs too: the output layer computes in its own dtype and hands fp32 on.
     assert narrow(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_generation_decodes_in_the_weights_dtype_and_everything_else_stays_widened():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16).requires_grad_(False)
+    precision.widen_arithmetic(layer, torch.float32)
+    weight, bias = layer[0].weight, layer[0].bias
+    decode, prompt = torch.randn(4, 1, 64), torch.randn(4, 40, 64)  # a decoding step of 4 rows; a batch of prompts
+
+    def narrow(x):
+        return torch.nn.functional.linear(x.bfloat16(), weight, bias).float()
+
+    def wide(x):
+        return torch.nn.functional.linear(x, weight.float(), bias.float())
+
+    assert not torch.equal(narrow(decode), wide(decode))  # the two arithmetics tell apart on these numbers
+    torch.testing.assert_close(layer(decode), wide(decode), rtol=0, atol=0)
+    with precision.generating():
+        torch.testing.assert_close(layer(decode), narrow(decode), rtol=0, atol=0)
+        torch.testing.assert_close(layer(prompt), wide(prompt), rtol=0, atol=0)
+    torch.testing.assert_close(layer(decode), wide(decode), rtol=0, atol=0)

@@ -18,7 +18,7 @@ from shitate.data.templates import ChatTemplate, get_template, stop_token_ids
 from shitate.errors import ConfigError, StoppedAtExit
 from shitate.models.load import ModelSource, learned_position_limit, load_model, load_tokenizer, resolve
 from shitate.models.logprobs import output_softcap
-from shitate.models.precision import bf16_supported
+from shitate.models.precision import bf16_supported, generating
 from shitate.progress import status
 from shitate.runs import RunFolder
 
@@ -141,7 +141,7 @@ def _generate_batch(loaded: LoadedModel, texts: list[str], spec: GenerateSpec, s
     inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                        add_special_tokens=False).to(model.device)
     settings = _generation_kwargs(loaded, spec, stop_at_turn_end, prompt_tokens=inputs["input_ids"].shape[1])
-    with torch.inference_mode(), _in_flight.work():
+    with torch.inference_mode(), _in_flight.work(), generating():  # generating: the answer check during training
         output = model.generate(**inputs, **settings, stopping_criteria=[_StopWhenSet(_in_flight.exiting)])
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]

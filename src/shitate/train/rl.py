@@ -39,6 +39,7 @@ from shitate.errors import ConfigError, TrainingDiverged
 from shitate.models.adapters import prepare_for_training
 from shitate.models.load import load_config, load_model, load_tokenizer, resolve
 from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
+from shitate.models.precision import generating
 from shitate.progress import say, status, training_bar
 from shitate.runs import RunFolder
 from shitate.train.loop import epoch_batches
@@ -328,9 +329,10 @@ class Sampler:
         causal_lm.eval()
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": self.spec.temperature,
                                                           "top_p": self.spec.top_p}
-        output = causal_lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    max_new_tokens=self.spec.max_new_tokens, eos_token_id=self.stops,
-                                    pad_token_id=self.pad_id, **sampling)
+        with generating():
+            output = causal_lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        max_new_tokens=self.spec.max_new_tokens, eos_token_id=self.stops,
+                                        pad_token_id=self.pad_id, **sampling)
         causal_lm.train(was_training)
         new = output[:, width:].tolist()
         examples, texts = [], []
