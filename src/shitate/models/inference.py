@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import traceback
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -105,10 +106,41 @@ _in_flight = _InFlight()
 atexit.register(_in_flight.stop_all)
 
 
-def _sampling(spec: GenerateSpec) -> dict[str, Any]:
-    if spec.temperature <= 0:
+def sampling_settings(model: Any, temperature: float, top_p: float) -> dict[str, Any]:
+    """generate()'s arguments for greedy decoding (temperature 0) or sampling — the sampling's draw made by
+    `_DrawAmongTopK` where the model's generation settings keep a top-k (transformers' default keeps 50)."""
+    if temperature <= 0:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p}
+    config = getattr(model, "generation_config", None)
+    top_k = getattr(config, "top_k", None)
+    top_k = 50 if top_k is None else top_k  # transformers' default where a model's generation settings name none
+    other_filters = [getattr(config, name, None) for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")]
+    if not top_k or any(value not in (None, 0.0, 1.0) for value in other_filters):  # generate() draws, as it would
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    # generate() runs greedy and takes the one word the processor leaves; its own sampling settings are unset so that
+    # a model whose generation settings sample does not warn that they go unused.
+    return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
+            "logits_processor": [_DrawAmongTopK(temperature, top_k, top_p)]}
+
+
+class _DrawAmongTopK:
+    """Sampling's draw, made among the top-k words inside the logits processors: the same distribution as generate()'s
+    sampling (temperature, then top-k, then top-p, in transformers' order), from k numbers a row.
+
+    Written here because torch's CPU multinomial draws one exponential per vocabulary entry however few words top-k
+    leaves: 4.2M numbers a step for 16 answers over Gemma 3's 262k words, 34% of a batch of rollouts on a 2-core Xeon.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, words = (scores.float() / self.temperature).topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        probs = values.softmax(dim=-1)  # the words past top-k have probability 0 in generate()'s softmax too
+        if self.top_p < 1.0:  # transformers drops a word when the mass of the words likelier than it reaches top_p
+            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p, 0.0)
+        chosen = words.gather(-1, torch.multinomial(probs, num_samples=1))
+        return torch.full_like(scores, -math.inf).scatter_(-1, chosen, 0.0)
 
 
 def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end: bool,
@@ -118,7 +150,8 @@ def _generation_kwargs(loaded: LoadedModel, spec: GenerateSpec, stop_at_turn_end
     pad = tokenizer.pad_token_id
     return {"max_new_tokens": _room_for_answer(loaded, prompt_tokens, spec.max_new_tokens),
             "eos_token_id": [s for s in stops if s is not None], "pad_token_id": pad,
-            "repetition_penalty": spec.repetition_penalty, **_sampling(spec)}
+            "repetition_penalty": spec.repetition_penalty,
+            **sampling_settings(loaded.model, spec.temperature, spec.top_p)}
 
 
 def _room_for_answer(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> int:

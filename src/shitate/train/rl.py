@@ -37,6 +37,7 @@ from shitate.data.mix import mix
 from shitate.data.templates import IGNORE_INDEX, get_template, stop_token_ids
 from shitate.errors import ConfigError, TrainingDiverged
 from shitate.models.adapters import prepare_for_training
+from shitate.models.inference import sampling_settings
 from shitate.models.load import load_config, load_model, load_tokenizer, resolve
 from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.models.precision import generating
@@ -327,8 +328,7 @@ class Sampler:
             mask[i, width - len(row):] = 1
         was_training = causal_lm.training
         causal_lm.eval()
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": self.spec.temperature,
-                                                          "top_p": self.spec.top_p}
+        sampling = sampling_settings(causal_lm, 0.0 if greedy else self.spec.temperature, self.spec.top_p)
         with generating():
             output = causal_lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                         max_new_tokens=self.spec.max_new_tokens, eos_token_id=self.stops,
