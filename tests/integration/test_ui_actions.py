@@ -77,7 +77,8 @@ def test_a_question_past_the_models_positions_is_answered_with_why_in_its_pane(t
 
     model = load_for_inference(str(tiny_gpt2(tmp_path / "gpt2", tokenizer, positions=32)), template="gemma")
     base_pane, tuned_pane, _ = list(stream_both("なんで空は青いの?" * 6, [], [], model, model, system=None))[-1]
-    assert "learned positions for 32 tokens only" in base_pane[-1]["content"] == tuned_pane[-1]["content"]
+    assert "learned positions for 32 tokens only" in base_pane[-1]["content"]
+    assert tuned_pane[-1]["content"] == base_pane[-1]["content"]
 
 
 def test_a_chat_left_mid_answer_stops_generating(tiny_model):
