@@ -115,7 +115,8 @@ def sampling_settings(model: Any, temperature: float, top_p: float) -> dict[str,
     top_k = getattr(config, "top_k", None)
     top_k = 50 if top_k is None else top_k  # transformers' default where a model's generation settings name none
     other_filters = [getattr(config, name, None) for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")]
-    if not top_k or any(value not in (None, 0.0, 1.0) for value in other_filters):  # generate() draws, as it would
+    if not top_k or any(value not in (None, 0.0, 1.0) for value in other_filters):
+        # no top-k, or a filter the draw below does not make: generate() samples by itself
         return {"do_sample": True, "temperature": temperature, "top_p": top_p}
     # generate() runs greedy and takes the one word the processor leaves; its own sampling settings are unset so that
     # a model whose generation settings sample does not warn that they go unused.
