@@ -144,9 +144,14 @@ def generating() -> Iterator[None]:
         _generating.reset(token)
 
 
+def _in_weights_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b multiplied in W's own (narrower) dtype, handed back in x's."""
+    return nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
 def _wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if _generating.get() and x.numel() <= _DECODE_ROWS * x.shape[-1]:
-        return nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        return _in_weights_dtype(x, weight, bias)
     return _WideLinear.apply(x, weight, bias)
 
 
@@ -163,7 +168,7 @@ def _narrow_output_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The output layer is trained through models/logprobs, which widens it a block of words at a time; this forward
     # serves generation during training (the answer check, rollouts), where widening all of a 262k-word layer for
     # every new token would cost more than the matmul itself. Its logits are bf16-rounded, as bf16 inference's are.
-    return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+    return _in_weights_dtype(x, self.weight, self.bias)
 
 
 def _wide_embedding_forward(self: nn.Embedding, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
