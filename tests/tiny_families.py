@@ -1,6 +1,7 @@
 """Tiny models of the families users bring besides the default Gemma 3 270M, as folders and as GGUF files.
 
-Llama (Llama 3, ELYZA, Swallow, llm-jp), Mistral, Qwen2 (biases on the projections, a tied output layer), Gemma 2
+Llama (Llama 3, ELYZA, Swallow, llm-jp), Mistral, Qwen2 (biases on the projections, a tied output layer), Qwen3
+(a norm on each head's queries and keys), Gemma 2
 (soft-capped attention scores), Gemma 3 with a vision tower (4B and up), GPT-NeoX (open-calm, rinna's) and GPT-2 (the
 Japanese GPT-2s: Conv1D layers, learned positions). The GGUF files are written the way llama.cpp's
 convert_hf_to_gguf.py writes them — a Llama's query and key rows permuted, GPT-2's layers transposed, a byte-level
@@ -67,12 +68,12 @@ def build_tiny(family: str, folder: Path, tokenizer) -> Path:
         config = AutoConfig.for_model("gpt_neox", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                                       initializer_range=0.1, **ids)
-    else:  # llama, qwen2, mistral (with a 16-token sliding window)
+    else:  # llama, qwen2, qwen3 (a norm on each head's queries and keys), mistral (with a 16-token sliding window)
         config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=family == "qwen2",
+                                      max_position_embeddings=512, tie_word_embeddings=family.startswith("qwen"),
                                       initializer_range=0.1, **({"sliding_window": 16} if family == "mistral" else {}),
-                                      **ids)
+                                      **({"head_dim": 16} if family == "qwen3" else {}), **ids)
     model = AutoModelForCausalLM.from_config(config)
     for name, parameter in model.named_parameters():
         if name.endswith(".bias"):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from conftest import MULTI_TURN
@@ -7,6 +9,7 @@ from shitate.data.templates import (
     get_template,
     stop_token_ids,
 )
+from shitate.errors import ConfigError
 
 CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -120,3 +123,28 @@ def test_an_answer_with_weight_0_stays_in_the_context_but_out_of_the_loss(templa
     later = [m["content"] + chat_template.end_of_turn for m in CONVERSATION[first_answer + 1:] if m["role"] == "assistant"]
     assert masked_runs(example, tokenizer) == later
     assert example["input_ids"] == encode_chat(CONVERSATION, tokenizer, chat_template, 10_000)["input_ids"]
+
+
+# Qwen3's own chat template (tokenizer_config.json of Qwen/Qwen3-0.6B, Apache-2.0), verbatim: it writes an empty
+# <think></think> block before the last answer only, so an earlier answer renders differently once later turns follow.
+QWEN3_JINJA = (Path(__file__).parents[1] / "assets" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
+
+
+def test_a_template_that_rewrites_earlier_answers_still_masks_each_answer_as_rendered(tokenizer):
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = QWEN3_JINJA
+    qwen3 = get_template("auto", tokenizer)
+    example = encode_chat(CONVERSATION, tokenizer, qwen3, max_length=10_000)
+    first, last = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    # The last answer is trained with the block the template writes after the generation cue; the earlier one as the
+    # whole conversation renders it, without.
+    assert masked_runs(example, tokenizer) == [first + "<|im_end|>", "<think>\n\n</think>\n\n" + last + "<|im_end|>"]
+
+
+def test_an_answer_the_template_rewrites_is_refused_with_the_reason(tokenizer):
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = QWEN3_JINJA
+    reasoning = [*CONVERSATION[:2], {"role": "assistant", "content": "<think>光の波長</think>青い光だよ。"},
+                 *CONVERSATION[3:]]
+    with pytest.raises(ConfigError, match=r"answer 2 .*rewrites it.*<think>"):
+        encode_chat(reasoning, tokenizer, get_template("auto", tokenizer), max_length=10_000)

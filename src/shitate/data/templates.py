@@ -206,26 +206,38 @@ def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> Ch
 def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and return the character spans the model is trained to produce.
 
-    Each span is an assistant turn's text plus its end-of-turn marker, found by rendering
-    the conversation with and without that turn. A turn with weight 0 (OpenAI's format) stays
-    in the text but has no span.
+    Each span runs from the end of the generation prompt (the conversation before that turn, rendered with the
+    cue a model answers after) to the end-of-turn marker after the turn's words, in the rendering of the whole
+    conversation. What the template writes between the cue and the words is in the span: Qwen3's own template
+    writes an empty <think></think> block before the last answer, and a model asked with that cue must write it.
+    Such a template may also render an earlier answer differently once later turns follow (Qwen3 drops the block
+    from answers before the last question); spans are located in the whole conversation's rendering, so each
+    answer is trained as it appears there. A turn with weight 0 (OpenAI's format) stays in the text but has no span.
     """
     text = template(messages)
+    end_marker = template.end_of_turn
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
         prompt = template(messages[:i], add_generation_prompt=True)
-        through_turn = template(messages[: i + 1])
-        if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
+        start = len(prompt)
+        if not text.startswith(prompt):
             raise ConfigError(
-                f"template {template.name}: rendering is not prefix-stable (an earlier turn renders differently "
-                "once later turns exist), so answers cannot be located; choose a built-in template."
+                f"template {template.name}: the conversation before answer {i} renders differently once the answer "
+                "follows (the generation prompt is not a prefix of the whole conversation), so the answers cannot be "
+                "located; choose a built-in template (gemma, chatml, llama3, plain)."
             )
-        end = through_turn.rfind(template.end_of_turn)
-        if end < len(prompt):
-            raise ConfigError(f"template {template.name}: no {template.end_of_turn!r} after an assistant turn.")
-        spans.append((len(prompt), end + len(template.end_of_turn)))
+        words = message["content"].strip()
+        at = text.find(words, start)
+        end = text.find(end_marker, at + len(words)) if at >= 0 else -1
+        if at < 0 or end_marker in text[start:at] or end < 0:
+            raise ConfigError(
+                f"template {template.name}: answer {i} is not in the rendered conversation as written, followed by "
+                f"{end_marker!r} (the template rewrites it: Qwen3's drops reasoning inside <think> from answers before "
+                "the last question); remove that part of the answer, or choose a built-in template."
+            )
+        spans.append((start, end + len(end_marker)))
     return text, spans
 
 
