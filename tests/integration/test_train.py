@@ -120,8 +120,15 @@ def test_a_qwen3_with_its_own_template_trains_on_multi_turn_chats_and_answers(tm
     recipe.write_text(recipe.read_text(encoding="utf-8").replace("template: gemma", "template: auto"), encoding="utf-8")
     records = kids_records(64)
     two_turns = [{"messages": a["messages"] + b["messages"]} for a, b in zip(records[0::2], records[1::2])]
-    write_jsonl(tmp_path / "train.jsonl", two_turns[:24])
     write_jsonl(tmp_path / "validation.jsonl", two_turns[24:32])
+    # Reasoning in an answer before the last question is dropped by the template: that record is named, nothing trains.
+    reasoning = {"messages": [two_turns[1]["messages"][0], {"role": "assistant", "content": "<think>光</think>青いよ。"},
+                              *two_turns[1]["messages"][2:]]}
+    write_jsonl(tmp_path / "train.jsonl", [two_turns[0], reasoning, *two_turns[2:24]])
+    refused = train(recipe, tmp_path / "refused")
+    assert refused.exit_code == 1 and not (tmp_path / "refused").exists()
+    assert "train.jsonl:2: messages: the answer '<think>光</think>青いよ。' is not in" in " ".join(str(refused.exception).split())
+    write_jsonl(tmp_path / "train.jsonl", two_turns[:24])
     run = tmp_path / "run"
     result = train(recipe, run)
     assert result.exit_code == 0, result.output

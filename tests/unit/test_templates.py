@@ -146,5 +146,5 @@ def test_an_answer_the_template_rewrites_is_refused_with_the_reason(tokenizer):
     tokenizer.chat_template = QWEN3_JINJA
     reasoning = [*CONVERSATION[:2], {"role": "assistant", "content": "<think>光の波長</think>青い光だよ。"},
                  *CONVERSATION[3:]]
-    with pytest.raises(ConfigError, match=r"answer 2 .*rewrites it.*<think>"):
+    with pytest.raises(ConfigError, match=r"the answer '<think>光の波長</think>青い光だよ…' is not in .*rewrites it"):
         encode_chat(reasoning, tokenizer, get_template("auto", tokenizer), max_length=10_000)

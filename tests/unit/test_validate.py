@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 from shitate.data.templates import get_template
@@ -76,3 +77,17 @@ def test_any_string_the_tokenizer_reads_as_a_control_token_is_named(tmp_path: Pa
     report = check_preference_file(pairs, tokenizer)
     assert [(p.field, p.message.split("string ")[1]) for p in report.errors] == [
         ("chosen", "'<start_of_image>'"), ("chosen", "'[multimodal]'"), ("chosen", "'<unused7>'")]
+
+
+def test_an_answer_the_model_s_own_template_rewrites_is_named_with_its_line(tmp_path: Path, tokenizer):
+    # Qwen3's template drops reasoning inside <think> from answers before the last question: trained as written,
+    # those answers would not be where the mask puts them.
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = (Path(__file__).parents[1] / "assets/qwen3_chat_template.jinja").read_text(encoding="utf-8")
+    turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>考え</think>答えだよ。"},
+             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": turns[2:]}) + "\n" + json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    report = check_file(path, tokenizer, get_template("auto", tokenizer))
+    assert [(p.line, p.field) for p in report.errors] == [(2, "messages")]
+    assert "the answer '<think>考え</think>答えだよ。' is not in" in report.errors[0].message

@@ -58,6 +58,18 @@ class SpecialMarkers:
         return list(dict.fromkeys(found))
 
 
+class RewrittenAnswer(ConfigError):
+    """An answer the template does not render as written: a fault of one record, which callers report with its line."""
+
+    def __init__(self, template: str, answer: str, end_marker: str) -> None:
+        opening = answer if len(answer) <= 24 else answer[:24] + "…"
+        self.what = (f"the answer {opening!r} is not in the conversation as template {template} renders it, "
+                     f"followed by {end_marker!r}: the template rewrites it (Qwen3's drops reasoning inside <think> "
+                     "from answers before the last question)")
+        self.fix = "remove that part of the answer, or choose a built-in template (gemma, chatml, llama3, plain)"
+        super().__init__(f"{self.what}; {self.fix}.")
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A way to turn messages into text, and the marker that ends an assistant turn."""
@@ -232,11 +244,7 @@ def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[st
         at = text.find(words, start)
         end = text.find(end_marker, at + len(words)) if at >= 0 else -1
         if at < 0 or end_marker in text[start:at] or end < 0:
-            raise ConfigError(
-                f"template {template.name}: answer {i} is not in the rendered conversation as written, followed by "
-                f"{end_marker!r} (the template rewrites it: Qwen3's drops reasoning inside <think> from answers before "
-                "the last question); remove that part of the answer, or choose a built-in template."
-            )
+            raise RewrittenAnswer(template.name, message["content"], end_marker)
         spans.append((start, end + len(end_marker)))
     return text, spans
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shitate.data.formats import ROLES, RecordError, detect_format, read_jsonl, trained_turn_problem, turn_weight
-from shitate.data.templates import ChatTemplate, SpecialMarkers, encode_chat
+from shitate.data.templates import ChatTemplate, RewrittenAnswer, SpecialMarkers, encode_chat
 from shitate.errors import Problem
 
 
@@ -125,7 +125,11 @@ def _count_tokens(report: FileReport, line: int, record: dict[str, Any], tokeniz
     messages = conversation(record, system)
     for message in messages:
         report.tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
-    total = len(encode_chat(messages, tokenizer, template, max_length=10**9)["input_ids"])
+    try:
+        total = len(encode_chat(messages, tokenizer, template, max_length=10**9)["input_ids"])
+    except RewrittenAnswer as err:
+        report.errors.append(Problem(report.path, line, "messages", err.what, err.fix))
+        return
     report.lengths.append(total)
     if max_length is not None and total > max_length:
         report.warnings.append(Problem(report.path, line, None, f"is {total} tokens, longer than max_length {max_length}",

@@ -18,7 +18,14 @@ from shitate.config import Recipe, SFTSpec
 from shitate.data.collate import Example, loss_positions, pack_batch, pad_batch
 from shitate.data.formats import conversation, read_chat
 from shitate.data.mix import SourceShare, mix
-from shitate.data.templates import IGNORE_INDEX, ChatTemplate, encode_chat, end_marker_is_one_token, get_template
+from shitate.data.templates import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    RewrittenAnswer,
+    encode_chat,
+    end_marker_is_one_token,
+    get_template,
+)
 from shitate.errors import DataError, Problem
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
@@ -124,7 +131,11 @@ def encode_chats(path: Path, recipe: Recipe, tokenizer: Any, template: ChatTempl
             problems.append(Problem(path, line, "messages", "does not end with an assistant turn",
                                     "run `shitate data check` on the file"))
             continue
-        example = encode_chat(messages, tokenizer, template, recipe.train.max_length)
+        try:
+            example = encode_chat(messages, tokenizer, template, recipe.train.max_length)
+        except RewrittenAnswer as err:
+            problems.append(Problem(path, line, "messages", err.what, err.fix))
+            continue
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
             answerless.append(line)
             continue
