@@ -125,26 +125,41 @@ def test_an_answer_with_weight_0_stays_in_the_context_but_out_of_the_loss(templa
     assert example["input_ids"] == encode_chat(CONVERSATION, tokenizer, chat_template, 10_000)["input_ids"]
 
 
-# Qwen3's own chat template (tokenizer_config.json of Qwen/Qwen3-0.6B, Apache-2.0), verbatim: it writes an empty
-# <think></think> block before the last answer only, so an earlier answer renders differently once later turns follow.
+# Qwen3's own chat template (tokenizer_config.json of Qwen/Qwen3-0.6B, Apache-2.0), verbatim: with thinking off it cues
+# each answer with an empty <think></think> block but writes the block only before the last answer, so an earlier
+# answer renders differently once later turns follow.
 QWEN3_JINJA = (Path(__file__).parents[1] / "assets" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
 
 
-def test_a_template_that_rewrites_earlier_answers_still_masks_each_answer_as_rendered(tokenizer):
+@pytest.fixture
+def qwen3(tokenizer):
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = QWEN3_JINJA
-    qwen3 = get_template("auto", tokenizer)
-    example = encode_chat(CONVERSATION, tokenizer, qwen3, max_length=10_000)
-    first, last = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    # The last answer is trained with the block the template writes after the generation cue; the earlier one as the
-    # whole conversation renders it, without.
-    assert masked_runs(example, tokenizer) == [first + "<|im_end|>", "<think>\n\n</think>\n\n" + last + "<|im_end|>"]
+    return get_template("auto", tokenizer), tokenizer
 
 
-def test_an_answer_the_template_rewrites_is_refused_with_the_reason(tokenizer):
-    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    tokenizer.chat_template = QWEN3_JINJA
+def test_a_template_with_a_thinking_switch_is_trained_and_prompted_with_thinking_off(qwen3):
+    template, tokenizer = qwen3
+    example = encode_chat(CONVERSATION, tokenizer, template, max_length=10_000)
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    assert masked_runs(example, tokenizer) == [answer + "<|im_end|>" for answer in answers]
+    assert template(CONVERSATION[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # Exported, the template renders the same bytes with no switch passed, as transformers and vLLM call it.
+    for cut in (2, 4):
+        assert tokenizer.apply_chat_template(CONVERSATION[:cut], chat_template=template.jinja, tokenize=False,
+                                             add_generation_prompt=True) == template(CONVERSATION[:cut], True)
+
+
+def test_an_answer_that_begins_as_the_cue_goes_on_is_masked_whole(qwen3):
+    template, tokenizer = qwen3
+    markup = [*CONVERSATION[:2], {"role": "assistant", "content": "<b>青い</b>光だよ。"}, *CONVERSATION[3:]]
+    example = encode_chat(markup, tokenizer, template, max_length=10_000)
+    assert masked_runs(example, tokenizer)[0] == "<b>青い</b>光だよ。<|im_end|>"
+
+
+def test_an_answer_the_template_rewrites_is_refused_with_the_reason(qwen3):
+    template, tokenizer = qwen3
     reasoning = [*CONVERSATION[:2], {"role": "assistant", "content": "<think>光の波長</think>青い光だよ。"},
                  *CONVERSATION[3:]]
     with pytest.raises(ConfigError, match=r"the answer '<think>光の波長</think>青い光だよ…' is not in .*rewrites it"):
-        encode_chat(reasoning, tokenizer, get_template("auto", tokenizer), max_length=10_000)
+        encode_chat(reasoning, tokenizer, template, max_length=10_000)

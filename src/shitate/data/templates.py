@@ -9,6 +9,7 @@ tokenizer's own Jinja template) gets a correct mask for free.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,9 +173,20 @@ def _plain_jinja(bos: str, eos: str) -> str:
             "{%- if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}")
 
 
+# A template with a thinking switch (Qwen3's `enable_thinking`) is rendered with thinking off, in training and in
+# generation alike: tailoring data holds answers, not reasoning, and with thinking on every answer would be trained
+# and shown behind an empty <think></think> block. Exported, the template says so itself, so that transformers, vLLM
+# and Ollama prompt the model as it was trained unless asked otherwise.
+THINKING_OFF = "{%- set enable_thinking = enable_thinking if enable_thinking is defined else false %}"
+
+
 def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
+    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    switches = {"enable_thinking": False} if source and "enable_thinking" in source else {}
+
     def render(messages: list[Message], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **switches)
 
     # The end marker is whatever the template writes right after an assistant's words.
     probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "ANSWER_PROBE"}]
@@ -184,7 +196,9 @@ def _tokenizer_template(tokenizer: Any) -> ChatTemplate:
     if not end:
         raise ConfigError("template: the tokenizer's own template writes nothing after an answer, so a model "
                           "could never learn to stop; choose one of gemma, chatml, llama3, plain.")
-    return ChatTemplate("auto", render, end, tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None)
+    if switches and source is not None and not source.startswith(THINKING_OFF):
+        source = THINKING_OFF + source
+    return ChatTemplate("auto", render, end, source)
 
 
 def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> ChatTemplate:
@@ -218,13 +232,12 @@ def get_template(name: str, tokenizer: Any, model_type: str | None = None) -> Ch
 def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and return the character spans the model is trained to produce.
 
-    Each span runs from the end of the generation prompt (the conversation before that turn, rendered with the
-    cue a model answers after) to the end-of-turn marker after the turn's words, in the rendering of the whole
-    conversation. What the template writes between the cue and the words is in the span: Qwen3's own template
-    writes an empty <think></think> block before the last answer, and a model asked with that cue must write it.
-    Such a template may also render an earlier answer differently once later turns follow (Qwen3 drops the block
-    from answers before the last question); spans are located in the whole conversation's rendering, so each
-    answer is trained as it appears there. A turn with weight 0 (OpenAI's format) stays in the text but has no span.
+    Each span runs from where the generation prompt (the conversation before that turn, rendered with the cue a
+    model answers after) and the whole conversation's rendering part, to the end-of-turn marker after the turn's
+    words. For most templates the whole prompt is shared. Qwen3's, with thinking off, cues each answer with an empty
+    <think></think> block but writes it only before the last answer: an earlier answer is trained from where the
+    two renderings part, as the whole conversation shows it. A turn with weight 0 (OpenAI's format) stays in the
+    text but has no span.
     """
     text = template(messages)
     end_marker = template.end_of_turn
@@ -232,15 +245,18 @@ def assistant_spans(messages: list[Message], template: ChatTemplate) -> tuple[st
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        prompt = template(messages[:i], add_generation_prompt=True)
-        start = len(prompt)
-        if not text.startswith(prompt):
+        history = template(messages[:i])
+        if not text.startswith(history):
             raise ConfigError(
-                f"template {template.name}: the conversation before answer {i} renders differently once the answer "
-                "follows (the generation prompt is not a prefix of the whole conversation), so the answers cannot be "
-                "located; choose a built-in template (gemma, chatml, llama3, plain)."
+                f"template {template.name}: the conversation before an answer renders differently once the answer "
+                "follows, so the answers cannot be located; choose a built-in template (gemma, chatml, llama3, plain)."
             )
+        start = len(os.path.commonprefix([template(messages[:i], add_generation_prompt=True), text]))
         words = message["content"].strip()
+        if not text.startswith(words, start):
+            # The renderings may part inside the answer, where it begins as the cue goes on ("<div>…", "<think>…").
+            start -= next((k for k in range(1, min(len(words), start - len(history) + 1))
+                           if text.startswith(words, start - k)), 0)
         at = text.find(words, start)
         end = text.find(end_marker, at + len(words)) if at >= 0 else -1
         if at < 0 or end_marker in text[start:at] or end < 0:
