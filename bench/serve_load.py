@@ -1,7 +1,7 @@
 """Serving load: `shitate serve` under concurrent chat requests against one-at-a-time `generate`.
 
 The server runs in its own process; this process plays 1, 8 and 32 users over loopback, each
-sending its requests one after another (greedy, the same max_tokens), and prints generated
+sending its requests one after another (greedy, or sampled with --temperature; the same max_tokens), and prints generated
 tokens/s, p50/p95 latency and failed requests per level. The baseline, in the same run once
 the server has stopped: the same model, loaded the same way, answering the same questions one
 at a time with transformers' `generate` — what a server without batching does.
@@ -9,6 +9,7 @@ at a time with transformers' `generate` — what a server without batching does.
     .venv/bin/pip install -e '.[serve]'
     .venv/bin/python bench/serve_load.py                       # the default model, 1/8/32 users
     .venv/bin/python bench/serve_load.py --model runs/kids-qa --users 1,8
+    .venv/bin/python bench/serve_load.py --temperature 1.0 --top-p 0.95   # sampled requests
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def questions(count: int) -> list[str]:
     return [asked[i % len(asked)] for i in range(count)]
 
 
-def ask(url: str, question: str, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}], "temperature": 0,
-                       "max_tokens": max_tokens}).encode()
+def ask(url: str, question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> tuple[float, int]:
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}],
+                       "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
@@ -47,14 +48,14 @@ def ask(url: str, question: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - started, reply["usage"]["completion_tokens"]
 
 
-def load_level(url: str, users: int, per_user: int, max_tokens: int) -> dict:
+def load_level(url: str, users: int, per_user: int, max_tokens: int, temperature: float, top_p: float) -> dict:
     asked = questions(users * per_user)
 
     def user(index: int) -> list[tuple[float, int] | None]:
         results: list[tuple[float, int] | None] = []
         for k in range(per_user):
             try:
-                results.append(ask(url, asked[index * per_user + k], max_tokens))
+                results.append(ask(url, asked[index * per_user + k], max_tokens, temperature, top_p))
             except Exception:  # noqa: BLE001 — a failed request is counted, not fatal
                 results.append(None)
         return results
@@ -70,14 +71,14 @@ def load_level(url: str, users: int, per_user: int, max_tokens: int) -> dict:
             "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
 
 
-def sequential(model: str, count: int, max_tokens: int) -> dict:
+def sequential(model: str, count: int, max_tokens: int, temperature: float, top_p: float) -> dict:
     """One request at a time through transformers' generate (run in a child process, after the server stopped)."""
     code = f"""
 import json, time
 from shitate.config import GenerateSpec
 from shitate.models.inference import answer, load_for_inference
 loaded = load_for_inference({model!r})
-spec = GenerateSpec(max_new_tokens={max_tokens}, temperature=0.0, batch_size=1)
+spec = GenerateSpec(max_new_tokens={max_tokens}, temperature={temperature}, top_p={top_p}, batch_size=1)
 questions = {questions(count)!r}
 answer(loaded, [[{{"role": "user", "content": questions[0]}}]], spec)  # warm-up, as the server had
 tokens, latencies = 0, []
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--users", default="1,8,32")
     parser.add_argument("--per-user", type=int, default=2, help="requests each user sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled requests")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--serve-args", default="", help="extra options for shitate serve, e.g. '--cache-tokens 8192'")
     parser.add_argument("--no-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,16 +125,18 @@ def main() -> None:
                     sys.exit(f"the server stopped: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
                 time.sleep(0.5)
         ask(url, questions(1)[0], 4)  # warm-up
-        levels = [load_level(url, int(n), args.per_user, args.max_tokens) for n in args.users.split(",")]
+        levels = [load_level(url, int(n), args.per_user, args.max_tokens, args.temperature, args.top_p)
+                  for n in args.users.split(",")]
     finally:
         server.terminate()
         server.wait(timeout=60)
     if args.no_baseline:
         print(json.dumps(levels))
         return
-    baseline = sequential(args.model, 8 * args.per_user, args.max_tokens)
+    baseline = sequential(args.model, 8 * args.per_user, args.max_tokens, args.temperature, args.top_p)
 
-    print(f"\nCPU: {cpu_model()}; model {args.model}; greedy, max_tokens {args.max_tokens}, "
+    decoding = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
+    print(f"\nCPU: {cpu_model()}; model {args.model}; {decoding}, max_tokens {args.max_tokens}, "
           f"{args.per_user} requests a user")
     print(f"{'':<26}{'tokens/s':>10}{'p50 s':>9}{'p95 s':>9}{'failed':>8}{'vs one at a time':>18}")
     print(f"{'generate, one at a time':<26}{baseline['tokens_per_s']:>10.1f}{baseline['p50_s']:>9.2f}"

@@ -167,6 +167,33 @@ def test_a_seeded_sampled_answer_is_the_same_alone_and_amid_other_requests(serve
     assert not server["engines"]["tiny"].active
 
 
+def test_sampled_answers_keep_the_model_s_own_top_k_as_generate_does(tmp_path, tiny_model):
+    # The batcher sampled with transformers' default top-k of 50 whatever the model's generation settings said, and
+    # a seeded answer over the whole vocabulary; `generate` and `chat` keep the model's top-k. With a top-k of 1 every
+    # sampled answer is the greedy one.
+    import shutil
+
+    top_1 = shutil.copytree(tiny_model, tmp_path / "top-1")
+    (top_1 / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 1}), encoding="utf-8")
+    with serving([f"top1={top_1}"]) as served:
+        client = openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0)
+
+        def ask(question: str, **settings) -> str:
+            return client.chat.completions.create(model="top1", messages=[{"role": "user", "content": question}],
+                                                  max_tokens=8, **settings).choices[0].message.content
+
+        greedy = [ask(q, temperature=0) for q in QUESTIONS[:4]]
+        with ThreadPoolExecutor(4) as pool:
+            sampled = list(pool.map(lambda q: ask(q, temperature=1.3, top_p=0.95), QUESTIONS[:4]))
+        assert sampled == greedy
+        assert ask(QUESTIONS[0], temperature=1.3, seed=3) == greedy[0]
+        # the draw among the top k replaced transformers' sorts of the whole vocabulary (a transformers release laid
+        # out otherwise would keep them: this says so)
+        lane = served["engines"]["top1"]._lanes[True]
+        assert type(lane.manager.logit_processor.logits_processor[-1]).__name__ == "DrawAmongTopK"
+        assert lane.manager.generation_config.do_sample is False
+
+
 def test_nucleus_sampling_keeps_the_smallest_set_that_reaches_top_p():
     import math
     from collections import Counter

@@ -7,7 +7,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from shitate.models.inference import _DrawAmongTopK, sampling_settings
+from shitate.models.inference import _DrawAmongTopK, draw_among_top_k, sampling_settings
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 10, 0.8), (1.0, 50, 1.0), (1.3, 5, 0.5)])
@@ -37,3 +37,16 @@ def test_sampling_settings_draw_among_top_k_or_leave_the_draw_to_generate():
     assert sampling_settings(Model(), 0.8, 0.9) == {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
     Model.generation_config = GenerationConfig(top_k=20, min_p=0.1)  # a filter the draw does not make
     assert sampling_settings(Model(), 0.8, 0.9)["do_sample"] is True
+
+
+def test_each_row_is_drawn_with_its_own_temperature_and_top_p():
+    # The server's batcher draws for many requests in one call, each with its own settings.
+    torch.manual_seed(0)
+    scores, ids = torch.randn(2, 60) * 2, torch.zeros(1, 1, dtype=torch.long)
+    settings = [(0.7, 0.8), (1.3, 0.5)]
+    expected = torch.stack([TopPLogitsWarper(p)(ids, TopKLogitsWarper(10)(ids, TemperatureLogitsWarper(t)(
+        ids, scores[i:i + 1].clone()))).softmax(-1)[0] for i, (t, p) in enumerate(settings)])
+    temperature, top_p = torch.tensor([t for t, _ in settings]), torch.tensor([p for _, p in settings])
+    draws = draw_among_top_k(scores.repeat(6000, 1), temperature.repeat(6000), 10, top_p.repeat(6000)).view(6000, 2)
+    observed = torch.stack([torch.bincount(draws[:, row], minlength=60) / 6000 for row in range(2)])
+    torch.testing.assert_close(observed, expected, rtol=0, atol=0.025)
