@@ -100,9 +100,9 @@ def assert_same_adapter(run: Path, other: Path, atol: float = 1e-6) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol)
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "gpt2"])
 def tiny_gguf(request, tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A tiny Llama, Qwen2 or GPT-2 as a model folder, and the same model as llama.cpp's converter writes its GGUF."""
+    """A tiny Llama, Qwen2, Qwen3 or GPT-2 as a model folder, and the same model as llama.cpp's converter writes its GGUF."""
     from tiny_families import build_tiny, write_gguf
 
     folder = build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)

@@ -73,7 +73,8 @@ def build_tiny(family: str, folder: Path, tokenizer) -> Path:
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, tie_word_embeddings=family.startswith("qwen"),
                                       initializer_range=0.1, **({"sliding_window": 16} if family == "mistral" else {}),
-                                      **({"head_dim": 16} if family == "qwen3" else {}), **ids)
+                                      **({"head_dim": 128} if family == "qwen3" else {}), **ids)  # every Qwen3's
+        # head_dim, wider than hidden_size / heads: the reader of its GGUF files assumes it
     model = AutoModelForCausalLM.from_config(config)
     for name, parameter in model.named_parameters():
         if name.endswith(".bias"):

@@ -68,7 +68,7 @@ def test_packed_loss_equals_padded_loss(packed_model, tokenizer):
     torch.testing.assert_close(packed_total / packed_count, padded_total / padded_count, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gpt_neox", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt_neox", "gpt2"])
 def test_packed_loss_equals_padded_loss_in_other_families(tmp_path, tokenizer, family):
     """Packed examples keep to themselves in each family (sliding windows, soft-capped scores, fused projections
     included): an example that saw its neighbours in the row would change the loss. (Without the packed attention,
