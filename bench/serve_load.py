@@ -124,7 +124,7 @@ def main() -> None:
                 if server.poll() is not None:
                     sys.exit(f"the server stopped: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
                 time.sleep(0.5)
-        ask(url, questions(1)[0], 4)  # warm-up
+        ask(url, questions(1)[0], 4, args.temperature, args.top_p)  # warm-up (a sampled request starts its batcher)
         levels = [load_level(url, int(n), args.per_user, args.max_tokens, args.temperature, args.top_p)
                   for n in args.users.split(",")]
     finally:
