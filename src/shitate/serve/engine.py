@@ -115,17 +115,21 @@ class _Lane:
 
 def _draw_among_top_k_in(manager: Any, top_k: int) -> None:
     """Make the batcher's top-k and top-p one draw among the top k words (models/inference.draw_among_top_k), taken by
-    its greedy step. transformers' own sorts the whole vocabulary for each and then draws over all of it: 443 ms a
-    step for 8 requests over Gemma 3's 262k words on a 2-core Xeon, against 41 ms, where a greedy step of the model
-    itself took under 90. Its per-request temperature stays. Reaches into the batcher before it starts; a
+    its greedy step. transformers' own sorts the whole vocabulary for each and then draws over all of it: 165 ms a
+    step for 8 requests over Gemma 3's 262k words on a 2-core Xeon, against 5 ms, where a greedy step of the model
+    itself took about 95. Its per-request temperature stays. Reaches into the batcher before it starts; a
     transformers release laid out otherwise keeps its own sampling."""
     import math
 
     import torch
     from transformers import LogitsProcessorList
-    from transformers.generation.continuous_batching import cb_logits_processors as cb
 
     from shitate.models.inference import draw_among_top_k
+
+    try:
+        from transformers.generation.continuous_batching import cb_logits_processors as cb
+    except ImportError:  # a release before per-request processors
+        return
 
     class DrawAmongTopK(cb.ContinuousBatchingTopPLogitsWarper):  # the per-request top-p, read as transformers reads it
         def __init__(self, replaced: Any) -> None:
@@ -142,7 +146,8 @@ def _draw_among_top_k_in(manager: Any, top_k: int) -> None:
     top_p = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopPLogitsWarper)]
     others = [p for p in listed if not isinstance(p, (cb.ContinuousBatchingTopKLogitsWarper,
                                                       cb.ContinuousBatchingTopPLogitsWarper))]
-    if len(top_p) != 1 or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others):
+    if (len(top_p) != 1 or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
+            or not hasattr(processors, "_retrieve_processors_kwargs")):
         return
     processors.logits_processor = LogitsProcessorList([*others, DrawAmongTopK(top_p[0])])
     processors.tensors_required = len(others) + 1
