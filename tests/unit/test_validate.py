@@ -89,5 +89,5 @@ def test_an_answer_the_model_s_own_template_rewrites_is_named_with_its_line(tmp_
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"messages": turns[2:]}) + "\n" + json.dumps({"messages": turns}) + "\n", encoding="utf-8")
     report = check_file(path, tokenizer, get_template("auto", tokenizer))
-    assert [(p.line, p.field) for p in report.errors] == [(2, "messages")]
+    assert [(p.line, p.field) for p in report.errors] == [(2, "messages")] and report.records == 1
     assert "the answer '<think>考え</think>答えだよ。' is not in" in report.errors[0].message

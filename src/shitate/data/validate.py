@@ -102,6 +102,9 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
         if problems:
             report.errors.extend(problems)
             continue
+        if tokenizer is not None and template is not None and not _count_tokens(report, line, obj, tokenizer, template,
+                                                                                max_length, system):
+            continue  # the template rewrites an answer: an error, not a record
         report.records += 1
         messages = obj["messages"]
         key = "\x1e".join(m["content"].strip() for m in messages)
@@ -111,29 +114,29 @@ def check_file(path: Path, tokenizer: Any = None, template: ChatTemplate | None 
                                            "`shitate data split` keeps repeats together; consider removing them"))
         seen.add(key)
         report.turns.update(m["role"] for m in messages)
-        if tokenizer is not None and template is not None:
-            _count_tokens(report, line, obj, tokenizer, template, max_length, system)
     if report.records == 0 and not report.errors:
         report.errors.append(Problem(path, None, None, "the file has no records"))
     return report
 
 
 def _count_tokens(report: FileReport, line: int, record: dict[str, Any], tokenizer: Any, template: ChatTemplate,
-                  max_length: int | None, system: str | None) -> None:
+                  max_length: int | None, system: str | None) -> bool:
+    """Count the record's tokens into the report; False (and an error) where the template rewrites an answer."""
     from shitate.data.formats import conversation
 
     messages = conversation(record, system)
-    for message in messages:
-        report.tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
     try:
         total = len(encode_chat(messages, tokenizer, template, max_length=10**9)["input_ids"])
     except RewrittenAnswer as err:
         report.errors.append(Problem(report.path, line, "messages", err.what, err.fix))
-        return
+        return False
+    for message in messages:
+        report.tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
     report.lengths.append(total)
     if max_length is not None and total > max_length:
         report.warnings.append(Problem(report.path, line, None, f"is {total} tokens, longer than max_length {max_length}",
                                        "it will be cut on the right; raise train.max_length or shorten it"))
+    return True
 
 
 def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
