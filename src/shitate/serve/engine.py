@@ -339,19 +339,10 @@ def draw_token(logits: Any, temperature: float, top_p: float, generator: Any, to
     """One token from softmax(logits / temperature), within the top_k likeliest (all where None) and the smallest set
     of tokens whose probability reaches top_p (nucleus sampling, as transformers' TopPLogitsWarper keeps it), drawn
     with `generator` (a CPU one)."""
-    import torch
-
     from shitate.models.inference import draw_among_top_k
 
-    logits = logits.float().cpu()
-    if top_k:
-        return int(draw_among_top_k(logits.unsqueeze(0), temperature, top_k, top_p, generator)[0])
-    probabilities = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return int(torch.multinomial(probabilities, 1, generator=generator))
-    ordered, order = probabilities.sort(descending=True)
-    ordered[(ordered.cumsum(0) - ordered) >= top_p] = 0.0  # the mass before a token already reaches top_p
-    return int(order[torch.multinomial(ordered, 1, generator=generator)])
+    logits = logits.float().cpu().unsqueeze(0)
+    return int(draw_among_top_k(logits, temperature, top_k or logits.shape[-1], top_p, generator)[0])
 
 
 def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 32768,
