@@ -194,6 +194,25 @@ def test_sampled_answers_keep_the_model_s_own_top_k_as_generate_does(tmp_path, t
         assert lane.manager.generation_config.do_sample is False
 
 
+def test_a_request_s_own_top_k_is_drawn_among(client):
+    # vLLM's and llama.cpp's top_k: with 1, a sampled answer is the greedy one, in the batcher beside other requests
+    # and seeded; -1 (every word) samples, so the seeds give different answers.
+    def ask(question: str, **settings) -> str:
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              max_tokens=8, **settings).choices[0].message.content
+
+    greedy = [ask(q, temperature=0) for q in QUESTIONS[:4]]
+    with ThreadPoolExecutor(8) as pool:
+        top_1 = pool.map(lambda q: ask(q, temperature=1.5, extra_body={"top_k": 1}), QUESTIONS[:4])
+        wide = [pool.submit(ask, q, temperature=1.5) for q in QUESTIONS[:4]]  # the model's top-k, in the same steps
+        assert list(top_1) == greedy and all(w.result() is not None for w in wide)
+    assert ask(QUESTIONS[0], temperature=1.5, seed=4, extra_body={"top_k": 1}) == greedy[0]
+    every_word = {ask(QUESTIONS[0], temperature=1.5, seed=seed, extra_body={"top_k": -1}) for seed in range(4)}
+    assert len(every_word) > 1
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        ask(QUESTIONS[0], temperature=1.0, extra_body={"top_k": -2})
+
+
 def test_nucleus_sampling_keeps_the_smallest_set_that_reaches_top_p():
     import math
     from collections import Counter
@@ -254,9 +273,12 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
 
 @pytest.mark.parametrize("setting", [{"logprobs": True}, {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
                                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-                                     {"frequency_penalty": 0.5}, {"logit_bias": {"17": 5}}])
+                                     {"frequency_penalty": 0.5}, {"logit_bias": {"17": 5}},
+                                     # other servers' extensions, sent through the SDK's extra_body
+                                     {"extra_body": {"min_p": 0.05}}, {"extra_body": {"repetition_penalty": 1.1}},
+                                     {"extra_body": {"ignore_eos": True}}, {"extra_body": {"guided_choice": ["a"]}}])
 def test_a_setting_the_server_does_not_honour_is_refused_not_ignored(client, setting):
-    name = next(iter(setting))
+    name = next(iter(setting.get("extra_body", setting)))
     with pytest.raises(openai.BadRequestError, match=f"{name} is not supported") as refused:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2, **setting)
     assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == name
@@ -266,7 +288,8 @@ def test_settings_a_client_sends_by_default_are_accepted(client):
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2,
                                            logprobs=False, frequency_penalty=0, presence_penalty=0, logit_bias={},
                                            response_format={"type": "text"}, tool_choice="none",
-                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                           extra_body={"min_p": 0, "repetition_penalty": 1.0, "user_tag": "x"})
     assert reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="echo is not supported"):
         client.completions.create(model="tiny", prompt="a", max_tokens=2, echo=True)

@@ -39,14 +39,18 @@ def test_sampling_settings_draw_among_top_k_or_leave_the_draw_to_generate():
     assert sampling_settings(Model(), 0.8, 0.9)["do_sample"] is True
 
 
-def test_each_row_is_drawn_with_its_own_temperature_and_top_p():
+@pytest.mark.parametrize("per_row_top_k", [False, True])
+def test_each_row_is_drawn_with_its_own_temperature_top_k_and_top_p(per_row_top_k):
     # The server's batcher draws for many requests in one call, each with its own settings.
     torch.manual_seed(0)
-    scores, ids = torch.randn(2, 60) * 2, torch.zeros(1, 1, dtype=torch.long)
-    settings = [(0.7, 0.8), (1.3, 0.5)]
-    expected = torch.stack([TopPLogitsWarper(p)(ids, TopKLogitsWarper(10)(ids, TemperatureLogitsWarper(t)(
-        ids, scores[i:i + 1].clone()))).softmax(-1)[0] for i, (t, p) in enumerate(settings)])
-    temperature, top_p = torch.tensor([t for t, _ in settings]), torch.tensor([p for _, p in settings])
-    draws = draw_among_top_k(scores.repeat(6000, 1), temperature.repeat(6000), 10, top_p.repeat(6000)).view(6000, 2)
-    observed = torch.stack([torch.bincount(draws[:, row], minlength=60) / 6000 for row in range(2)])
+    scores, ids = torch.randn(3, 60) * 2, torch.zeros(1, 1, dtype=torch.long)
+    settings = [(0.7, 10, 0.8), (1.3, 4, 0.9), (1.0, 25, 1.0)] if per_row_top_k else [(0.7, 10, 0.8), (1.3, 10, 0.5)]
+    expected = torch.stack([TopPLogitsWarper(p)(ids, TopKLogitsWarper(k)(ids, TemperatureLogitsWarper(t)(
+        ids, scores[i:i + 1].clone()))).softmax(-1)[0] for i, (t, k, p) in enumerate(settings)])
+    rows, draws = len(settings), 6000
+    temperature, top_k, top_p = (torch.tensor([row[i] for row in settings]).repeat(draws) for i in range(3))
+    drawn = draw_among_top_k(scores[:rows].repeat(draws, 1), temperature, top_k if per_row_top_k else 10, top_p)
+    drawn = drawn.view(draws, rows)
+    observed = torch.stack([torch.bincount(drawn[:, row], minlength=60) / draws for row in range(rows)])
+    assert all(set(drawn[:, row].tolist()) <= set(expected[row].nonzero().flatten().tolist()) for row in range(rows))
     torch.testing.assert_close(observed, expected, rtol=0, atol=0.025)

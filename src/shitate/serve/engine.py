@@ -42,6 +42,7 @@ class Sampling:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None  # sampled answers draw among this many likeliest words: None the model's, 0 all of them
     stop: tuple[str, ...] = ()
     seed: int | None = None  # a sampled answer with a seed is drawn from its own generator: reproducible
 
@@ -63,19 +64,20 @@ class _Decoded:
 
 
 class _Lane:
-    """One continuous batcher over the shared model: greedy, or sampling with per-request temperature and top-p
-    (and the model's own top-k, as `generate` and `chat` sample).
+    """One continuous batcher over the shared model: greedy, or sampling with per-request temperature, top-k (the
+    model's own where a request names none, as `generate` and `chat` sample) and top-p.
 
     Two lanes because the batcher applies its sampling to every request of a step, which greedy requests should
     not pay for."""
 
     def __init__(self, engine_name: str, model: Any, sampled: bool, stop_ids: list[int], pad: int, max_new_tokens: int,
-                 cache_tokens: int, max_requests: int, top_k: int | None) -> None:
+                 cache_tokens: int, max_requests: int, top_k: int) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         self.name = f"{engine_name} ({'sampled' if sampled else 'greedy'})"
-        # Temperature and top-p are set away from 1.0 so transformers builds their per-request processors.
-        config = (GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=top_k or 0,
+        # Temperature and top-p are set away from 1.0 so transformers builds their per-request processors; top_k
+        # (the requests' default) is always set, for the same reason.
+        config = (GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=top_k,
                                    max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad) if sampled else
                   GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad))
         # The KV cache is sized here. Left to itself transformers takes most of the free memory (on a CPU, of the
@@ -88,8 +90,8 @@ class _Lane:
         accepted = inspect.signature(ContinuousBatchingConfig.__init__).parameters
         batching = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in accepted})
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
-        if sampled and top_k:
-            _draw_among_top_k_in(self.manager, top_k)
+        if sampled:
+            _draw_among_top_k_in(self.manager)
         self.manager.start()
         self._wait_until_ready()
 
@@ -113,12 +115,12 @@ class _Lane:
                                "shitate serve; if it names memory, lower --cache-tokens.")
 
 
-def _draw_among_top_k_in(manager: Any, top_k: int) -> None:
-    """Make the batcher's top-k and top-p one draw among the top k words (models/inference.draw_among_top_k), taken by
-    its greedy step. transformers' own sorts the whole vocabulary for each and then draws over all of it: 165 ms a
-    step for 8 requests over Gemma 3's 262k words on a 2-core Xeon, against 5 ms, where a greedy step of the model
-    itself took about 95. Its per-request temperature stays. Reaches into the batcher before it starts; a
-    transformers release laid out otherwise keeps its own sampling."""
+def _draw_among_top_k_in(manager: Any) -> None:
+    """Make the batcher's top-k and top-p one draw among each request's top k words
+    (models/inference.draw_among_top_k), taken by its greedy step. transformers' own sorts the whole vocabulary for
+    each and then draws over all of it: 165 ms a step for 8 requests over Gemma 3's 262k words on a 2-core Xeon,
+    against 5 ms, where a greedy step of the model itself took about 95. Its per-request temperature stays. Reaches
+    into the batcher before it starts; a transformers release laid out otherwise keeps its own sampling."""
     import math
 
     import torch
@@ -131,26 +133,41 @@ def _draw_among_top_k_in(manager: Any, top_k: int) -> None:
     except ImportError:  # a release before per-request processors
         return
 
-    class DrawAmongTopK(cb.ContinuousBatchingTopPLogitsWarper):  # the per-request top-p, read as transformers reads it
+    # The batcher hands each processor one number per request, so the per-request top-k keeps its own processor,
+    # which notes the step's numbers for the draw instead of sorting the vocabulary.
+    class NoteTopK(cb.ContinuousBatchingTopKLogitsWarper):
         def __init__(self, replaced: Any) -> None:
-            self.top_p, self.filter_value = replaced.top_p, replaced.filter_value
+            self.top_k, self.filter_value = replaced.top_k, replaced.filter_value
             self.min_tokens_to_keep = replaced.min_tokens_to_keep
+            self.rows: Any = None
+
+        def __call__(self, scores: Any, tensor_arg: Any) -> Any:
+            self.rows = tensor_arg[: scores.size(0)].clone()
+            return scores
+
+    class DrawAmongTopK(cb.ContinuousBatchingTopPLogitsWarper):  # the per-request top-p, read as transformers reads it
+        def __init__(self, replaced: Any, top_k: NoteTopK) -> None:
+            self.top_p, self.filter_value = replaced.top_p, replaced.filter_value
+            self.min_tokens_to_keep, self.top_k = replaced.min_tokens_to_keep, top_k
 
         def __call__(self, scores: Any, tensor_arg: Any) -> Any:
             top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-            chosen = draw_among_top_k(scores, 1.0, top_k, top_p)  # scores come divided by each request's temperature
+            # scores come divided by each request's temperature
+            chosen = draw_among_top_k(scores, 1.0, self.top_k.rows, top_p)
             return scores.fill_(-math.inf).scatter_(-1, chosen.unsqueeze(-1), 0.0)
 
     processors = manager.logit_processor
     listed = list(processors.logits_processor)
+    top_k = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopKLogitsWarper)]
     top_p = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopPLogitsWarper)]
-    others = [p for p in listed if not isinstance(p, (cb.ContinuousBatchingTopKLogitsWarper,
-                                                      cb.ContinuousBatchingTopPLogitsWarper))]
-    if (len(top_p) != 1 or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
+    others = [p for p in listed if p not in top_k + top_p]
+    if (len(top_k) != 1 or len(top_p) != 1
+            or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
             or not hasattr(processors, "_retrieve_processors_kwargs")):
         return
-    processors.logits_processor = LogitsProcessorList([*others, DrawAmongTopK(top_p[0])])
-    processors.tensors_required = len(others) + 1
+    noted = NoteTopK(top_k[0])
+    processors.logits_processor = LogitsProcessorList([*others, noted, DrawAmongTopK(top_p[0], noted)])
+    processors.tensors_required = len(others) + 2
     processors._retrieve_processors_kwargs()
     manager.generation_config.do_sample = False  # the batcher's step takes the one word left
 
@@ -170,7 +187,9 @@ class Engine:
         use_soft_capped_paged_attention(self._model)
         pad = tokenizer.pad_token_id
         self.top_k = sampling_top_k(loaded.model)  # sampled answers keep the model's top-k, as generate's do
-        self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests, self.top_k)
+        self._vocabulary = int(text_config.vocab_size)
+        self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests,
+                               self.top_k_of(Sampling(max_tokens=1)))
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
         self._ids = itertools.count()
         self.active: set[str] = set()  # requests in a batcher now
@@ -219,8 +238,8 @@ class Engine:
         lane = self._lane(sampling.temperature > 0)
         lane.check_alive()
         lane.manager.register_result_handler(request_id, outputs.put_nowait)
-        extra = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)} \
-            if sampling.temperature > 0 else {}
+        extra = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
+                 "top_k": self.top_k_of(sampling)} if sampling.temperature > 0 else {}
         if lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens,
                                     streaming=True, eos_token_id=self.stop_ids, **extra) is None:
             raise EngineFailed(f"{lane.name}: the batcher is shutting down and took no new request.")
@@ -316,7 +335,8 @@ class Engine:
                             paused.enter_context(lane.manager.pause())
                         logits = self._model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
                                              **{self._cache_argument: cache}).logits[0, -1]
-                    token = draw_token(logits, sampling.temperature, sampling.top_p, generator, self.top_k)
+                    token = draw_token(logits, sampling.temperature, sampling.top_p, generator,
+                                       self.top_k_of(sampling))
                     tokens.append(token)
                     done = token in self.stop_ids or len(tokens) == sampling.max_tokens
                     emit((list(tokens), done))
@@ -325,6 +345,12 @@ class Engine:
                     step_ids = torch.tensor([[token]], device=device)
         except Exception as err:  # reported to the request that asked; the server goes on
             emit(err)
+
+    def top_k_of(self, sampling: Sampling) -> int:
+        """How many of the likeliest words a sampled answer draws among: the request's top-k, else the model's; the
+        whole vocabulary where the one that counts is 0 (or the model keeps none)."""
+        wanted = self.top_k if sampling.top_k is None else sampling.top_k
+        return min(wanted or self._vocabulary, self._vocabulary)
 
     async def complete(self, prompt_ids: list[int], sampling: Sampling) -> Piece:
         """A whole answer at once."""

@@ -37,12 +37,14 @@ class Message(BaseModel):
 
 class _Common(BaseModel):
     # Unknown fields (user, metadata, …) are accepted and ignored, as OpenAI-compatible servers do; the known ones
-    # below that would change the answer's shape or sampling are refused when a request asks for them
-    # (_refuse_what_is_not_done), so a client never silently gets less than it asked for.
-    model_config = ConfigDict(extra="ignore")
+    # below, and other servers' sampling extensions (_NOT_DONE_EXTENSIONS), that would change the answer's shape or
+    # sampling are refused when a request asks for them (_refuse_what_is_not_done), so a client never silently gets
+    # less than it asked for.
+    model_config = ConfigDict(extra="allow")
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # not OpenAI's, but vLLM's and llama.cpp's: 0 or -1 for every word
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -231,18 +233,35 @@ _NOT_DONE = {
     "top_logprobs": "answers come without token log-probabilities",
     "response_format": "there is no constrained (JSON) decoding here; ask for JSON in the prompt and check the answer",
     "tools": "the models served here are not given tools; send no tools, or tool_choice \"none\"",
-    "presence_penalty": "sampling here takes temperature, top_p, seed and stop",
-    "frequency_penalty": "sampling here takes temperature, top_p, seed and stop",
-    "logit_bias": "sampling here takes temperature, top_p, seed and stop",
+    "presence_penalty": "sampling here takes temperature, top_p, top_k, seed and stop",
+    "frequency_penalty": "sampling here takes temperature, top_p, top_k, seed and stop",
+    "logit_bias": "sampling here takes temperature, top_p, top_k, seed and stop",
     "echo": "a completion here is the new text only",
     "best_of": "each choice is one answer; ask for n of them",
     "suffix": "there is no fill-in-the-middle here",
 }
 
 
+# Sampling settings other OpenAI-compatible servers (vLLM, llama.cpp, SGLang) take beyond OpenAI's, each with the value
+# that leaves the answer as it is: a client sending one (through the OpenAI SDK's extra_body) expects it applied.
+_NOT_DONE_EXTENSIONS: dict[str, tuple[Any, ...]] = {
+    "min_p": (None, 0, 0.0), "typical_p": (None, 1, 1.0), "repetition_penalty": (None, 1, 1.0),
+    "repeat_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "ignore_eos": (None, False),
+    "use_beam_search": (None, False), "stop_token_ids": (None, []), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "grammar": (None, ""),
+    "json_schema": (None,),
+}
+
+
 def _refuse_what_is_not_done(body: _Common) -> None:
     """A 400 naming the first setting that asks for something this server does not do: an answer without it
     would look like success and quietly be less than what the client asked for."""
+    for name, value in (body.model_extra or {}).items():
+        if name in _NOT_DONE_EXTENSIONS and value not in _NOT_DONE_EXTENSIONS[name]:
+            raise RequestError(400, f"{name} is not supported by shitate serve: sampling here takes temperature, "
+                                    "top_p, top_k, seed and stop. Leave it out.", param=name,
+                               code="unsupported_parameter")
+
     def given(name: str) -> Any:  # chat and completion requests each have their own of these settings
         return getattr(body, name, None)
 
@@ -282,7 +301,8 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
         raise RequestError(400, "stop: up to 4 non-empty strings", param="stop")
     return Sampling(max_tokens=min(wanted, room),
                     temperature=defaults.temperature if body.temperature is None else body.temperature,
-                    top_p=defaults.top_p if body.top_p is None else body.top_p, stop=tuple(stops), seed=body.seed)
+                    top_p=defaults.top_p if body.top_p is None else body.top_p,
+                    top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed)
 
 
 def _choices(sampling: Sampling, n: int) -> list[Sampling]:
