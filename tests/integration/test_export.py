@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_train import make_recipe, train
@@ -133,20 +134,30 @@ def test_a_run_with_no_decided_choice_is_judged_on_all_of_them(tuned_run, tmp_pa
 
 
 def _render_go_template(text: str, messages: list[dict]) -> str:
-    """The subset of Go's text/template the plain Ollama template uses: range .Messages, if/else if eq .Role, .Content."""
+    """The subset of Go's text/template our Ollama templates use: range .Messages (with or without $i, $m :=),
+    if/else if on eq .Role "…" or eq $i N, .Content."""
     import re
 
     out: list[str] = []
     tokens = re.split(r"(\{\{.*?\}\})", text)
 
-    def run(items: list[str], message: dict | None) -> None:
+    def holds(condition: str, message: dict, index: int) -> bool:
+        role, position = re.search(r'eq \.Role "(\w+)"', condition), re.search(r"eq \$i (\d+)", condition)
+        if role is not None:
+            return role.group(1) == message["role"]
+        if position is not None:
+            return int(position.group(1)) == index
+        assert condition in ("{{ else }}",), condition
+        return True
+
+    def run(items: list[str], message: dict | None, position: int) -> None:
         index = 0
         while index < len(items):
             item = items[index]
-            if item == "{{ range .Messages }}":
+            if item in ("{{ range .Messages }}", "{{ range $i, $m := .Messages }}"):
                 end = _matching_end(items, index)
-                for each in messages:
-                    run(items[index + 1:end], each)
+                for i, each in enumerate(messages):
+                    run(items[index + 1:end], each, i)
                 index = end + 1
             elif item.startswith("{{ if "):
                 end = _matching_end(items, index)
@@ -158,19 +169,21 @@ def _render_go_template(text: str, messages: list[dict]) -> str:
                         start = k
                 branches.append((items[start], items[start + 1:end]))
                 for condition, body in branches:
-                    role = re.search(r'eq \.Role "(\w+)"', condition)
-                    if role is None or role.group(1) == message["role"]:
-                        run(body, message)
+                    assert message is not None
+                    if holds(condition, message, position):
+                        run(body, message, position)
                         break
                 index = end + 1
             elif item == "{{ .Content }}":
+                assert message is not None
                 out.append(message["content"])
                 index += 1
             else:
+                assert not item.startswith("{{"), item
                 out.append(item)
                 index += 1
 
-    run([t for t in tokens if t], None)
+    run([t for t in tokens if t], None, -1)
     return "".join(out)
 
 
@@ -204,3 +217,39 @@ def test_the_ollama_modelfile_of_a_plain_template_run_prompts_as_training_did(tm
     for messages in (MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:2]):
         assert _render_go_template(ollama, messages) == template(messages, add_generation_prompt=True)
     assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
+
+
+TRIMMING_LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+                   " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+NUMBERED = ("{% for m in messages %}Turn {{ loop.index }} {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}Turn {{ messages | length + 1 }} assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("own", ["qwen3", "trimming", "numbered"])
+def test_the_ollama_modelfile_of_a_model_s_own_template_prompts_as_training_did(tmp_path, tokenizer, own):
+    # A model trained on its own chat template (template: auto; Qwen3, Llama 3 Instruct, …) had no TEMPLATE in its
+    # Modelfile: Ollama does not run the GGUF's Jinja but guesses a template from it (none for an unfamiliar one, and
+    # for Qwen3 without the empty thinking block training put before each answer).
+    from conftest import MULTI_TURN
+    from shitate.data.templates import get_template
+    from shitate.export.gguf import _write_modelfile
+
+    own_template = {"qwen3": (Path(__file__).parents[1] / "assets" / "qwen3_chat_template.jinja").read_text("utf-8"),
+                    "trimming": TRIMMING_LLAMA3, "numbered": NUMBERED}[own]
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = own_template
+    template = get_template("auto", tokenizer)
+    _write_modelfile(tmp_path, tmp_path / "model-f16.gguf", template, "短く答えて")
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    if own == "numbered":  # each turn's text depends on its number: no Ollama template says that, and it is said
+        assert "TEMPLATE" not in modelfile.replace("# No TEMPLATE", "") and "# No TEMPLATE" in modelfile
+        return
+    ollama = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = [{"role": "system", "content": "短く答えて"}]
+    for messages in (MULTI_TURN[:4], MULTI_TURN[1:4], MULTI_TURN[:2], system + MULTI_TURN[1:4], MULTI_TURN[1:2]):
+        assert _render_go_template(ollama, messages) == template(messages, add_generation_prompt=True)
+    if own == "qwen3":
+        assert _render_go_template(ollama, MULTI_TURN[1:2]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ("trims the whitespace" in modelfile) == (own == "trimming")
+    assert 'SYSTEM """短く答えて"""' in modelfile and f'PARAMETER stop "{template.end_of_turn}"' in modelfile

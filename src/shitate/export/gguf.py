@@ -13,6 +13,7 @@ folder instead, and the error says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,69 @@ def _ollama_plain_template(template: Any) -> str:
             f'{{{{ else }}}}### User:\n{{{{ .Content }}}}\n\n{{{{ end }}}}{{{{ end }}}}### Assistant:\n')
 
 
+@dataclass(frozen=True)
+class _Turns:
+    """A chat template read as the text before each message, chosen by the message's place and role, and the text
+    after the last question (its end and the cue for the answer) — what an Ollama template can say without Jinja."""
+
+    first_system: str
+    first_user: str
+    user_after_system: str
+    answer: str
+    user_after_answer: str
+    cue: str
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The text the Go template below writes, written here so that it can be checked against the template."""
+        parts = []
+        for i, message in enumerate(messages):
+            parts.append((self.first_system if message["role"] == "system" else self.first_user) if i == 0 else
+                         self.answer if message["role"] == "assistant" else
+                         self.user_after_system if i == 1 else self.user_after_answer)
+            parts.append(message["content"])
+        return "".join(parts) + self.cue
+
+    def go_template(self) -> str:
+        return (f'{{{{ range $i, $m := .Messages }}}}{{{{ if eq $i 0 }}}}{{{{ if eq .Role "system" }}}}'
+                f'{self.first_system}{{{{ else }}}}{self.first_user}{{{{ end }}}}'
+                f'{{{{ else if eq .Role "assistant" }}}}{self.answer}{{{{ else if eq $i 1 }}}}{self.user_after_system}'
+                f'{{{{ else }}}}{self.user_after_answer}{{{{ end }}}}{{{{ .Content }}}}{{{{ end }}}}{self.cue}')
+
+
+def _read_turns(template: Any) -> _Turns | None:
+    """A model's own (Jinja) chat template as _Turns, or None where it is not that regular: the text around each
+    message is read off two renderings of marked messages, then checked on conversations of every shape a chat
+    sends (with and without a system message, one and several turns)."""
+    system, first, answer, second = "SHITATE_SYSTEM_1", "SHITATE_QUESTION_1", "SHITATE_ANSWER_1", "SHITATE_QUESTION_2"
+
+    def around(messages: list[dict[str, str]]) -> list[str] | None:
+        text, pieces = template(messages, add_generation_prompt=True), []
+        for message in messages:
+            before, found, text = text.partition(message["content"])
+            if not found:
+                return None
+            pieces.append(before)
+        return [*pieces, text]
+
+    def conversation(*turns: tuple[str, str]) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in turns]
+
+    try:
+        with_system = around(conversation(("system", system), ("user", first), ("assistant", answer), ("user", second)))
+        without = around(conversation(("user", first), ("assistant", answer), ("user", second)))
+        if with_system is None or without is None or with_system[2:] != without[1:]:
+            return None
+        turns = _Turns(with_system[0], without[0], with_system[1], *with_system[2:])
+        if any("{{" in piece or '"""' in piece for piece in (with_system + without)):
+            return None  # not literal text in a Go template or a Modelfile
+        checks = [conversation(("user", "こんにちは")), conversation(("system", "丁寧に"), ("user", "なぜ?")),
+                  conversation(("user", "一"), ("assistant", "二"), ("user", "三"), ("assistant", "四"), ("user", "五")),
+                  conversation(("system", "短く"), ("user", "a"), ("assistant", "b"), ("user", "c"))]
+        return turns if all(turns.render(c) == template(c, add_generation_prompt=True) for c in checks) else None
+    except Exception:  # noqa: BLE001 - a template that refuses a shape (a system message, …) is not regular either
+        return None
+
+
 def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str | None) -> None:
     """An Ollama Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), with the run's system prompt."""
     lines = [f"FROM ./{gguf_file.name}"]
@@ -177,6 +241,17 @@ def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str |
         lines.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template.name]}"""')
     elif template.name == "plain":
         lines.append(f'TEMPLATE """{_ollama_plain_template(template)}"""')
+    elif (turns := _read_turns(template)) is not None:
+        # The model's own template, as training rendered it (a thinking switch off included): Ollama does not run
+        # the GGUF's Jinja but guesses a template of its own from it, and for an unfamiliar one guesses none.
+        lines.append(f'TEMPLATE """{turns.go_template()}"""')
+        padded = [{"role": "user", "content": " ひと言\n"}]
+        if turns.render(padded) != template(padded, add_generation_prompt=True):
+            lines.append("# The model's template trims the whitespace around each message, which Ollama's templates "
+                         "cannot; send messages without it.")
+    else:
+        lines.append("# No TEMPLATE: the model's chat template writes turns in a way an Ollama template cannot say "
+                     "(Ollama then guesses one from the GGUF); check `ollama show --template` against training's.")
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines.append(f'PARAMETER stop "{template.end_of_turn}"')
