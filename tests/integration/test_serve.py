@@ -365,3 +365,24 @@ def test_shitate_judge_speaks_to_the_server(server, monkeypatch):
     monkeypatch.setenv("SHITATE_JUDGE_API_KEY", "wrong")
     with pytest.raises(ShitateError, match="refused the API key"):
         endpoint_judge(server["url"] + "#tiny")
+
+
+def test_a_run_served_with_its_recipe_s_settings_says_which_one_the_server_cannot_apply(tmp_path, tiny_model, capsys):
+    # The batcher has no per-request repetition penalty: a run whose recipe sets one would answer differently from
+    # `shitate compare`/`eval` without a word.
+    from test_train import make_recipe, train
+
+    from shitate.serve.engine import open_engines
+
+    run = tmp_path / "run"
+    assert train(make_recipe(tmp_path, tiny_model), run, "--set", "train.epochs=1",
+                 "--set", "generate.repetition_penalty=1.3", "--set", "generate.top_p=0.8").exit_code == 0
+    capsys.readouterr()
+    engines = open_engines([f"kids={run}"])
+    try:
+        assert engines["kids"].defaults.top_p == 0.8  # the recipe's settings that the server does apply
+        said = " ".join(capsys.readouterr().err.split())
+        assert "kids: the recipe's generate.repetition_penalty 1.3 is not applied by the server" in said
+    finally:
+        for engine in engines.values():
+            engine.close()

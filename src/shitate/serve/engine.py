@@ -379,6 +379,7 @@ def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 3
 
     from shitate.errors import ConfigError
     from shitate.models.inference import load_for_inference
+    from shitate.progress import say
     from shitate.runs import RunFolder
 
     engines: dict[str, Engine] = {}
@@ -392,5 +393,8 @@ def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 3
         if loaded.source.run is not None:
             saved = RunFolder(loaded.source.run).recipe_setting("generate", {}) or {}
             defaults = GenerateSpec(**{k: v for k, v in saved.items() if k in ("temperature", "top_p", "max_new_tokens")})
+            if saved.get("repetition_penalty", 1.0) != 1.0:  # the batcher has no per-request penalty
+                say(f"{name}: the recipe's generate.repetition_penalty {saved['repetition_penalty']} is not applied "
+                    "by the server (its answers can differ from shitate compare and eval's).")
         engines[name] = Engine(loaded, name, defaults, cache_tokens, max_requests)
     return engines
