@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train import make_recipe
 from typer.testing import CliRunner
 
@@ -64,6 +65,25 @@ def test_import_then_split_from_a_csv(tmp_path):
     assert result.returncode == 0, result.stderr
     sizes = [len((tmp_path / "split" / f"{n}.jsonl").read_text().splitlines()) for n in ("train", "validation", "test")]
     assert sizes == [10, 5, 5]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_imports_as_chats_or_pairs(tmp_path, indent):
+    # alpaca_data.json and most ShareGPT dumps are one JSON array; json.dump without indent writes it on one line,
+    # which read as one record ("unrecognised record (keys: list)"), and a preference array was refused outright.
+    alpaca, pairs = tmp_path / "alpaca.json", tmp_path / "pairs.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Q{i}", "input": "", "output": f"A{i}"} for i in range(3)],
+                                 indent=indent), encoding="utf-8")
+    pairs.write_text(json.dumps([{"prompt": f"Q{i}", "chosen": "good", "rejected": "bad"} for i in range(2)],
+                                indent=indent), encoding="utf-8")
+    for source, count, kind in ((alpaca, 3, "messages"), (pairs, 2, "chosen")):
+        out = tmp_path / f"{source.stem}.jsonl"
+        result = shitate("data", "import", str(source), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert len(records) == count and all(kind in r for r in records)
+    checked = shitate("data", "check", str(alpaca), "--no-tokens")  # where JSON Lines belong, the fix is named
+    assert checked.returncode == 1 and "is one JSON array" in checked.stderr and "shitate data import" in checked.stderr
 
 
 def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):

@@ -157,6 +157,20 @@ def test_a_json_array_imports_with_the_line_of_each_item(tmp_path):
     assert [(p.line, p.field, p.message) for p in problems] == [(6, None, "unrecognised record (keys: instruction)")]
 
 
+def test_a_json_array_on_one_line_imports_too_and_lines_of_lists_stay_lines(tmp_path):
+    # json.dump without indent writes the whole array on one line; it was read as one record, "keys: list".
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([{"instruction": "Q", "output": "A"}] * 2) + "\n\n", encoding="utf-8")
+    records, problems = import_records(path, skip_bad=True)
+    assert records == [{"messages": QA}] * 2 and problems == []
+    lists = tmp_path / "lists.jsonl"  # a JSON value a line, each a list: lines, each one unrecognised
+    lists.write_text(f"{json.dumps(QA)}\n{json.dumps([{'instruction': 'Q', 'output': 'A'}])}\n", encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        import_records(lists)
+    assert [(p.line, p.message) for p in raised.value.problems] == [(1, "unrecognised record (keys: list)"),
+                                                                  (2, "unrecognised record (keys: list)")]
+
+
 def test_a_broken_line_that_opens_a_bracket_does_not_hide_the_lines_after_it(tmp_path):
     path = tmp_path / "qa.jsonl"
     good = json.dumps({"messages": QA})

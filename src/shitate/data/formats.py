@@ -58,8 +58,9 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     for number, line in lines:
         if isinstance(line, str) and not line.strip():
             continue
-        if isinstance(line, str) and line.lstrip().startswith("[") and not _is_json(line):
-            # The first record opens a bracket its line does not close: is the whole file one JSON array?
+        if isinstance(line, str) and line.lstrip().startswith("["):
+            # The first record opens a bracket: is the whole file one JSON array, over many lines or all on this one
+            # (what json.dump writes without indent)?
             rest = list(lines)
             document = line + "".join(text for _, text in rest if isinstance(text, str))
             if _is_json_array(document):
