@@ -206,3 +206,31 @@ def test_weights_on_answers_are_kept_and_wrong_ones_named_with_their_line(tmp_pa
     path.write_text(json.dumps({"messages": [*QA, {"role": "user", "content": "Q2"},
                                              {"role": "assistant", "content": "A2", "weight": 1}], "weight": 0}) + "\n")
     assert [m.get("weight") for m in read_chat(path)[0][1]["messages"]] == [None, 0, None, 1]
+
+
+def test_text_parts_are_joined_and_tool_calls_named_with_what_to_do(tmp_path):
+    # OpenAI's fine-tuning format allows content as parts and function-calling turns; a tool call said
+    # "content: missing — add a non-empty content field", which is not what is wrong.
+    from shitate.data.validate import check_file
+
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "text", "text": "Q2"}]},
+                          QA[1]]}
+    tool = {"messages": [QA[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "r"}, QA[1]]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, QA[1]]}
+    path = tmp_path / "openai.jsonl"
+    write_jsonl(path, [parts, tool, image])
+    records, problems = import_records(path, skip_bad=True)
+    assert records == [{"messages": [{"role": "user", "content": "Q\nQ2"}, QA[1]]}]
+    assert [(p.line, p.field, p.message) for p in problems] == [
+        (2, "messages[1]", "is part of a tool call (function calling)"),
+        (3, "messages[0].content", "has a part that is not text (an image, audio, …)")]
+    assert "drop the tool calls" in problems[0].fix
+    checked = check_file(path)
+    assert [(p.line, p.field, p.message) for p in checked.errors] == [
+        (1, "messages[0].content", "is a list of content parts, expected a string"),
+        (2, "messages[1]", "is part of a tool call (function calling)"),
+        (2, "messages[2]", "is part of a tool call (function calling)"),
+        (3, "messages[0].content", "is a list of content parts, expected a string")]
+    assert "shitate data import openai.jsonl" in checked.errors[0].fix

@@ -251,6 +251,26 @@ def trained_turn_problem(record: dict[str, Any]) -> RecordError | None:
     return None
 
 
+TOOL_CALL_FIX = ("shitate trains text turns only: drop the tool calls and their results from the conversation, or "
+                 "write them out as text")
+
+
+def is_tool_call(message: dict[str, Any]) -> bool:
+    """Whether a message belongs to OpenAI-style function calling (an assistant's tool_calls, a tool's result)."""
+    return message.get("role") in ("tool", "function") or bool(message.get("tool_calls") or message.get("function_call"))
+
+
+def _joined_text_parts(content: Any) -> Any:
+    """Content given as OpenAI's parts ([{"type": "text", "text": …}, …]) as one string, as the server reads it."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+               for part in content):
+        raise RecordError("content", "has a part that is not text (an image, audio, …)",
+                          "shitate trains on text only: drop the other parts")
+    return "\n".join(part["text"] for part in content)
+
+
 def _chat(record: dict[str, Any]) -> dict[str, Any]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -259,10 +279,16 @@ def _chat(record: dict[str, Any]) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise RecordError(f"messages[{i}]", "is not an object with role and content")
+        if is_tool_call(message):
+            raise RecordError(f"messages[{i}]", "is part of a tool call (function calling)", TOOL_CALL_FIX)
         role = message.get("role")
         if role not in ROLES:
             raise RecordError(f"messages[{i}].role", f"is {role!r}", "expected one of system, user, assistant")
-        turn: dict[str, Any] = {"role": role, "content": _text(message, "content")}
+        try:
+            content = _text({"content": _joined_text_parts(message.get("content"))}, "content")
+        except RecordError as err:
+            raise RecordError(f"messages[{i}].{err.field}", err.message, err.fix) from None
+        turn: dict[str, Any] = {"role": role, "content": content}
         weight = turn_weight(message, f"messages[{i}]")
         if weight is None and role == "assistant":
             weight = record_weight(record)

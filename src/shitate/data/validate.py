@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shitate.data.formats import ROLES, RecordError, detect_format, read_jsonl, trained_turn_problem, turn_weight
+from shitate.data.formats import (
+    ROLES,
+    TOOL_CALL_FIX,
+    RecordError,
+    detect_format,
+    is_tool_call,
+    read_jsonl,
+    trained_turn_problem,
+    turn_weight,
+)
 from shitate.data.templates import ChatTemplate, RewrittenAnswer, SpecialMarkers, encode_chat
 from shitate.errors import Problem
 
@@ -27,6 +36,22 @@ class FileReport:
     duplicates: int = 0
 
 
+def _content_problems(message: dict[str, Any], file_name: str, markers: SpecialMarkers) -> list[tuple[str, str]]:
+    """What is wrong with a message's content, each with its fix."""
+    content = message.get("content")
+    if "content" not in message:
+        return [("missing", "add the text of the turn")]
+    if isinstance(content, list):
+        return [("is a list of content parts, expected a string",
+                 f"`shitate data import {file_name} --out chats.jsonl` joins text parts")]
+    if not isinstance(content, str):
+        return [(f"is {type(content).__name__}, expected a string", "")]
+    if not content.strip():
+        return [("is empty", "write the turn's text or drop the record")]
+    return [(f"contains the special token string {marker!r}", "remove it: templates add turn markers themselves")
+            for marker in markers.found_in(content)]
+
+
 def _message_problems(path: Path, line: int, messages: Any, markers: SpecialMarkers) -> list[Problem]:
     if not isinstance(messages, list) or not messages:
         return [Problem(path, line, "messages", "missing or not a non-empty list",
@@ -37,28 +62,23 @@ def _message_problems(path: Path, line: int, messages: Any, markers: SpecialMark
         if not isinstance(message, dict):
             problems.append(Problem(path, line, where, "is not an object", 'write {"role": …, "content": …}'))
             continue
-        role, content = message.get("role"), message.get("content")
+        if is_tool_call(message):
+            problems.append(Problem(path, line, where, "is part of a tool call (function calling)", TOOL_CALL_FIX))
+            continue
+        role = message.get("role")
         if role not in ROLES:
             close = difflib.get_close_matches(str(role), ROLES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(Problem(path, line, f"{where}.role", f"is {role!r}; expected one of system, user, assistant{hint}"))
         elif role == "system" and i != 0:
             problems.append(Problem(path, line, f"{where}.role", "a system message may only come first", "move it to the start"))
-        if "content" not in message:
-            problems.append(Problem(path, line, f"{where}.content", "missing", "add the text of the turn"))
-        elif not isinstance(content, str):
-            problems.append(Problem(path, line, f"{where}.content", f"is {type(content).__name__}, expected a string"))
-        elif not content.strip():
-            problems.append(Problem(path, line, f"{where}.content", "is empty", "write the turn's text or drop the record"))
-        else:
-            for marker in markers.found_in(content):
-                problems.append(Problem(path, line, f"{where}.content", f"contains the special token string {marker!r}",
-                                        "remove it: templates add turn markers themselves"))
+        problems += [Problem(path, line, f"{where}.content", what, fix)
+                     for what, fix in _content_problems(message, path.name, markers)]
         try:
             turn_weight(message, where)
         except RecordError as err:
             problems.append(Problem(path, line, err.field, err.message, err.fix))
-    roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in ROLES]
+    roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in ROLES and not is_tool_call(m)]
     turns = [r for r in roles if r != "system"]
     if turns and turns[0] != "user":
         problems.append(Problem(path, line, "messages", f"the first turn after the system prompt is {turns[0]!r}",
