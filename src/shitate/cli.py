@@ -654,7 +654,7 @@ def export(
                   highlight=False)
     if results:
         console.print("Greedy answers of the run on the probes: "
-                      + " / ".join(a.strip()[:40] for a in results[0].answers[:3]), highlight=False, markup=False)
+                      + " / ".join(a.strip()[:40] or "(empty)" for a in results[0].answers[:3]), highlight=False, markup=False)
 
 
 @app.command()
