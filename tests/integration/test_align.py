@@ -185,3 +185,27 @@ def test_dpo_in_two_processes_follows_the_loss_curve_of_one(tmp_path, tiny_model
     assert len(losses[1]) == 12 and max(abs(a - b) for a, b in zip(*losses)) < DATA_PARALLEL_TOLERANCE
     assert margins[1][-1] > margins[1][0] + 0.5
     assert max(abs(a - b) for a, b in zip(*margins)) < DATA_PARALLEL_TOLERANCE
+
+
+def test_before_the_first_step_dpo_s_implicit_rewards_are_exactly_zero(tmp_path, tokenizer):
+    # Before training the policy is the reference, so every implicit reward is 0. The reference pass batched the
+    # validation pairs otherwise than validation does, and on a model wide enough for the matmul kernels to depend on
+    # the batch (here 512; the default model in the dpo_ja example) the margins were rounding noise of ~1e-6 whose
+    # signs read as an "accuracy" (0.0 here, 0.69 there) before anything was trained.
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=128, max_position_embeddings=512,
+                              sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    model = tmp_path / "wide"
+    Gemma3ForCausalLM(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, model, "dpo"), run, "--set", "train.epochs=1",
+                   "--set", "train.micro_batch_tokens=64")
+    assert result.exit_code == 0, result.output
+    before = validations(run)[0]
+    assert before["val_reward_margin"] == 0.0 and before["val_reward_accuracy"] == 0.5  # every pair a tie

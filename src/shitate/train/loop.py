@@ -139,17 +139,23 @@ def validation_loss(session: Session, objective: Objective, examples: list[Examp
     module = objective.module
     was_training = module.training
     module.eval()
-    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
     total, count, sums = 0.0, 0, dict[str, float]()
-    for start in range(0, len(ordered), session.spec.batch_size):
-        for chunk in session.micro_batches(ordered[start:start + session.spec.batch_size], objective.packed):
-            with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
-                loss_sum, n, *extra = module(**objective.make_batch(chunk, session.device))
-            total, count = total + loss_sum.item(), count + int(n)
-            for name, value in (extra[0] if extra else {}).items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+    for chunk in validation_micro_batches(session, examples, objective.packed):
+        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=session.bf16):
+            loss_sum, n, *extra = module(**objective.make_batch(chunk, session.device))
+        total, count = total + loss_sum.item(), count + int(n)
+        for name, value in (extra[0] if extra else {}).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
     module.train(was_training)
     return total / max(count, 1), {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def validation_micro_batches(session: Session, examples: list[Example], packed: bool) -> list[list[Example]]:
+    """The micro-batches validation runs `examples` in: similar lengths together (less padding), each step's share
+    cut as training cuts it (never more memory)."""
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
+    return [chunk for start in range(0, len(ordered), session.spec.batch_size)
+            for chunk in session.micro_batches(ordered[start:start + session.spec.batch_size], packed)]
 
 
 def _validate(session: Session, objective: Objective, examples: list[Example], fitted: Fitted, epoch: int) -> None:
