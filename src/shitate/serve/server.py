@@ -258,8 +258,9 @@ def _refuse_what_is_not_done(body: _Common) -> None:
     would look like success and quietly be less than what the client asked for."""
     for name, value in (body.model_extra or {}).items():
         if name in _NOT_DONE_EXTENSIONS and value not in _NOT_DONE_EXTENSIONS[name]:
-            raise RequestError(400, f"{name} is not supported by shitate serve: sampling here takes temperature, "
-                                    "top_p, top_k, seed and stop. Leave it out.", param=name,
+            why = (_NOT_DONE["response_format"] if name.startswith(("guided_", "grammar", "json_schema"))
+                   else "sampling here takes temperature, top_p, top_k, seed and stop")
+            raise RequestError(400, f"{name} is not supported by shitate serve: {why}. Leave it out.", param=name,
                                code="unsupported_parameter")
 
     def given(name: str) -> Any:  # chat and completion requests each have their own of these settings
