@@ -31,8 +31,9 @@ MODEL_HELP = "gemma-3-270m (the default), a model folder, a .gguf file, a run fo
 
 @data_app.command("import")
 def data_import(
-    source: Path = typer.Argument(..., help="CSV/TSV; JSONL in chat, alpaca, dolly, sharegpt or prompt/completion "
-                                            "form; or a .txt/.md file or folder (→ text JSONL for stage pretrain); "
+    source: Path = typer.Argument(..., help="CSV/TSV; JSONL, a JSON array or Parquet in chat, alpaca, dolly, "
+                                            "sharegpt or prompt/completion form; or a .txt/.md file or folder (→ text "
+                                            "JSONL for stage pretrain); "
                                             "or preference data: prompt/chosen/rejected, ranked answers, pairwise "
                                             "judgment files or a folder of them (→ preference JSONL)"),
     out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),

@@ -86,6 +86,33 @@ def test_a_json_array_file_imports_as_chats_or_pairs(tmp_path, indent):
     assert checked.returncode == 1 and "is one JSON array" in checked.stderr and "shitate data import" in checked.stderr
 
 
+def test_a_parquet_file_from_the_hub_imports_as_chats_or_pairs(tmp_path):
+    # The Hugging Face hub stores data sets as Parquet: messages as lists of structs, alpaca columns, preference pairs.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chats, alpaca, pairs, broken = (tmp_path / f"{name}.parquet" for name in ("chats", "alpaca", "pairs", "broken"))
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": f"Q{i}"},
+                                                       {"role": "assistant", "content": f"A{i}"}]} for i in range(3)]),
+                   chats)
+    pq.write_table(pa.Table.from_pylist([{"instruction": "Q", "input": "", "output": "A"},
+                                         {"instruction": "Q2", "input": "", "output": ""}]), alpaca)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "chosen": "good", "rejected": "bad"}]), pairs)
+    broken.write_bytes(b"PAR1 not really")
+    for source, count, kind in ((chats, 3, "messages"), (pairs, 1, "chosen")):
+        out = tmp_path / f"{source.stem}.jsonl"
+        result = shitate("data", "import", str(source), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert len(records) == count and all(kind in r for r in records)
+    assert records == [{"prompt": "Q", "chosen": "good", "rejected": "bad"}]
+    bad_row = shitate("data", "import", str(alpaca), "--out", str(tmp_path / "alpaca.jsonl"))  # rows count as lines
+    assert bad_row.returncode == 1 and "alpaca.parquet:2: output: is empty" in " ".join(bad_row.stderr.split())
+    unreadable = shitate("data", "import", str(broken), "--out", str(tmp_path / "broken.jsonl"))
+    assert unreadable.returncode == 1 and "is not a Parquet file pyarrow can read" in " ".join(unreadable.stderr.split())
+    assert "Traceback" not in unreadable.stderr and not (tmp_path / "broken.jsonl").exists()
+
+
 def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
     recipe = make_recipe(tmp_path, tiny_model)
     assert runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")]).exit_code == 0

@@ -392,8 +392,37 @@ def import_records(path: Path, fmt: str = "auto", system: str | None = None, que
     return records, problems
 
 
+def read_records(path: Path, encoding: str | None = None) -> Iterator[tuple[int, Any | Problem]]:
+    """What an importer reads: JSON Lines or one JSON array (read_jsonl), or the rows of a Parquet file — how the
+    Hugging Face hub stores data sets — numbered from 1 as lines are."""
+    if Path(path).suffix.lower() == ".parquet":
+        yield from _parquet_rows(Path(path))
+    else:
+        yield from read_jsonl(path, encoding, arrays=True)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise ShitateError(f"{path}: reading Parquet needs pyarrow: `pip install pyarrow` (or `pip install -e "
+                           "'.[parquet]'`), or save the data set as JSON Lines") from None
+    if not path.is_file():
+        raise DataError([Problem(path, None, None, "file not found", "check the path")])
+    try:
+        batches = parquet.ParquetFile(path).iter_batches(batch_size=1024)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError([Problem(path, None, None, f"is not a Parquet file pyarrow can read ({err})",
+                                 "check that the download finished, or give the data set as JSON Lines")]) from None
+
+
 def _convert_jsonl(path: Path, fmt: str, encoding: str | None) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
-    for line, obj in read_jsonl(path, encoding, arrays=True):
+    for line, obj in read_records(path, encoding):
         if isinstance(obj, Problem):
             yield line, obj
             continue

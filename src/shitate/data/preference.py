@@ -16,7 +16,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shitate.data.formats import ROLES, read_jsonl
+from shitate.data.formats import ROLES, read_jsonl, read_records
 from shitate.data.validate import FileReport
 from shitate.errors import DataError, Problem
 
@@ -39,7 +39,7 @@ def looks_like_preferences(path: Path) -> bool:
         path = next(iter(sorted(path.glob("*.jsonl"))), path)
     if not path.is_file() or path.suffix.lower() in (".csv", ".tsv", ".txt", ".md"):
         return False
-    first = next((obj for _, obj in read_jsonl(path, arrays=True)), None)
+    first = next((obj for _, obj in read_records(path)), None)
     return detect_preference_format(first) is not None
 
 
@@ -145,7 +145,7 @@ def import_preferences(path: Path, fmt: str = "auto") -> tuple[list[dict[str, An
         raise DataError([Problem(path, None, None, "has no .jsonl files", "give a preference JSONL file or a folder of them")])
     pairs, problems, without_pair = [], [], 0
     for file in files:
-        for line, obj in read_jsonl(file, arrays=True):  # importers accept what people have
+        for line, obj in read_records(file):  # importers accept what people have: arrays, Parquet
             if isinstance(obj, Problem):
                 problems.append(obj)
                 continue
