@@ -111,6 +111,9 @@ def test_a_parquet_file_from_the_hub_imports_as_chats_or_pairs(tmp_path):
     unreadable = shitate("data", "import", str(broken), "--out", str(tmp_path / "broken.jsonl"))
     assert unreadable.returncode == 1 and "is not a Parquet file pyarrow can read" in " ".join(unreadable.stderr.split())
     assert "Traceback" not in unreadable.stderr and not (tmp_path / "broken.jsonl").exists()
+    checked = shitate("data", "check", str(chats), "--no-tokens")  # where JSON Lines belong: the import is named
+    assert checked.returncode == 1 and "is a Parquet file, not JSON Lines" in checked.stderr
+    assert f"shitate data import {chats}" in " ".join(checked.stderr.split())
 
 
 def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):

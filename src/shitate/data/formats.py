@@ -50,10 +50,11 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     """
     path = Path(path)
     table = path.suffix.lower()
-    if table in (".csv", ".tsv", ".xlsx", ".xls") and not arrays and path.is_file():  # a table where chat JSONL belongs
-        fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`" if table in (".csv", ".tsv")
-               else "save it from Excel as CSV, then `shitate data import` it")
-        raise DataError([Problem(path, None, None, f"is a {table[1:].upper()} table, not JSON Lines", fix)])
+    if table in (".csv", ".tsv", ".parquet", ".xlsx", ".xls") and not arrays and path.is_file():  # where JSONL belongs
+        fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`"
+               if table in (".csv", ".tsv", ".parquet") else "save it from Excel as CSV, then `shitate data import` it")
+        kind = "a Parquet file" if table == ".parquet" else f"a {table[1:].upper()} table"
+        raise DataError([Problem(path, None, None, f"is {kind}, not JSON Lines", fix)])
     lines: Iterator[tuple[int, str | Problem]] = _decoded_lines(path, encoding)
     for number, line in lines:
         if isinstance(line, str) and not line.strip():
