@@ -217,6 +217,11 @@ def test_the_ollama_modelfile_of_a_plain_template_run_prompts_as_training_did(tm
     for messages in (MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:2]):
         assert _render_go_template(ollama, messages) == template(messages, add_generation_prompt=True)
     assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
+    # Ollama answers as the run's recipe says (generate: max_new_tokens 12, greedy), not with its own defaults
+    # (temperature 0.8, a repeat penalty of 1.1, no length limit); top-k is the model's (transformers' 50 here).
+    parameters = [line for line in modelfile.splitlines() if line.startswith("PARAMETER") and "stop" not in line]
+    assert parameters == ["PARAMETER temperature 0.0", "PARAMETER top_p 1.0", "PARAMETER top_k 50",
+                          "PARAMETER repeat_penalty 1.0", "PARAMETER num_predict 12"]
 
 
 TRIMMING_LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"

@@ -113,8 +113,23 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
     writer.close()
     partial.rename(out)
     if modelfile:
-        _write_modelfile(folder, out, template, RunFolder(source.run).system_prompt() if source.run is not None else None)
+        run = RunFolder(source.run) if source.run is not None else None
+        _write_modelfile(folder, out, template, run.system_prompt() if run else None,
+                         _answer_parameters(folder, run.recipe_setting("generate", {}) or {} if run else {}))
     return out
+
+
+def _answer_parameters(folder: Path, generate: dict[str, Any]) -> list[str]:
+    """The run's answer settings (its recipe's `generate:`, the model's top-k) as Modelfile parameters, so that Ollama
+    answers as `shitate serve`, `compare` and `eval` do rather than with its own defaults (temperature 0.8, top-k 40,
+    top-p 0.9, a repeat penalty of 1.1 and no length limit)."""
+    import json
+
+    saved = folder / "generation_config.json"
+    top_k = (json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}).get("top_k", 50)
+    wanted = {"temperature": generate.get("temperature"), "top_p": generate.get("top_p"), "top_k": top_k,
+              "repeat_penalty": generate.get("repetition_penalty"), "num_predict": generate.get("max_new_tokens")}
+    return [f"PARAMETER {name} {value}" for name, value in wanted.items() if value is not None]
 
 
 def interleave_rotary_halves(weights: Any, heads: int) -> Any:
@@ -234,8 +249,10 @@ def _read_turns(template: Any) -> _Turns | None:
         return None
 
 
-def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str | None) -> None:
-    """An Ollama Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), with the run's system prompt."""
+def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str | None,
+                     parameters: list[str] | None = None) -> None:
+    """An Ollama Modelfile beside the GGUF (`ollama create NAME -f Modelfile`), with the run's system prompt and
+    answer settings."""
     lines = [f"FROM ./{gguf_file.name}"]
     if template.name in _OLLAMA_TEMPLATES:
         lines.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template.name]}"""')
@@ -255,4 +272,5 @@ def _write_modelfile(folder: Path, gguf_file: Path, template: Any, system: str |
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines.append(f'PARAMETER stop "{template.end_of_turn}"')
+    lines += parameters or []
     (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
