@@ -115,7 +115,7 @@ def write_gguf(folder: Path, source: Any, kind: str, template: Any, modelfile: b
     if modelfile:
         run = RunFolder(source.run) if source.run is not None else None
         _write_modelfile(folder, out, template, run.system_prompt() if run else None,
-                         _answer_parameters(folder, run.recipe_setting("generate", {}) or {} if run else {}))
+                         _answer_parameters(folder, (run.recipe_setting("generate", {}) or {}) if run else {}))
     return out
 
 
@@ -126,7 +126,8 @@ def _answer_parameters(folder: Path, generate: dict[str, Any]) -> list[str]:
     import json
 
     saved = folder / "generation_config.json"
-    top_k = (json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}).get("top_k", 50)
+    top_k = (json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}).get("top_k")
+    top_k = 50 if top_k is None else top_k  # transformers' default where the model names none, as sampling_top_k
     wanted = {"temperature": generate.get("temperature"), "top_p": generate.get("top_p"), "top_k": top_k,
               "repeat_penalty": generate.get("repetition_penalty"), "num_predict": generate.get("max_new_tokens")}
     return [f"PARAMETER {name} {value}" for name, value in wanted.items() if value is not None]
