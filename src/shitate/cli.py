@@ -31,13 +31,13 @@ MODEL_HELP = "gemma-3-270m (the default), a model folder, a .gguf file, a run fo
 
 @data_app.command("import")
 def data_import(
-    source: Path = typer.Argument(..., help="CSV/TSV; JSONL, a JSON array or Parquet in chat, alpaca, dolly, "
+    source: Path = typer.Argument(..., help="CSV/TSV/Excel (.xlsx); JSONL, a JSON array or Parquet in chat, alpaca, dolly, "
                                             "sharegpt or prompt/completion form; or a .txt/.md file or folder (→ text "
                                             "JSONL for stage pretrain); "
                                             "or preference data: prompt/chosen/rejected, ranked answers, pairwise "
                                             "judgment files or a folder of them (→ preference JSONL)"),
     out: Path = typer.Option(..., "--out", "-o", help="canonical chat JSONL to write"),
-    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, text; "
+    format: str = typer.Option("auto", help="auto, chat, alpaca, dolly, sharegpt, prompt-completion, csv, tsv, xlsx, text; "
                                              "preference pairs: preference, ranked, judgment"),
     system: str | None = typer.Option(None, help="system prompt to put before every conversation"),
     question_column: str | None = typer.Option(None, help="CSV/TSV column with the user's words (default: question, "

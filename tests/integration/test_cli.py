@@ -116,6 +116,34 @@ def test_a_parquet_file_from_the_hub_imports_as_chats_or_pairs(tmp_path):
     assert f"shitate data import {chats}" in " ".join(checked.stderr.split())
 
 
+def test_an_excel_workbook_imports_with_excel_s_row_numbers(tmp_path):
+    # What a Japanese team starts from: a sheet with 質問/回答 headers, a number for an answer, formatted empty rows
+    # Excel keeps, an empty cell. It had to be saved as CSV first.
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["No.", "質問", "回答"])
+    sheet.append([1, "なんで空は青いの?", "青い光が散らばるからだよ。"])
+    sheet.append([None, None, None])  # a formatted empty row
+    sheet.append([2, "1たす1は?", 2])
+    sheet.append([3, "海はなぜしょっぱいの?", None])
+    workbook = tmp_path / "qa.xlsx"
+    book.save(workbook)
+    out = tmp_path / "qa.jsonl"
+    result = shitate("data", "import", str(workbook), "--out", str(out))
+    assert result.returncode == 1 and "qa.xlsx:5: 回答: is empty" in " ".join(result.stderr.split())  # Excel's row 5
+    result = shitate("data", "import", str(workbook), "--out", str(out), "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["messages"][1]["content"] for line in out.read_text(encoding="utf-8").splitlines()] == [
+        "青い光が散らばるからだよ。", "2"]
+    checked = shitate("data", "check", str(workbook), "--no-tokens")  # where JSON Lines belong: the import is named
+    assert checked.returncode == 1 and f"shitate data import {workbook}" in " ".join(checked.stderr.split())
+    (tmp_path / "broken.xlsx").write_bytes(b"PK not a workbook")
+    broken = shitate("data", "import", str(tmp_path / "broken.xlsx"), "--out", str(tmp_path / "b.jsonl"))
+    assert broken.returncode == 1 and "is not an Excel workbook" in broken.stderr and "Traceback" not in broken.stderr
+
+
 def test_compare_and_generate_on_a_trained_run(tmp_path, tiny_model):
     recipe = make_recipe(tmp_path, tiny_model)
     assert runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")]).exit_code == 0

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from shitate.errors import DataError, Problem, ShitateError
 
-Format = Literal["auto", "chat", "alpaca", "dolly", "sharegpt", "prompt-completion", "csv", "tsv"]
-FORMATS: tuple[str, ...] = ("auto", "chat", "alpaca", "dolly", "sharegpt", "prompt-completion", "csv", "tsv")
+Format = Literal["auto", "chat", "alpaca", "dolly", "sharegpt", "prompt-completion", "csv", "tsv", "xlsx"]
+FORMATS: tuple[str, ...] = ("auto", "chat", "alpaca", "dolly", "sharegpt", "prompt-completion", "csv", "tsv", "xlsx")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
@@ -51,8 +51,8 @@ def read_jsonl(path: Path, encoding: str | None = None, arrays: bool = False) ->
     path = Path(path)
     table = path.suffix.lower()
     if table in (".csv", ".tsv", ".parquet", ".xlsx", ".xls") and not arrays and path.is_file():  # where JSONL belongs
-        fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`"
-               if table in (".csv", ".tsv", ".parquet") else "save it from Excel as CSV, then `shitate data import` it")
+        fix = (f"import it first: `shitate data import {path} --out {path.stem}.jsonl`" if table != ".xls"
+               else "save it from Excel as .xlsx or CSV, then `shitate data import` it")
         kind = "a Parquet file" if table == ".parquet" else f"a {table[1:].upper()} table"
         raise DataError([Problem(path, None, None, f"is {kind}, not JSON Lines", fix)])
     lines: Iterator[tuple[int, str | Problem]] = _decoded_lines(path, encoding)
@@ -375,8 +375,9 @@ def import_records(path: Path, fmt: str = "auto", system: str | None = None, que
     path = Path(path)
     if fmt == "auto":
         suffix = path.suffix.lower()
-        fmt = "csv" if suffix == ".csv" else "tsv" if suffix in (".tsv", ".tab") else "auto"
-    if fmt in ("csv", "tsv"):
+        fmt = ("csv" if suffix == ".csv" else "tsv" if suffix in (".tsv", ".tab")
+               else "xlsx" if suffix in (".xlsx", ".xlsm") else "auto")
+    if fmt in ("csv", "tsv", "xlsx"):
         rows = _read_table(path, "\t" if fmt == "tsv" else ",", question_column, answer_column, encoding)
     else:
         rows = _convert_jsonl(path, fmt, encoding)
@@ -451,11 +452,14 @@ def _read_table(path: Path, delimiter: str, question_column: str | None, answer_
 
     if not path.is_file():
         raise ShitateError(f"{path}: file not found. Check the path (it is read relative to the current folder).")
-    _check_encoding(encoding)
-    # Excel on a Japanese Windows saves CSV in cp932: detect it (or take the user's --encoding) rather than fail.
-    text = decode(path, encoding)[0]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = reader.fieldnames or []
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        columns, rows = _sheet_rows(path)
+    else:
+        _check_encoding(encoding)
+        # Excel on a Japanese Windows saves CSV in cp932: detect it (or take the user's --encoding) rather than fail.
+        reader = csv.DictReader(io.StringIO(decode(path, encoding)[0], newline=""), delimiter=delimiter)
+        columns = list(reader.fieldnames or [])
+        rows = ((reader.line_num, row) for row in reader)  # line_num is read after each row: where it ends
     if not columns:
         raise DataError([Problem(path, None, None, "is empty (no header row)",
                                  f"the first row must name the columns, e.g. {question_column or 'question'},"
@@ -466,12 +470,37 @@ def _read_table(path: Path, delimiter: str, question_column: str | None, answer_
     if missing:
         raise DataError([Problem(path, 1, ", ".join(missing), f"column not found; the header has: {', '.join(columns)}",
                                  _header_fix(list(columns), delimiter))])
-    for row in reader:
-        line = reader.line_num
+    for line, row in rows:
         try:
             yield line, _pair(_text(row, question_column), _text(row, answer_column))
         except RecordError as err:
             yield line, Problem(path, line, err.field, err.message, err.fix)
+
+
+def _sheet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
+    """The first sheet of an Excel workbook as a header and rows numbered as Excel numbers them; numbers and dates
+    as text, rows with no value skipped (Excel keeps formatted empty rows)."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise ShitateError(f"{path}: reading Excel workbooks needs openpyxl: `pip install openpyxl` (or `pip install "
+                           "-e '.[excel]'`), or save the sheet as CSV") from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as err:  # noqa: BLE001 - openpyxl raises zipfile's, KeyError, its own InvalidFileException
+        raise DataError([Problem(path, None, None, f"is not an Excel workbook openpyxl can read ({err})",
+                                 "save it again from Excel as .xlsx, or as CSV")]) from None
+    rows = book.worksheets[0].iter_rows(values_only=True)
+    columns = ["" if cell is None else str(cell).strip() for cell in next(rows, None) or ()]
+    while columns and not columns[-1]:
+        columns.pop()
+
+    def numbered() -> Iterator[tuple[int, dict[str, str]]]:
+        for number, values in enumerate(rows, start=2):
+            if any(value is not None and str(value).strip() for value in values):
+                yield number, {column: "" if value is None else str(value) for column, value in zip(columns, values)}
+
+    return columns, numbered()
 
 
 def _header_fix(columns: list[str], delimiter: str) -> str:

@@ -37,7 +37,7 @@ def looks_like_preferences(path: Path) -> bool:
     path = Path(path)
     if path.is_dir():
         path = next(iter(sorted(path.glob("*.jsonl"))), path)
-    if not path.is_file() or path.suffix.lower() in (".csv", ".tsv", ".txt", ".md"):
+    if not path.is_file() or path.suffix.lower() in (".csv", ".tsv", ".xlsx", ".xlsm", ".xls", ".txt", ".md"):
         return False
     first = next((obj for _, obj in read_records(path)), None)
     return detect_preference_format(first) is not None
