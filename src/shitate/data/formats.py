@@ -496,9 +496,12 @@ def _sheet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, st
         columns.pop()
 
     def numbered() -> Iterator[tuple[int, dict[str, str]]]:
-        for number, values in enumerate(rows, start=2):
-            if any(value is not None and str(value).strip() for value in values):
-                yield number, {column: "" if value is None else str(value) for column, value in zip(columns, values)}
+        try:
+            for number, values in enumerate(rows, start=2):
+                if any(value is not None and str(value).strip() for value in values):
+                    yield number, {column: "" if value is None else str(value) for column, value in zip(columns, values)}
+        finally:
+            book.close()  # a read-only workbook keeps its file open until closed
 
     return columns, numbered()
 
