@@ -67,6 +67,18 @@ def test_import_then_split_from_a_csv(tmp_path):
     assert sizes == [10, 5, 5]
 
 
+def imported(source: Path) -> list[dict]:
+    """`shitate data import SOURCE` into SOURCE's stem .jsonl beside it, read back."""
+    out = source.with_suffix(".jsonl")
+    result = shitate("data", "import", str(source), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
 @pytest.mark.parametrize("indent", [None, 2])
 def test_a_json_array_file_imports_as_chats_or_pairs(tmp_path, indent):
     # alpaca_data.json and most ShareGPT dumps are one JSON array; json.dump without indent writes it on one line,
@@ -76,12 +88,8 @@ def test_a_json_array_file_imports_as_chats_or_pairs(tmp_path, indent):
                                  indent=indent), encoding="utf-8")
     pairs.write_text(json.dumps([{"prompt": f"Q{i}", "chosen": "good", "rejected": "bad"} for i in range(2)],
                                 indent=indent), encoding="utf-8")
-    for source, count, kind in ((alpaca, 3, "messages"), (pairs, 2, "chosen")):
-        out = tmp_path / f"{source.stem}.jsonl"
-        result = shitate("data", "import", str(source), "--out", str(out))
-        assert result.returncode == 0, result.stderr
-        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-        assert len(records) == count and all(kind in r for r in records)
+    assert imported(alpaca) == [chat(f"Q{i}", f"A{i}") for i in range(3)]
+    assert imported(pairs) == [{"prompt": f"Q{i}", "chosen": "good", "rejected": "bad"} for i in range(2)]
     checked = shitate("data", "check", str(alpaca), "--no-tokens")  # where JSON Lines belong, the fix is named
     assert checked.returncode == 1 and "is one JSON array" in checked.stderr and "shitate data import" in checked.stderr
 
@@ -99,13 +107,8 @@ def test_a_parquet_file_from_the_hub_imports_as_chats_or_pairs(tmp_path):
                                          {"instruction": "Q2", "input": "", "output": ""}]), alpaca)
     pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "chosen": "good", "rejected": "bad"}]), pairs)
     broken.write_bytes(b"PAR1 not really")
-    for source, count, kind in ((chats, 3, "messages"), (pairs, 1, "chosen")):
-        out = tmp_path / f"{source.stem}.jsonl"
-        result = shitate("data", "import", str(source), "--out", str(out))
-        assert result.returncode == 0, result.stderr
-        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-        assert len(records) == count and all(kind in r for r in records)
-    assert records == [{"prompt": "Q", "chosen": "good", "rejected": "bad"}]
+    assert imported(chats) == [chat(f"Q{i}", f"A{i}") for i in range(3)]
+    assert imported(pairs) == [{"prompt": "Q", "chosen": "good", "rejected": "bad"}]
     bad_row = shitate("data", "import", str(alpaca), "--out", str(tmp_path / "alpaca.jsonl"))  # rows count as lines
     assert bad_row.returncode == 1 and "alpaca.parquet:2: output: is empty" in " ".join(bad_row.stderr.split())
     unreadable = shitate("data", "import", str(broken), "--out", str(tmp_path / "broken.jsonl"))
@@ -135,8 +138,8 @@ def test_an_excel_workbook_imports_with_excel_s_row_numbers(tmp_path):
     assert result.returncode == 1 and "qa.xlsx:5: 回答: is empty" in " ".join(result.stderr.split())  # Excel's row 5
     result = shitate("data", "import", str(workbook), "--out", str(out), "--skip-bad")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["messages"][1]["content"] for line in out.read_text(encoding="utf-8").splitlines()] == [
-        "青い光が散らばるからだよ。", "2"]
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        chat("なんで空は青いの?", "青い光が散らばるからだよ。"), chat("1たす1は?", "2")]
     checked = shitate("data", "check", str(workbook), "--no-tokens")  # where JSON Lines belong: the import is named
     assert checked.returncode == 1 and f"shitate data import {workbook}" in " ".join(checked.stderr.split())
     (tmp_path / "broken.xlsx").write_bytes(b"PK not a workbook")

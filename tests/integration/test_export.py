@@ -150,7 +150,7 @@ def _render_go_template(text: str, messages: list[dict]) -> str:
         assert condition in ("{{ else }}",), condition
         return True
 
-    def run(items: list[str], message: dict | None, position: int) -> None:
+    def run(items: list[str], message: dict, position: int) -> None:  # outside the range: no message, {}
         index = 0
         while index < len(items):
             item = items[index]
@@ -169,21 +169,19 @@ def _render_go_template(text: str, messages: list[dict]) -> str:
                         start = k
                 branches.append((items[start], items[start + 1:end]))
                 for condition, body in branches:
-                    assert message is not None
                     if holds(condition, message, position):
                         run(body, message, position)
                         break
                 index = end + 1
             elif item == "{{ .Content }}":
-                assert message is not None
-                out.append(message["content"])
+                out.append(message["content"])  # a KeyError outside the range
                 index += 1
             else:
                 assert not item.startswith("{{"), item
                 out.append(item)
                 index += 1
 
-    run([t for t in tokens if t], None, -1)
+    run([t for t in tokens if t], {}, -1)
     return "".join(out)
 
 

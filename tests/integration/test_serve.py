@@ -205,7 +205,9 @@ def test_a_request_s_own_top_k_is_drawn_among(client):
     with ThreadPoolExecutor(8) as pool:
         top_1 = pool.map(lambda q: ask(q, temperature=1.5, extra_body={"top_k": 1}), QUESTIONS[:4])
         wide = [pool.submit(ask, q, temperature=1.5) for q in QUESTIONS[:4]]  # the model's top-k, in the same steps
-        assert list(top_1) == greedy and all(w.result() is not None for w in wide)
+        assert list(top_1) == greedy
+        for answer in wide:
+            answer.result()  # raises if a request beside them failed
     assert ask(QUESTIONS[0], temperature=1.5, seed=4, extra_body={"top_k": 1}) == greedy[0]
     every_word = {ask(QUESTIONS[0], temperature=1.5, seed=seed, extra_body={"top_k": -1}) for seed in range(4)}
     assert len(every_word) > 1
