@@ -10,6 +10,7 @@ at a time with transformers' `generate` — what a server without batching does.
     .venv/bin/python bench/serve_load.py                       # the default model, 1/8/32 users
     .venv/bin/python bench/serve_load.py --model runs/kids-qa --users 1,8
     .venv/bin/python bench/serve_load.py --temperature 1.0 --top-p 0.95   # sampled requests
+    .venv/bin/python bench/serve_load.py --request '{"repetition_penalty": 1.3}'   # decoded beside the batch
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def questions(count: int) -> list[str]:
     return [asked[i % len(asked)] for i in range(count)]
 
 
-def ask(url: str, question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> tuple[float, int]:
+def ask(url: str, question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+        extra: dict | None = None) -> tuple[float, int]:
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}],
-                       "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}).encode()
+                       "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, **(extra or {})}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
@@ -48,14 +50,15 @@ def ask(url: str, question: str, max_tokens: int, temperature: float = 0.0, top_
     return time.perf_counter() - started, reply["usage"]["completion_tokens"]
 
 
-def load_level(url: str, users: int, per_user: int, max_tokens: int, temperature: float, top_p: float) -> dict:
+def load_level(url: str, users: int, per_user: int, max_tokens: int, temperature: float, top_p: float,
+               extra: dict) -> dict:
     asked = questions(users * per_user)
 
     def user(index: int) -> list[tuple[float, int] | None]:
         results: list[tuple[float, int] | None] = []
         for k in range(per_user):
             try:
-                results.append(ask(url, asked[index * per_user + k], max_tokens, temperature, top_p))
+                results.append(ask(url, asked[index * per_user + k], max_tokens, temperature, top_p, extra))
             except Exception:  # noqa: BLE001 — a failed request is counted, not fatal
                 results.append(None)
         return results
@@ -71,14 +74,16 @@ def load_level(url: str, users: int, per_user: int, max_tokens: int, temperature
             "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
 
 
-def sequential(model: str, count: int, max_tokens: int, temperature: float, top_p: float) -> dict:
+def sequential(model: str, count: int, max_tokens: int, temperature: float, top_p: float,
+               repetition_penalty: float = 1.0) -> dict:
     """One request at a time through transformers' generate (run in a child process, after the server stopped)."""
     code = f"""
 import json, time
 from shitate.config import GenerateSpec
 from shitate.models.inference import answer, load_for_inference
 loaded = load_for_inference({model!r})
-spec = GenerateSpec(max_new_tokens={max_tokens}, temperature={temperature}, top_p={top_p}, batch_size=1)
+spec = GenerateSpec(max_new_tokens={max_tokens}, temperature={temperature}, top_p={top_p}, batch_size=1,
+                    repetition_penalty={repetition_penalty})
 questions = {questions(count)!r}
 answer(loaded, [[{{"role": "user", "content": questions[0]}}]], spec)  # warm-up, as the server had
 tokens, latencies = 0, []
@@ -104,9 +109,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled requests")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--request", default="{}", help="JSON fields added to every request, e.g. "
+                        "'{\"logprobs\": true}' (the baseline applies a repetition_penalty given here too)")
     parser.add_argument("--serve-args", default="", help="extra options for shitate serve, e.g. '--cache-tokens 8192'")
     parser.add_argument("--no-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = json.loads(args.request)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -124,8 +132,8 @@ def main() -> None:
                 if server.poll() is not None:
                     sys.exit(f"the server stopped: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
                 time.sleep(0.5)
-        ask(url, questions(1)[0], 4, args.temperature, args.top_p)  # warm-up (a sampled request starts its batcher)
-        levels = [load_level(url, int(n), args.per_user, args.max_tokens, args.temperature, args.top_p)
+        ask(url, questions(1)[0], 4, args.temperature, args.top_p, extra)  # warm-up (a sampled request starts its batcher)
+        levels = [load_level(url, int(n), args.per_user, args.max_tokens, args.temperature, args.top_p, extra)
                   for n in args.users.split(",")]
     finally:
         server.terminate()
@@ -133,11 +141,12 @@ def main() -> None:
     if args.no_baseline:
         print(json.dumps(levels))
         return
-    baseline = sequential(args.model, 8 * args.per_user, args.max_tokens, args.temperature, args.top_p)
+    baseline = sequential(args.model, 8 * args.per_user, args.max_tokens, args.temperature, args.top_p,
+                          extra.get("repetition_penalty", 1.0))
 
     decoding = "greedy" if args.temperature <= 0 else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
     print(f"\nCPU: {cpu_model()}; model {args.model}; {decoding}, max_tokens {args.max_tokens}, "
-          f"{args.per_user} requests a user")
+          f"{args.per_user} requests a user" + (f"; each request with {args.request}" if extra else ""))
     print(f"{'':<26}{'tokens/s':>10}{'p50 s':>9}{'p95 s':>9}{'failed':>8}{'vs one at a time':>18}")
     print(f"{'generate, one at a time':<26}{baseline['tokens_per_s']:>10.1f}{baseline['p50_s']:>9.2f}"
           f"{baseline['p95_s']:>9.2f}{'':>8}{1.0:>17.2f}×")

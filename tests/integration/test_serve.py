@@ -81,7 +81,7 @@ def _post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[in
         return err.code, json.loads(err.read())
 
 
-def _reference_answers(tiny_model, questions: list[str], max_tokens: int) -> list[str]:
+def _reference_answers(tiny_model, questions: list[str], max_tokens: int, **settings) -> list[str]:
     """Greedy answers from transformers' generate, one request at a time: what the batcher must reproduce."""
     import torch
 
@@ -90,7 +90,7 @@ def _reference_answers(tiny_model, questions: list[str], max_tokens: int) -> lis
 
     loaded = load_for_inference(str(tiny_model), dtype=torch.float32)
     return answer(loaded, [[{"role": "user", "content": q}] for q in questions],
-                  GenerateSpec(max_new_tokens=max_tokens, temperature=0.0, batch_size=1))
+                  GenerateSpec(max_new_tokens=max_tokens, temperature=0.0, batch_size=1, **settings))
 
 
 def test_concurrent_greedy_chats_match_one_at_a_time_generation(server, client, tiny_model):
@@ -273,12 +273,11 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "text"}]}])
 
 
-@pytest.mark.parametrize("setting", [{"logprobs": True}, {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
+@pytest.mark.parametrize("setting", [{"response_format": {"type": "json_object"}},
                                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-                                     {"frequency_penalty": 0.5}, {"logit_bias": {"17": 5}},
                                      # other servers' extensions, sent through the SDK's extra_body
-                                     {"extra_body": {"min_p": 0.05}}, {"extra_body": {"repetition_penalty": 1.1}},
-                                     {"extra_body": {"ignore_eos": True}}, {"extra_body": {"guided_choice": ["a"]}}])
+                                     {"extra_body": {"typical_p": 0.9}}, {"extra_body": {"stop_token_ids": [3]}},
+                                     {"extra_body": {"guided_choice": ["a"]}}])
 def test_a_setting_the_server_does_not_honour_is_refused_not_ignored(client, setting):
     name = next(iter(setting.get("extra_body", setting)))
     with pytest.raises(openai.BadRequestError, match=f"{name} is not supported") as refused:
@@ -286,17 +285,125 @@ def test_a_setting_the_server_does_not_honour_is_refused_not_ignored(client, set
     assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == name
 
 
-def test_settings_a_client_sends_by_default_are_accepted(client):
+def test_settings_a_client_sends_by_default_are_accepted(server, client):
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=2,
                                            logprobs=False, frequency_penalty=0, presence_penalty=0, logit_bias={},
                                            response_format={"type": "text"}, tool_choice="none",
                                            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
                                            extra_body={"min_p": 0, "repetition_penalty": 1.0, "user_tag": "x"})
-    assert reply.choices[0].finish_reason in ("stop", "length")
-    with pytest.raises(openai.BadRequestError, match="echo is not supported"):
-        client.completions.create(model="tiny", prompt="a", max_tokens=2, echo=True)
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):  # 0: the chosen token's own
-        client.completions.create(model="tiny", prompt="a", max_tokens=2, logprobs=0)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].logprobs is None
+    assert not server["engines"]["tiny"].active
+
+
+def test_penalties_bias_and_length_settings_shape_the_answer(server, client, tiny_model):
+    def ask(question: str = QUESTIONS[0], **settings):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              temperature=0, max_tokens=10, **settings).choices[0]
+
+    # the repetition penalty as generate applies it (shitate compare and eval with generate.repetition_penalty)
+    with ThreadPoolExecutor(4) as pool:
+        penalised = list(pool.map(lambda q: ask(q, extra_body={"repetition_penalty": 1.5}).message.content,
+                                  QUESTIONS[:4]))
+    assert penalised == _reference_answers(tiny_model, QUESTIONS[:4], 10, repetition_penalty=1.5)
+    assert penalised != [ask(q).message.content for q in QUESTIONS[:4]]
+    tokenizer = server["engines"]["tiny"].loaded.tokenizer
+    plain = tokenizer(ask().message.content, add_special_tokens=False)["input_ids"]
+    assert max(plain.count(t) for t in plain) >= 5  # the tiny model repeats itself greedily...
+    freer = tokenizer(ask(frequency_penalty=2.0).message.content, add_special_tokens=False)["input_ids"]
+    assert max(freer.count(t) for t in freer) < max(plain.count(t) for t in plain)  # ...and less so when penalised
+    word = tokenizer("空", add_special_tokens=False)["input_ids"][0]
+    assert ask(logit_bias={str(word): 100}).message.content == "空" * 10
+    end_now = {str(server["engines"]["tiny"].stop_ids[0]): 100}  # the end of the turn made the likeliest word
+    assert (ask(logit_bias=end_now).message.content, ask(logit_bias=end_now).finish_reason) == ("", "stop")
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                           temperature=0, max_tokens=10, logit_bias=end_now,
+                                           extra_body={"min_tokens": 4})
+    assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "stop"  # 4 words, then the end
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                           temperature=0.8, max_tokens=10, logit_bias=end_now,
+                                           extra_body={"ignore_eos": True, "min_p": 0.05})
+    assert reply.usage.completion_tokens == 10 and reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="logit_bias: '99999' is not a token id"):
+        ask(logit_bias={"99999": 1})
+    assert not server["engines"]["tiny"].active
+
+
+def _reference_logprobs(tiny_model, ids: list[int]):
+    """log-softmax of the model's logits at every place of `ids`, from one plain forward in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_chat_logprobs_are_the_model_s_own_beside_the_same_greedy_answer(server, client, tiny_model):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].message.content
+    assert content == plain.choices[0].message.content  # decoded alone, the same greedy answer as in the batch
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 10  # no end of turn in 10 words here: each has one
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == content  # byte tokens of a character rejoin
+    engine = server["engines"]["tiny"]
+    prompt = engine.chat_prompt(messages)
+    tokens = engine.loaded.tokenizer(content, add_special_tokens=False)["input_ids"]
+    reference = _reference_logprobs(tiny_model, prompt + tokens)
+    for place, entry in enumerate(entries):
+        expected = reference[len(prompt) - 1 + place]
+        best = expected.topk(3)
+        assert entry.logprob == pytest.approx(float(expected.max()), abs=1e-4)  # greedy: the likeliest word
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].bytes == entry.bytes
+    streamed = [chunk.choices[0].logprobs for chunk in client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3, stream=True)]
+    assert [e for part in streamed if part for e in part.content] == entries
+    only_own = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10,
+                                              logprobs=True).choices[0].logprobs.content
+    assert [e.logprob for e in only_own] == [e.logprob for e in entries] and all(not e.top_logprobs for e in only_own)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: set logprobs to true"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
+    assert not engine.active
+
+
+def test_completions_score_a_prompt_of_token_ids_as_an_evaluation_harness_asks(server, client, tiny_model):
+    # lm-evaluation-harness's local-completions: token ids, echo, logprobs 1, max_tokens 1 (or 0), temperature 0;
+    # it sums token_logprobs past the context and checks each token against the top_logprobs.
+    engine = server["engines"]["tiny"]
+    ids = engine.text_prompt("なんで空は青いの? 青い光が散らばるから")
+    reference = _reference_logprobs(tiny_model, ids)
+    reply = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    choice = reply.choices[0]
+    scored = choice.logprobs
+    assert len(scored.token_logprobs) == len(ids) + 1 and scored.token_logprobs[0] is None
+    expected = [float(reference[place - 1, ids[place]]) for place in range(1, len(ids))]
+    assert scored.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-4)
+    greedy_next = int(reference[-1].argmax())
+    assert scored.token_logprobs[-1] == pytest.approx(float(reference[-1].max()), abs=1e-4)
+    text = engine.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    assert choice.text == text + engine.loaded.tokenizer.decode([greedy_next], skip_special_tokens=True)
+    for place in range(1, len(ids)):  # the token itself is among its place's alternatives
+        top = scored.top_logprobs[place]
+        assert scored.tokens[place] in top and max(top.values()) == pytest.approx(float(reference[place - 1].max()),
+                                                                                  abs=1e-4)
+    offsets = scored.text_offset
+    assert offsets == sorted(offsets) and offsets[-1] == len(text)
+    nothing_new = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert nothing_new.text == text and nothing_new.logprobs.token_logprobs == scored.token_logprobs[:-1]
+    worded = client.completions.create(model="tiny", prompt="なんで空は青いの? 青い光が散らばるから", max_tokens=1,
+                                       echo=True, logprobs=1, temperature=0).choices[0]
+    assert worded.text == choice.text and worded.logprobs.token_logprobs == scored.token_logprobs  # BOS, then the text
+    streamed = list(client.completions.create(model="tiny", prompt=ids, max_tokens=3, echo=True, logprobs=2,
+                                              temperature=0, stream=True))
+    assert streamed[0].choices[0].text == text and len(streamed[0].choices[0].logprobs.tokens) == len(ids)
+    for bad, message in (({"prompt": [len(engine.loaded.tokenizer) + 5]}, "is not a token id"),
+                         ({"prompt": "a", "max_tokens": 0}, "max_tokens: 0 writes nothing")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="tiny", **{"max_tokens": 2, **bad})
+    assert not engine.active
 
 
 def test_a_stream_ends_with_the_usage_when_asked(client):
@@ -371,7 +478,7 @@ def test_shitate_judge_speaks_to_the_server(server, monkeypatch):
 
 def test_a_run_served_with_its_recipe_s_settings_says_which_one_the_server_cannot_apply(tmp_path, tiny_model, capsys):
     # The batcher has no per-request repetition penalty: a run whose recipe sets one would answer differently from
-    # `shitate compare`/`eval` without a word.
+    # `shitate compare`/`eval` without a word (a request may ask for it, and is then decoded beside the batch).
     from test_train import make_recipe, train
 
     from shitate.serve.engine import open_engines
@@ -384,7 +491,8 @@ def test_a_run_served_with_its_recipe_s_settings_says_which_one_the_server_canno
     try:
         assert engines["kids"].defaults.top_p == 0.8  # the recipe's settings that the server does apply
         said = " ".join(capsys.readouterr().err.split())
-        assert "kids: the recipe's generate.repetition_penalty 1.3 is not applied by the server" in said
+        assert ("kids: the recipe's generate.repetition_penalty 1.3 is not applied by the server unless a request "
+                'asks for it ("repetition_penalty": 1.3' in said)
     finally:
         for engine in engines.values():
             engine.close()

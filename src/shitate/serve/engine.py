@@ -5,7 +5,9 @@ second user does not wait for the first one's answer. The batching itself is tra
 `ContinuousBatchingManager` (paged KV cache, a background decoding thread); what is ours is
 what an OpenAI-style server needs around it: the model's template and stop tokens, per-request
 sampling settings, stop strings, and text that is released only once it is final (a Japanese
-character split across byte tokens, or the start of a stop string, is held back).
+character split across byte tokens, or the start of a stop string, is held back). A request that
+asks for what the batcher cannot do per request (a seed, log-probabilities, penalties: serve/solo.py)
+is decoded on its own beside it.
 
 Nothing here mutates the shared model or tokenizer per request.
 """
@@ -19,7 +21,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shitate.config import GenerateSpec
@@ -27,6 +29,7 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.attention import use_soft_capped_paged_attention
 from shitate.models.inference import LoadedModel, sampling_top_k, with_system
+from shitate.serve.solo import Shaping, TokenLogprob, TokenSpelling, shaped, token_logprob
 
 PAGE_TOKENS = 256
 
@@ -45,6 +48,14 @@ class Sampling:
     top_k: int | None = None  # sampled answers draw among this many likeliest words: None the model's, 0 all of them
     stop: tuple[str, ...] = ()
     seed: int | None = None  # a sampled answer with a seed is drawn from its own generator: reproducible
+    logprobs: int | None = None  # each answer token's log-probability and this many likeliest alternatives
+    shaping: Shaping = Shaping()
+
+    @property
+    def solo(self) -> bool:
+        """Whether the answer is decoded on its own: the batcher draws every request from one generator and hands its
+        processors no token history."""
+        return (self.seed is not None and self.temperature > 0) or self.logprobs is not None or self.shaping.active
 
 
 @dataclass
@@ -54,6 +65,7 @@ class Piece:
     text: str
     finish_reason: str | None = None  # "stop" (end of turn, EOS or a stop string) or "length"
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens whose text this piece releases
 
 
 @dataclass
@@ -61,6 +73,7 @@ class _Decoded:
     """Incremental detokenisation of one answer: the text released so far."""
 
     released: str = ""
+    tokens_released: int = 0
 
 
 class _Lane:
@@ -187,7 +200,8 @@ class Engine:
         use_soft_capped_paged_attention(self._model)
         pad = tokenizer.pad_token_id
         self.top_k = sampling_top_k(loaded.model)  # sampled answers keep the model's top-k, as generate's do
-        self._vocabulary = int(text_config.vocab_size)
+        self.vocabulary = int(text_config.vocab_size)
+        self.spelling = TokenSpelling(tokenizer)  # how log-probability entries name their tokens
         self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests,
                                self.top_k_of(Sampling(max_tokens=1)))
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
@@ -229,8 +243,8 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------------
     async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
-        if sampling.seed is not None and sampling.temperature > 0 and self._can_pause:
-            async for piece in self._seeded_answer(prompt_ids, sampling):
+        if sampling.solo and (self._can_pause or sampling.logprobs is not None or sampling.shaping.active):
+            async for piece in self._solo_answer(prompt_ids, sampling):
                 yield piece
             return
         outputs: asyncio.Queue[Any] = asyncio.Queue()
@@ -265,8 +279,10 @@ class Engine:
                 lane.manager.cancel_request(request_id)
             self.active.discard(request_id)
 
-    def _release(self, decoded: _Decoded, tokens: list[int], sampling: Sampling, finished: bool) -> Piece:
-        """The new final text of an answer whose tokens so far are `tokens`."""
+    def _release(self, decoded: _Decoded, tokens: list[int], sampling: Sampling, finished: bool,
+                 logprobs: list[TokenLogprob] | None = None) -> Piece:
+        """The new final text of an answer whose tokens so far are `tokens` (with their log-probabilities, where the
+        request asked for them: those of the tokens the new text covers go with it)."""
         ended_by_token = bool(tokens) and tokens[-1] in self.stop_ids
         body = tokens[:-1] if ended_by_token else tokens
         text = self.loaded.tokenizer.decode(body, skip_special_tokens=True)
@@ -284,10 +300,25 @@ class Engine:
             text = text[:len(text) - hold]
         new = text[len(decoded.released):] if text.startswith(decoded.released) else ""
         decoded.released += new
-        return Piece(new, reason, len(tokens))
+        covered: list[TokenLogprob] = []
+        if logprobs is not None:
+            start = decoded.tokens_released
+            decoded.tokens_released = self._tokens_within(body, len(decoded.released), start)
+            covered = logprobs[start:decoded.tokens_released]
+        return Piece(new, reason, len(tokens), covered)
 
-    async def _seeded_answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
-        """A sampled answer with a seed, decoded on its own beside the batchers.
+    def _tokens_within(self, body: list[int], characters: int, start: int) -> int:
+        """How many of the answer's first tokens decode within its first `characters` characters (from `start`, the
+        count already known to): a token whose text is held back, or cut off by a stop string, is not yet one."""
+        count = start
+        while count < len(body) and len(self.loaded.tokenizer.decode(body[:count + 1],
+                                                                     skip_special_tokens=True)) <= characters:
+            count += 1
+        return count
+
+    async def _solo_answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
+        """An answer decoded on its own beside the batchers: a seeded sample, or one whose request asks for
+        log-probabilities or changes the logits (serve/solo.py).
 
         transformers' batcher draws every request's tokens from one generator, so what a request gets depends on
         who else is being answered; OpenAI's `seed` promises the same answer for the same request. Such a request
@@ -295,23 +326,27 @@ class Engine:
         its steps runs while the batchers are paused: a forward pass beside a running batcher's came out different
         (transformers' batcher is not written to share the model with other threads but through its pause). The
         request does not share the batch, and the batch waits for each of its steps: the price of being
-        reproducible."""
+        reproducible, and of per-request settings the batcher has no place for."""
+        if not self._can_pause:
+            raise EngineFailed(f"{self.name}: log-probabilities and penalties need a transformers release whose batcher "
+                               "can pause (ContinuousBatchingManager.pause); upgrade transformers, or leave them out.")
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[tuple[list[int], bool] | BaseException] = asyncio.Queue()
+        outputs: asyncio.Queue[tuple[list[int], list[TokenLogprob], bool] | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
 
-        def emit(item: tuple[list[int], bool] | BaseException) -> None:
+        def emit(item: tuple[list[int], list[TokenLogprob], bool] | BaseException) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        worker = loop.run_in_executor(None, self._decode_seeded, prompt_ids, sampling, emit, cancelled)
+        worker = loop.run_in_executor(None, self._decode_solo, prompt_ids, sampling, emit, cancelled)
         decoded, finished = _Decoded(), False
         try:
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"generation failed: {item}") from item
-                tokens, finished = item
-                piece = self._release(decoded, tokens, sampling, finished)
+                tokens, logprobs, finished = item
+                piece = self._release(decoded, tokens, sampling, finished,
+                                      logprobs if sampling.logprobs is not None else None)
                 finished = finished or piece.finish_reason is not None
                 if piece.text or piece.finish_reason:
                     yield piece
@@ -319,46 +354,103 @@ class Engine:
             cancelled.set()  # the client left, or a stop string ended the answer: the worker stops at its next step
             await worker
 
-    def _decode_seeded(self, prompt_ids: list[int], sampling: Sampling, emit: Any, cancelled: threading.Event) -> None:
+    @contextlib.contextmanager
+    def _alone(self) -> Any:
+        """The model to this thread alone: every batcher paused, no batcher starting."""
+        with self._solo, contextlib.ExitStack() as paused:
+            for lane in list(self._lanes.values()):
+                paused.enter_context(lane.manager.pause())
+            yield
+
+    def _decode_solo(self, prompt_ids: list[int], sampling: Sampling, emit: Any, cancelled: threading.Event) -> None:
         import torch
         from transformers import DynamicCache
 
         try:
-            generator = torch.Generator().manual_seed(sampling.seed or 0)  # on the CPU: the same draws on any device
+            generator = torch.Generator()  # on the CPU: the same draws on any device
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed)
             device = self._model.device
             cache = DynamicCache(config=self._model.config)
-            step_ids, tokens = torch.tensor([prompt_ids], device=device), list[int]()
+            step_ids, tokens, logprobs = torch.tensor([prompt_ids], device=device), list[int](), list[TokenLogprob]()
+            shaping = sampling.shaping
+            context = torch.zeros(self.vocabulary)
+            context[torch.tensor(prompt_ids, dtype=torch.long)] = 1.0
+            answer_counts = torch.zeros(self.vocabulary)
             with torch.inference_mode():
                 while len(tokens) < sampling.max_tokens and not cancelled.is_set():
-                    with self._solo, contextlib.ExitStack() as paused:
-                        for lane in list(self._lanes.values()):
-                            paused.enter_context(lane.manager.pause())
+                    with self._alone():
                         logits = self._model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
                                              **{self._cache_argument: cache}).logits[0, -1]
-                    token = draw_token(logits, sampling.temperature, sampling.top_p, generator,
-                                       self.top_k_of(sampling))
+                    logits = logits.float().cpu()[: self.vocabulary]
+                    if shaping.active:
+                        logits_drawn = shaped(logits, shaping, context, answer_counts, len(tokens), self.stop_ids,
+                                              sampling.temperature)
+                    else:
+                        logits_drawn = logits
+                    if sampling.temperature > 0:
+                        token = draw_token(logits_drawn, sampling.temperature, sampling.top_p, generator,
+                                           self.top_k_of(sampling))
+                    else:
+                        token = int(logits_drawn.argmax())
+                    if sampling.logprobs is not None:
+                        # the model's own log-probabilities, before the request's temperature and penalties (as vLLM
+                        # reports them by default)
+                        logprobs.append(token_logprob(logits.log_softmax(-1), token, sampling.logprobs))
                     tokens.append(token)
-                    done = token in self.stop_ids or len(tokens) == sampling.max_tokens
-                    emit((list(tokens), done))
+                    context[token] = 1.0
+                    answer_counts[token] += 1.0
+                    done = (token in self.stop_ids and not shaping.ignore_eos) or len(tokens) == sampling.max_tokens
+                    emit((list(tokens), list(logprobs), done))
                     if done:
                         return
                     step_ids = torch.tensor([[token]], device=device)
         except Exception as err:  # reported to the request that asked; the server goes on
             emit(err)
 
+    async def prompt_logprobs(self, prompt_ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability after the tokens before it (None for the first, which follows
+        nothing), with the `alternatives` likeliest words at its place: what /v1/completions' echo with logprobs
+        returns, and what evaluation harnesses score answers by."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._score_prompt, prompt_ids, alternatives)
+
+    def _score_prompt(self, prompt_ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
+        import torch
+
+        from shitate.models.logprobs import decoder_states, output_softcap
+
+        entries: list[TokenLogprob | None] = [None]
+        with torch.inference_mode():
+            with self._alone():
+                base, states = decoder_states(self._model, torch.tensor([prompt_ids], device=self._model.device))
+            weight, softcap = base.get_output_embeddings().weight, output_softcap(base)
+            # a few rows at a time: a row's logits are the whole vocabulary (1 MB in fp32 for Gemma 3)
+            for start in range(0, len(prompt_ids) - 1, 64):
+                rows = states[0, start:start + 64]
+                logits = (rows @ weight.T).float()[:, : self.vocabulary]
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                for row, place in zip(logits.log_softmax(-1).cpu(), range(start + 1, len(prompt_ids))):
+                    entries.append(token_logprob(row, prompt_ids[place], alternatives))
+        return entries
+
     def top_k_of(self, sampling: Sampling) -> int:
         """How many of the likeliest words a sampled answer draws among: the request's top-k, else the model's; the
         whole vocabulary where the one that counts is 0 (or the model keeps none)."""
         wanted = self.top_k if sampling.top_k is None else sampling.top_k
-        return min(wanted or self._vocabulary, self._vocabulary)
+        return min(wanted or self.vocabulary, self.vocabulary)
 
     async def complete(self, prompt_ids: list[int], sampling: Sampling) -> Piece:
         """A whole answer at once."""
-        parts, last = [], Piece("")
+        parts, logprobs, last = [], [], Piece("")
         async for piece in self.answer(prompt_ids, sampling):
             parts.append(piece.text)
+            logprobs += piece.logprobs
             last = piece
-        return Piece("".join(parts), last.finish_reason or "length", last.completion_tokens)
+        return Piece("".join(parts), last.finish_reason or "length", last.completion_tokens, logprobs)
 
 
 def draw_token(logits: Any, temperature: float, top_p: float, generator: Any, top_k: int | None = None) -> int:
@@ -393,8 +485,11 @@ def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 3
         if loaded.source.run is not None:
             saved = RunFolder(loaded.source.run).recipe_setting("generate", {}) or {}
             defaults = GenerateSpec(**{k: v for k, v in saved.items() if k in ("temperature", "top_p", "max_new_tokens")})
-            if saved.get("repetition_penalty", 1.0) != 1.0:  # the batcher has no per-request penalty
+            if saved.get("repetition_penalty", 1.0) != 1.0:
+                # The batcher has no per-request penalty; applied to every request, each answer would be decoded alone.
                 say(f"{name}: the recipe's generate.repetition_penalty {saved['repetition_penalty']} is not applied "
-                    "by the server (its answers can differ from shitate compare and eval's).")
+                    "by the server unless a request asks for it (\"repetition_penalty\": "
+                    f"{saved['repetition_penalty']}, decoded beside the batch); without it answers can differ from "
+                    "shitate compare and eval's.")
         engines[name] = Engine(loaded, name, defaults, cache_tokens, max_requests)
     return engines

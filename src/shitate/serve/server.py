@@ -1,7 +1,10 @@
 """`shitate serve`: an OpenAI-compatible HTTP server (FastAPI) over one or more engines.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streamed over server-sent events
-when `stream` is true), GET /v1/models, GET /health. Errors have OpenAI's shape
+when `stream` is true), GET /v1/models, GET /health. Token log-probabilities (and, for completions,
+the prompt's own with `echo`, as evaluation harnesses score answers), OpenAI's penalties and logit
+bias, and vLLM's and llama.cpp's min_p, repetition penalty, min_tokens and ignore_eos are honoured;
+a setting that is not is refused by name rather than ignored. Errors have OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`) so clients report them as they would
 OpenAI's. With an API key every route but /health needs `Authorization: Bearer KEY`, checked
 before the body is read. Prompts are never logged unless the server was started to log them.
@@ -21,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shitate.serve.engine import Engine, EngineFailed, Piece, Sampling
+from shitate.serve.solo import Shaping, TokenLogprob
 
 log = logging.getLogger("shitate.serve")
 MAX_CHOICES = 8
@@ -51,23 +55,31 @@ class _Common(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: bool | int | None = None  # chat: a bool; completions: how many
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → added to its logit, -100 to 100
+    # Other servers' extensions (vLLM, llama.cpp), sent through the OpenAI SDK's extra_body.
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    repeat_penalty: float | None = Field(None, gt=0.0)  # llama.cpp's name for it
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids as a harness sends them
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing written
+    logprobs: int | None = Field(None, ge=0, le=20)  # how many alternatives beside each token's own
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -119,6 +131,7 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
         answers = await _gather(engine, prompt, sampling, body.n)
         return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": body.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
+                             "logprobs": _chat_logprobs(engine, sampling, a.logprobs),
                              "finish_reason": a.finish_reason} for i, a in enumerate(answers)],
                 "usage": _usage(len(prompt), [a.completion_tokens for a in answers])}
 
@@ -126,25 +139,29 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
     async def completions(body: CompletionRequest) -> Any:
         engine = _engine(engines, body.model)
         _refuse_what_is_not_done(body)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts:
-            raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        prompts = _completion_prompts(engine, body.prompt)
         if log_prompts:
-            log.info("completion %s: %s", body.model, json.dumps(texts, ensure_ascii=False))
-        prompts = [engine.text_prompt(text) for text in texts]
-        samplings = [_sampling(engine, body, body.max_tokens, len(p)) for p in prompts]
+            log.info("completion %s: %s", body.model, json.dumps([p.text for p in prompts], ensure_ascii=False))
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError(400, "max_tokens: 0 writes nothing; it is for echo with logprobs (scoring the prompt). "
+                                    "Ask for at least 1 token.", param="max_tokens")
+        samplings = [None if body.max_tokens == 0 else _sampling(engine, body, body.max_tokens, len(p.ids))
+                     for p in prompts]
+        echoes = [await _echo(engine, body, p) for p in prompts]
         if body.stream:
-            return StreamingResponse(_completion_stream(engine, body, prompts, samplings),
+            return StreamingResponse(_completion_stream(engine, body, prompts, samplings, echoes),
                                      media_type="text/event-stream")
-        choices, prompt_tokens, answers = [], 0, []
-        for p, (prompt, sampling) in enumerate(zip(prompts, samplings)):
-            made = await _gather(engine, prompt, sampling, body.n)
+        choices, answers = [], []
+        for p, (sampling, echo) in enumerate(zip(samplings, echoes)):
+            made = await _gather(engine, prompts[p].ids, sampling, body.n) if sampling else [Piece("", "length")] * body.n
             answers += made
-            prompt_tokens += len(prompt)
-            choices += [{"index": p * body.n + i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
-                        for i, a in enumerate(made)]
+            for i, a in enumerate(made):
+                logprobs = _CompletionLogprobs(engine, echo) if body.logprobs is not None else None
+                choices.append({"index": p * body.n + i, "text": echo.text + a.text, "finish_reason": a.finish_reason,
+                                "logprobs": logprobs and logprobs.with_answer(a.logprobs)})
         return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model,
-                "choices": choices, "usage": _usage(prompt_tokens, [a.completion_tokens for a in answers])}
+                "choices": choices,
+                "usage": _usage(sum(len(p.ids) for p in prompts), [a.completion_tokens for a in answers])}
 
     return app
 
@@ -229,14 +246,8 @@ def _chat_messages(messages: list[Message]) -> list[dict[str, str]]:
 
 
 _NOT_DONE = {
-    "logprobs": "answers come without token log-probabilities",
-    "top_logprobs": "answers come without token log-probabilities",
     "response_format": "there is no constrained (JSON) decoding here; ask for JSON in the prompt and check the answer",
     "tools": "the models served here are not given tools; send no tools, or tool_choice \"none\"",
-    "presence_penalty": "sampling here takes temperature, top_p, top_k, seed and stop",
-    "frequency_penalty": "sampling here takes temperature, top_p, top_k, seed and stop",
-    "logit_bias": "sampling here takes temperature, top_p, top_k, seed and stop",
-    "echo": "a completion here is the new text only",
     "best_of": "each choice is one answer; ask for n of them",
     "suffix": "there is no fill-in-the-middle here",
 }
@@ -245,9 +256,7 @@ _NOT_DONE = {
 # Sampling settings other OpenAI-compatible servers (vLLM, llama.cpp, SGLang) take beyond OpenAI's, each with the value
 # that leaves the answer as it is: a client sending one (through the OpenAI SDK's extra_body) expects it applied.
 _NOT_DONE_EXTENSIONS: dict[str, tuple[Any, ...]] = {
-    "min_p": (None, 0, 0.0), "typical_p": (None, 1, 1.0), "repetition_penalty": (None, 1, 1.0),
-    "repeat_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "ignore_eos": (None, False),
-    "use_beam_search": (None, False), "stop_token_ids": (None, []), "guided_json": (None,),
+    "typical_p": (None, 1, 1.0), "use_beam_search": (None, False), "stop_token_ids": (None, []), "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "grammar": (None, ""),
     "json_schema": (None,),
 }
@@ -259,23 +268,16 @@ def _refuse_what_is_not_done(body: _Common) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in _NOT_DONE_EXTENSIONS and value not in _NOT_DONE_EXTENSIONS[name]:
             why = (_NOT_DONE["response_format"] if name.startswith(("guided_", "grammar", "json_schema"))
-                   else "sampling here takes temperature, top_p, top_k, seed and stop")
+                   else "sampling here takes temperature, top_p, top_k, min_p, the penalties, seed and stop")
             raise RequestError(400, f"{name} is not supported by shitate serve: {why}. Leave it out.", param=name,
                                code="unsupported_parameter")
 
     def given(name: str) -> Any:  # chat and completion requests each have their own of these settings
         return getattr(body, name, None)
 
-    logprobs = given("logprobs")
     asked = {
-        "logprobs": logprobs is not None and logprobs is not False,  # completions' 0 asks too
-        "top_logprobs": bool(given("top_logprobs")),
-        "presence_penalty": bool(given("presence_penalty")),
-        "frequency_penalty": bool(given("frequency_penalty")),
-        "logit_bias": bool(given("logit_bias")),
         "response_format": (given("response_format") or {"type": "text"}).get("type") != "text",
         "tools": bool(given("tools")) and given("tool_choice") != "none",
-        "echo": bool(given("echo")),
         "best_of": given("best_of") not in (None, 1, body.n),
         "suffix": bool(given("suffix")),
     }
@@ -303,7 +305,135 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
     return Sampling(max_tokens=min(wanted, room),
                     temperature=defaults.temperature if body.temperature is None else body.temperature,
                     top_p=defaults.top_p if body.top_p is None else body.top_p,
-                    top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed)
+                    top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed,
+                    logprobs=_logprobs_asked(body), shaping=_shaping(engine, body))
+
+
+def _logprobs_asked(body: _Common) -> int | None:
+    """How many alternatives beside each token's own log-probability the request asks for; None: no log-probabilities."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError(400, "top_logprobs: set logprobs to true as well", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)
+
+
+def _shaping(engine: Engine, body: _Common) -> Shaping:
+    vocabulary = engine.vocabulary
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.strip().isdigit() or int(key) >= vocabulary:
+            raise RequestError(400, f"logit_bias: {key!r} is not a token id of {body.model} (0 to {vocabulary - 1})",
+                               param="logit_bias")
+        if not -100 <= value <= 100:
+            raise RequestError(400, f"logit_bias: the bias of token {key} is {value}; give -100 to 100",
+                               param="logit_bias")
+        bias.append((int(key), float(value)))
+    repetition = body.repetition_penalty if body.repetition_penalty is not None else body.repeat_penalty
+    return Shaping(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                   repetition_penalty=1.0 if repetition is None else repetition, min_p=body.min_p or 0.0,
+                   logit_bias=tuple(bias), min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
+
+
+@dataclasses.dataclass
+class _Prompt:
+    text: str
+    ids: list[int]
+
+
+def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[_Prompt]:
+    """A completion request's prompts: each text with BOS before it (as a base model reads text), or token ids as
+    given (an evaluation harness tokenizes them itself and scores them one for one)."""
+    if not prompt:
+        raise RequestError(400, "prompt: give a string, a non-empty list of strings or a list of token ids",
+                           param="prompt")
+    if isinstance(prompt, str) or all(isinstance(token, int) for token in prompt):
+        listed: list[Any] = [prompt]  # one prompt, as text or as token ids
+    else:
+        listed = list(prompt)
+    prompts = []
+    for given in listed:
+        if isinstance(given, str):
+            prompts.append(_Prompt(given, engine.text_prompt(given)))
+            continue
+        ids = list(given)
+        wrong = [token for token in ids if not 0 <= token < engine.vocabulary]
+        if not ids or wrong:
+            raise RequestError(400, f"prompt: {'an empty list of token ids' if not ids else f'{wrong[0]} is not a token id'}"
+                                    f" (token ids of {engine.name} run from 0 to {engine.vocabulary - 1})",
+                               param="prompt")
+        prompts.append(_Prompt(engine.loaded.tokenizer.decode(ids, skip_special_tokens=True), ids))
+    return prompts
+
+
+@dataclasses.dataclass
+class _Echo:
+    """What a completion choice's text starts with: the prompt where echo asks for it, with each of its tokens'
+    log-probabilities where logprobs does too."""
+
+    text: str = ""
+    ids: list[int] = dataclasses.field(default_factory=list)
+    entries: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
+
+
+async def _echo(engine: Engine, body: CompletionRequest, prompt: _Prompt) -> _Echo:
+    if not body.echo:
+        return _Echo()
+    entries = await engine.prompt_logprobs(prompt.ids, body.logprobs) if body.logprobs is not None else []
+    return _Echo(prompt.text, prompt.ids, entries)
+
+
+def _chat_logprobs(engine: Engine, sampling: Sampling, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`, as OpenAI writes it: each token with its bytes and its likeliest alternatives."""
+    if sampling.logprobs is None:
+        return None
+
+    def spelled(token: int, logprob: float) -> dict[str, Any]:
+        raw = engine.spelling.bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**spelled(e.token_id, e.logprob), "top_logprobs": [spelled(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+class _CompletionLogprobs:
+    """A completion choice's `logprobs` in OpenAI's legacy form (tokens, token_logprobs, top_logprobs,
+    text_offset), built as its tokens arrive: the echoed prompt's first, then the answer's."""
+
+    def __init__(self, engine: Engine, echo: _Echo) -> None:
+        self.engine, self.echo = engine, echo
+        self.answer_ids: list[int] = []
+
+    def echoed(self) -> dict[str, list[Any]]:
+        return self._part(self.echo.ids, self.echo.entries, [], 0)
+
+    def next(self, entries: list[TokenLogprob]) -> dict[str, list[Any]]:
+        """The part of answer tokens that follow the ones given before."""
+        ids = [e.token_id for e in entries]
+        part = self._part(ids, list(entries), self.answer_ids, len(self.echo.text))
+        self.answer_ids += ids
+        return part
+
+    def with_answer(self, entries: list[TokenLogprob]) -> dict[str, list[Any]]:
+        echoed, answered = self.echoed(), self.next(entries)
+        return {key: echoed[key] + answered[key] for key in echoed}
+
+    def _part(self, ids: list[int], entries: list[TokenLogprob | None], before: list[int],
+              start: int) -> dict[str, list[Any]]:
+        decode, spelling = self.engine.loaded.tokenizer.decode, self.engine.spelling
+
+        def top(entry: TokenLogprob) -> dict[str, float]:
+            # vLLM's form: the likeliest words, and the token itself among them (an evaluation harness checks
+            # whether it was the likeliest)
+            alternatives = {spelling.text(t): lp for t, lp in entry.top}
+            alternatives.setdefault(spelling.text(entry.token_id), entry.logprob)
+            return alternatives
+
+        return {"tokens": [spelling.text(t) for t in ids],
+                "token_logprobs": [None if e is None else e.logprob for e in entries],
+                "top_logprobs": [None if e is None else top(e) for e in entries],
+                "text_offset": [start + len(decode(before + ids[:i], skip_special_tokens=True).rstrip("\ufffd"))
+                                for i in range(len(ids))]}
 
 
 def _choices(sampling: Sampling, n: int) -> list[Sampling]:
@@ -371,24 +501,39 @@ async def _chat_stream(engine: Engine, body: ChatRequest, prompt: list[int], sam
     async for index, piece in _merged([engine.answer(prompt, choice) for choice in _choices(sampling, body.n)]):
         completion_tokens[index] = piece.completion_tokens
         delta = {"content": piece.text} if piece.text else {}
-        yield _event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": piece.finish_reason}]})
+        yield _event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": piece.finish_reason,
+                                           "logprobs": _chat_logprobs(engine, sampling, piece.logprobs)}]})
     if _usage_wanted(body):
         yield _event({**head, "choices": [], "usage": _usage(len(prompt), completion_tokens)})
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(engine: Engine, body: CompletionRequest, prompts: list[list[int]],
-                             samplings: list[Sampling]) -> AsyncIterator[str]:
+async def _completion_stream(engine: Engine, body: CompletionRequest, prompts: list[_Prompt],
+                             samplings: list[Sampling | None], echoes: list[_Echo]) -> AsyncIterator[str]:
     head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": body.model}
-    streams = [engine.answer(prompt, choice) for prompt, sampling in zip(prompts, samplings)
-               for choice in _choices(sampling, body.n)]
-    completion_tokens = [0] * len(streams)
-    async for index, piece in _merged(streams):
-        completion_tokens[index] = piece.completion_tokens
-        yield _event({**head, "choices": [{"index": index, "text": piece.text, "finish_reason": piece.finish_reason,
-                                           "logprobs": None}]})
+    # choice p·n + i answers prompt p; samplings are None where the request writes nothing (max_tokens 0)
+    owners = [p for p in range(len(prompts)) for _ in range(body.n)]
+    logprobs = [_CompletionLogprobs(engine, echoes[p]) if body.logprobs is not None else None for p in owners]
+    for index, p in enumerate(owners):
+        if echoes[p].text:
+            part = logprobs[index]
+            yield _event({**head, "choices": [{"index": index, "text": echoes[p].text, "finish_reason": None,
+                                               "logprobs": part and part.echoed()}]})
+    completion_tokens = [0] * len(owners)
+    if body.max_tokens == 0:
+        for index in range(len(owners)):
+            yield _event({**head, "choices": [{"index": index, "text": "", "finish_reason": "length",
+                                               "logprobs": None}]})
+    else:
+        streams = [engine.answer(prompts[p].ids, choice) for p, sampling in enumerate(samplings) if sampling is not None
+                   for choice in _choices(sampling, body.n)]
+        async for index, piece in _merged(streams):
+            completion_tokens[index] = piece.completion_tokens
+            part = logprobs[index]
+            yield _event({**head, "choices": [{"index": index, "text": piece.text, "finish_reason": piece.finish_reason,
+                                               "logprobs": part and part.next(piece.logprobs)}]})
     if _usage_wanted(body):
-        yield _event({**head, "choices": [], "usage": _usage(sum(len(p) for p in prompts), completion_tokens)})
+        yield _event({**head, "choices": [], "usage": _usage(sum(len(p.ids) for p in prompts), completion_tokens)})
     yield "data: [DONE]\n\n"
 
 
