@@ -400,7 +400,8 @@ def test_completions_score_a_prompt_of_token_ids_as_an_evaluation_harness_asks(s
                                               temperature=0, stream=True))
     assert streamed[0].choices[0].text == text and len(streamed[0].choices[0].logprobs.tokens) == len(ids)
     for bad, message in (({"prompt": [len(engine.loaded.tokenizer) + 5]}, "is not a token id"),
-                         ({"prompt": "a", "max_tokens": 0}, "max_tokens: 0 writes nothing")):
+                         ({"prompt": "a", "max_tokens": 0}, "max_tokens: 0 writes nothing"),
+                         ({"prompt": "空" * 3000, "max_tokens": 0, "echo": True, "logprobs": 0}, "reads at most")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model="tiny", **{"max_tokens": 2, **bad})
     assert not engine.active

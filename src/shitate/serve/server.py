@@ -145,8 +145,13 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, log_promp
         if body.max_tokens == 0 and not body.echo:
             raise RequestError(400, "max_tokens: 0 writes nothing; it is for echo with logprobs (scoring the prompt). "
                                     "Ask for at least 1 token.", param="max_tokens")
-        samplings = [None if body.max_tokens == 0 else _sampling(engine, body, body.max_tokens, len(p.ids))
-                     for p in prompts]
+        samplings: list[Sampling | None] = []
+        for prompt in prompts:
+            if body.max_tokens == 0:  # scored, not answered: the prompt must fit all the same
+                _room(engine, body, len(prompt.ids), least=0)
+                samplings.append(None)
+            else:
+                samplings.append(_sampling(engine, body, body.max_tokens, len(prompt.ids)))
         echoes = [await _echo(engine, body, p) for p in prompts]
         if body.stream:
             return StreamingResponse(_completion_stream(engine, body, prompts, samplings, echoes),
@@ -290,11 +295,7 @@ def _refuse_what_is_not_done(body: _Common) -> None:
 def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_tokens: int) -> Sampling:
     defaults = engine.defaults
     wanted = max_tokens or defaults.max_new_tokens
-    room = engine.context_length - prompt_tokens
-    if room < 1:
-        raise RequestError(400, f"the prompt is {prompt_tokens} tokens; {body.model} reads at most "
-                                f"{engine.context_length}. Shorten the conversation.", param="messages",
-                           code="context_length_exceeded")
+    room = _room(engine, body, prompt_tokens)
     if max_tokens is not None and max_tokens > room:
         raise RequestError(400, f"max_tokens {max_tokens} does not fit: the prompt takes {prompt_tokens} of "
                                 f"{body.model}'s {engine.context_length} tokens, so at most {room} can follow.",
@@ -307,6 +308,17 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
                     top_p=defaults.top_p if body.top_p is None else body.top_p,
                     top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed,
                     logprobs=_logprobs_asked(body), shaping=_shaping(engine, body))
+
+
+def _room(engine: Engine, body: _Common, prompt_tokens: int, least: int = 1) -> int:
+    """How many tokens can follow the prompt; refused where fewer than `least` can (0: a prompt only scored)."""
+    room = engine.context_length - prompt_tokens
+    if room < least:
+        param = "messages" if isinstance(body, ChatRequest) else "prompt"
+        raise RequestError(400, f"the prompt is {prompt_tokens} tokens; {body.model} reads at most "
+                                f"{engine.context_length}. Shorten the {'conversation' if param == 'messages' else param}.",
+                           param=param, code="context_length_exceeded")
+    return room
 
 
 def _logprobs_asked(body: _Common) -> int | None:
