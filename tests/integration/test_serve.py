@@ -273,7 +273,7 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "text"}]}])
 
 
-@pytest.mark.parametrize("setting", [{"response_format": {"type": "json_object"}},
+@pytest.mark.parametrize("setting", [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
                                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
                                      # other servers' extensions, sent through the SDK's extra_body
                                      {"extra_body": {"typical_p": 0.9}}, {"extra_body": {"stop_token_ids": [3]}},
@@ -325,6 +325,33 @@ def test_penalties_bias_and_length_settings_shape_the_answer(server, client, tin
     assert reply.usage.completion_tokens == 10 and reply.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match="logit_bias: '99999' is not a token id"):
         ask(logit_bias={"99999": 1})
+    assert not server["engines"]["tiny"].active
+
+
+def test_json_mode_answers_with_one_json_object(server, client):
+    from shitate.serve.json_mode import JsonPrefix
+
+    def ask(question: str, **settings):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              max_tokens=40, response_format={"type": "json_object"}, **settings)
+
+    with pytest.raises(json.JSONDecodeError):  # a random model's plain answer is not JSON...
+        json.loads(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                  max_tokens=40, temperature=0).choices[0].message.content)
+    endings = []
+    for question in QUESTIONS[:4]:
+        for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+            choice = ask(question, **settings).choices[0]
+            endings.append(choice.finish_reason)
+            if choice.finish_reason == "stop":  # ...and in JSON mode an answer that ends is one object
+                assert isinstance(json.loads(choice.message.content), dict)
+            else:  # cut off by max_tokens: the beginning of one
+                assert JsonPrefix().feed(choice.message.content.encode())
+    assert "stop" in endings
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": QUESTIONS[3]}], max_tokens=40, temperature=1.0, seed=3,
+        response_format={"type": "json_object"}, stream=True))
+    assert streamed == ask(QUESTIONS[3], temperature=1.0, seed=3).choices[0].message.content
     assert not server["engines"]["tiny"].active
 
 

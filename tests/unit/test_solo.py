@@ -76,8 +76,8 @@ def test_tokens_are_spelled_as_their_bytes_byte_level_or_byte_fallback(tokenizer
     text = "なんで空は青い hello 𠮷"
     byte_level = TokenSpelling(tokenizer)  # the tests' GPT-2-like byte-level BPE: a character split across tokens
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert b"".join(byte_level.bytes(i) for i in ids).decode() == text
-    assert any(byte_level.text(i).endswith("\ufffd") for i in ids)
+    assert b"".join(byte_level.bytes_of(i) for i in ids).decode() == text
+    assert any(byte_level.text_of(i).endswith("\ufffd") for i in ids)
     # SentencePiece-style byte fallback, as Gemma's: 青 is not in the vocabulary and is written as three byte tokens
     pieces = [("<unk>", 0.0), ("<bos>", 0.0), ("▁hello", -1.0), ("空", -1.0), ("▁", -2.0)]
     backend = Tokenizer(models.Unigram(pieces + [(f"<0x{b:02X}>", -5.0) for b in range(256)], unk_id=0,
@@ -87,5 +87,5 @@ def test_tokens_are_spelled_as_their_bytes_byte_level_or_byte_fallback(tokenizer
     fallback = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>")
     spelling = TokenSpelling(fallback)
     ids = fallback("空 hello 青", add_special_tokens=False)["input_ids"]
-    assert [spelling.bytes(i) for i in ids] == [b"\xe7\xa9\xba", b" hello", b" ", b"\xe9", b"\x9d", b"\x92"]
-    assert spelling.text(fallback.bos_token_id) == "<bos>"
+    assert [spelling.bytes_of(i) for i in ids] == [b"\xe7\xa9\xba", b" hello", b" ", b"\xe9", b"\x9d", b"\x92"]
+    assert spelling.text_of(fallback.bos_token_id) == "<bos>"

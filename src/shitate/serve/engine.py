@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -29,6 +30,7 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.attention import use_soft_capped_paged_attention
 from shitate.models.inference import LoadedModel, sampling_top_k, with_system
+from shitate.serve.json_mode import JsonPrefix
 from shitate.serve.solo import Shaping, TokenLogprob, TokenSpelling, shaped, token_logprob
 
 PAGE_TOKENS = 256
@@ -50,12 +52,17 @@ class Sampling:
     seed: int | None = None  # a sampled answer with a seed is drawn from its own generator: reproducible
     logprobs: int | None = None  # each answer token's log-probability and this many likeliest alternatives
     shaping: Shaping = Shaping()
+    json_object: bool = False  # JSON mode: the answer is one JSON object (serve/json_mode.py)
 
     @property
     def solo(self) -> bool:
         """Whether the answer is decoded on its own: the batcher draws every request from one generator and hands its
         processors no token history."""
-        return (self.seed is not None and self.temperature > 0) or self.logprobs is not None or self.shaping.active
+        return (self.seed is not None and self.temperature > 0) or self.more_than_a_seed
+
+    @property
+    def more_than_a_seed(self) -> bool:
+        return self.logprobs is not None or self.shaping.active or self.json_object
 
 
 @dataclass
@@ -134,8 +141,6 @@ def _draw_among_top_k_in(manager: Any) -> None:
     each and then draws over all of it: 165 ms a step for 8 requests over Gemma 3's 262k words on a 2-core Xeon,
     against 5 ms, where a greedy step of the model itself took about 95. Its per-request temperature stays. Reaches
     into the batcher before it starts; a transformers release laid out otherwise keeps its own sampling."""
-    import math
-
     import torch
     from transformers import LogitsProcessorList
 
@@ -243,7 +248,8 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------------
     async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
-        if sampling.solo and (self._can_pause or sampling.logprobs is not None or sampling.shaping.active):
+        # Without the batcher's pause a seeded request shares the batch (not reproducible, as before 5.x's pause).
+        if sampling.solo and (self._can_pause or sampling.more_than_a_seed):
             async for piece in self._solo_answer(prompt_ids, sampling):
                 yield piece
             return
@@ -379,6 +385,7 @@ class Engine:
             context = torch.zeros(self.vocabulary)
             context[torch.tensor(prompt_ids, dtype=torch.long)] = 1.0
             answer_counts = torch.zeros(self.vocabulary)
+            json_so_far = JsonPrefix() if sampling.json_object else None
             with torch.inference_mode():
                 while len(tokens) < sampling.max_tokens and not cancelled.is_set():
                     with self._alone():
@@ -390,7 +397,10 @@ class Engine:
                                               sampling.temperature)
                     else:
                         logits_drawn = logits
-                    if sampling.temperature > 0:
+                    if json_so_far is not None:
+                        token = self._json_token(logits_drawn, sampling, json_so_far, generator)
+                        json_so_far.feed(self.spelling.bytes_of(token))
+                    elif sampling.temperature > 0:
                         token = draw_token(logits_drawn, sampling.temperature, sampling.top_p, generator,
                                            self.top_k_of(sampling))
                     else:
@@ -402,13 +412,41 @@ class Engine:
                     tokens.append(token)
                     context[token] = 1.0
                     answer_counts[token] += 1.0
-                    done = (token in self.stop_ids and not shaping.ignore_eos) or len(tokens) == sampling.max_tokens
+                    done = ((token in self.stop_ids and not shaping.ignore_eos) or len(tokens) == sampling.max_tokens
+                            or (json_so_far is not None and json_so_far.complete))
                     emit((list(tokens), list(logprobs), done))
                     if done:
                         return
                     step_ids = torch.tensor([[token]], device=device)
         except Exception as err:  # reported to the request that asked; the server goes on
             emit(err)
+
+    def _json_token(self, logits: Any, sampling: Sampling, so_far: JsonPrefix, generator: Any) -> int:
+        """The word drawn (or, greedy, the likeliest) among those that keep the answer the beginning of a JSON object:
+        the likeliest few are tried first, wider only where none of them fits (a 262k-word check costs about a
+        second)."""
+        import torch
+
+        def fits(token: int) -> bool:
+            if token in self.spelling.special or token in self.stop_ids:  # the answer ends when the object closes
+                return False
+            spelled = self.spelling.bytes_of(token)
+            return bool(spelled) and so_far.copy().feed(spelled)
+
+        first = self.top_k_of(sampling) if sampling.temperature > 0 else 64
+        for width in (min(first, 256), 4096, self.vocabulary):
+            candidates = logits.topk(min(width, logits.shape[-1])).indices.tolist()
+            if sampling.temperature <= 0:
+                likeliest = next((token for token in candidates if fits(token)), None)
+                if likeliest is not None:
+                    return likeliest
+                continue
+            allowed = [token for token in candidates if fits(token)]
+            if allowed:
+                kept = torch.full_like(logits, -math.inf)
+                kept[allowed] = logits[allowed]
+                return draw_token(kept, sampling.temperature, sampling.top_p, generator, len(allowed))
+        raise RuntimeError("no word of the vocabulary continues the JSON answer")
 
     async def prompt_logprobs(self, prompt_ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability after the tokens before it (None for the first, which follows

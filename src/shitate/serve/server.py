@@ -251,7 +251,8 @@ def _chat_messages(messages: list[Message]) -> list[dict[str, str]]:
 
 
 _NOT_DONE = {
-    "response_format": "there is no constrained (JSON) decoding here; ask for JSON in the prompt and check the answer",
+    "response_format": "JSON mode ({\"type\": \"json_object\"}) is, but not decoding to a schema; ask for "
+                       "json_object and check the object's fields",
     "tools": "the models served here are not given tools; send no tools, or tool_choice \"none\"",
     "best_of": "each choice is one answer; ask for n of them",
     "suffix": "there is no fill-in-the-middle here",
@@ -272,7 +273,8 @@ def _refuse_what_is_not_done(body: _Common) -> None:
     would look like success and quietly be less than what the client asked for."""
     for name, value in (body.model_extra or {}).items():
         if name in _NOT_DONE_EXTENSIONS and value not in _NOT_DONE_EXTENSIONS[name]:
-            why = (_NOT_DONE["response_format"] if name.startswith(("guided_", "grammar", "json_schema"))
+            why = ("the one constraint here is JSON mode (response_format {\"type\": \"json_object\"}), not a "
+                   "grammar, regex, choice list or schema" if name.startswith(("guided_", "grammar", "json_schema"))
                    else "sampling here takes temperature, top_p, top_k, min_p, the penalties, seed and stop")
             raise RequestError(400, f"{name} is not supported by shitate serve: {why}. Leave it out.", param=name,
                                code="unsupported_parameter")
@@ -281,7 +283,7 @@ def _refuse_what_is_not_done(body: _Common) -> None:
         return getattr(body, name, None)
 
     asked = {
-        "response_format": (given("response_format") or {"type": "text"}).get("type") != "text",
+        "response_format": (given("response_format") or {"type": "text"}).get("type") not in ("text", "json_object"),
         "tools": bool(given("tools")) and given("tool_choice") != "none",
         "best_of": given("best_of") not in (None, 1, body.n),
         "suffix": bool(given("suffix")),
@@ -307,7 +309,8 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
                     temperature=defaults.temperature if body.temperature is None else body.temperature,
                     top_p=defaults.top_p if body.top_p is None else body.top_p,
                     top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed,
-                    logprobs=_logprobs_asked(body), shaping=_shaping(engine, body))
+                    logprobs=_logprobs_asked(body), shaping=_shaping(engine, body),
+                    json_object=(getattr(body, "response_format", None) or {}).get("type") == "json_object")
 
 
 def _room(engine: Engine, body: _Common, prompt_tokens: int, least: int = 1) -> int:
@@ -401,7 +404,7 @@ def _chat_logprobs(engine: Engine, sampling: Sampling, entries: list[TokenLogpro
         return None
 
     def spelled(token: int, logprob: float) -> dict[str, Any]:
-        raw = engine.spelling.bytes(token)
+        raw = engine.spelling.bytes_of(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**spelled(e.token_id, e.logprob), "top_logprobs": [spelled(t, lp) for t, lp in e.top]}
@@ -437,11 +440,11 @@ class _CompletionLogprobs:
         def top(entry: TokenLogprob) -> dict[str, float]:
             # vLLM's form: the likeliest words, and the token itself among them (an evaluation harness checks
             # whether it was the likeliest)
-            alternatives = {spelling.text(t): lp for t, lp in entry.top}
-            alternatives.setdefault(spelling.text(entry.token_id), entry.logprob)
+            alternatives = {spelling.text_of(t): lp for t, lp in entry.top}
+            alternatives.setdefault(spelling.text_of(entry.token_id), entry.logprob)
             return alternatives
 
-        return {"tokens": [spelling.text(t) for t in ids],
+        return {"tokens": [spelling.text_of(t) for t in ids],
                 "token_logprobs": [None if e is None else e.logprob for e in entries],
                 "top_logprobs": [None if e is None else top(e) for e in entries],
                 "text_offset": [start + len(decode(before + ids[:i], skip_special_tokens=True).rstrip("\ufffd"))

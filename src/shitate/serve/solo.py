@@ -82,15 +82,21 @@ class TokenSpelling:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
+        self._spelled: dict[int, bytes] = {}
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = getattr(backend, "decoder", None)
         # GPT-2's byte-level BPE writes each byte as a printable character; this maps them back.
         byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
         self.byte_level = _byte_level_alphabet() if byte_level else {}
 
-    def bytes(self, token: int) -> bytes:
+    def bytes_of(self, token: int) -> bytes:
         """The bytes a token stands for: a byte token of a split Japanese character is that one byte, where
         decoding it alone gives U+FFFD."""
+        if token not in self._spelled:  # JSON mode asks for the same likeliest words step after step
+            self._spelled[token] = self._bytes(token)
+        return self._spelled[token]
+
+    def _bytes(self, token: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token)
         if token in self.special:
             return str(piece).encode("utf-8")
@@ -101,9 +107,9 @@ class TokenSpelling:
             return bytes(self.byte_level[character] for character in piece)
         return str(self.tokenizer.convert_tokens_to_string([piece])).encode("utf-8")
 
-    def text(self, token: int) -> str:
+    def text_of(self, token: int) -> str:
         """A token as text: its bytes read as UTF-8, an incomplete character as U+FFFD."""
-        return self.bytes(token).decode("utf-8", errors="replace")
+        return self.bytes_of(token).decode("utf-8", errors="replace")
 
 
 def _byte_level_alphabet() -> dict[str, int]:
