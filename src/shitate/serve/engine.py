@@ -6,8 +6,8 @@ second user does not wait for the first one's answer. The batching itself is tra
 what an OpenAI-style server needs around it: the model's template and stop tokens, per-request
 sampling settings, stop strings, and text that is released only once it is final (a Japanese
 character split across byte tokens, or the start of a stop string, is held back). A request that
-asks for what the batcher cannot do per request (a seed, log-probabilities, penalties: serve/solo.py)
-is decoded on its own beside it.
+asks for what the batcher cannot do per request (a seed, log-probabilities, penalties: serve/solo.py;
+JSON mode: serve/json_mode.py) is decoded on its own beside it.
 
 Nothing here mutates the shared model or tokenizer per request.
 """
@@ -334,8 +334,9 @@ class Engine:
         request does not share the batch, and the batch waits for each of its steps: the price of being
         reproducible, and of per-request settings the batcher has no place for."""
         if not self._can_pause:
-            raise EngineFailed(f"{self.name}: log-probabilities and penalties need a transformers release whose batcher "
-                               "can pause (ContinuousBatchingManager.pause); upgrade transformers, or leave them out.")
+            raise EngineFailed(f"{self.name}: log-probabilities, penalties and JSON mode need a transformers release "
+                               "whose batcher can pause (ContinuousBatchingManager.pause); upgrade transformers, or "
+                               "leave them out.")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[tuple[list[int], list[TokenLogprob], bool] | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
@@ -392,19 +393,9 @@ class Engine:
                         logits = self._model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
                                              **{self._cache_argument: cache}).logits[0, -1]
                     logits = logits.float().cpu()[: self.vocabulary]
-                    if shaping.active:
-                        logits_drawn = shaped(logits, shaping, context, answer_counts, len(tokens), self.stop_ids,
-                                              sampling.temperature)
-                    else:
-                        logits_drawn = logits
-                    if json_so_far is not None:
-                        token = self._json_token(logits_drawn, sampling, json_so_far, generator)
-                        json_so_far.feed(self.spelling.bytes_of(token))
-                    elif sampling.temperature > 0:
-                        token = draw_token(logits_drawn, sampling.temperature, sampling.top_p, generator,
-                                           self.top_k_of(sampling))
-                    else:
-                        token = int(logits_drawn.argmax())
+                    drawn_from = (shaped(logits, shaping, context, answer_counts, len(tokens), self.stop_ids,
+                                         sampling.temperature) if shaping.active else logits)
+                    token = self._next_token(drawn_from, sampling, json_so_far, generator)
                     if sampling.logprobs is not None:
                         # the model's own log-probabilities, before the request's temperature and penalties (as vLLM
                         # reports them by default)
@@ -420,6 +411,15 @@ class Engine:
                     step_ids = torch.tensor([[token]], device=device)
         except Exception as err:  # reported to the request that asked; the server goes on
             emit(err)
+
+    def _next_token(self, logits: Any, sampling: Sampling, json_so_far: JsonPrefix | None, generator: Any) -> int:
+        if json_so_far is not None:
+            token = self._json_token(logits, sampling, json_so_far, generator)
+            json_so_far.feed(self.spelling.bytes_of(token))
+            return token
+        if sampling.temperature > 0:
+            return draw_token(logits, sampling.temperature, sampling.top_p, generator, self.top_k_of(sampling))
+        return int(logits.argmax())
 
     def _json_token(self, logits: Any, sampling: Sampling, so_far: JsonPrefix, generator: Any) -> int:
         """The word drawn (or, greedy, the likeliest) among those that keep the answer the beginning of a JSON object:

@@ -3,8 +3,8 @@
 Routes: POST /v1/chat/completions, POST /v1/completions (both streamed over server-sent events
 when `stream` is true), GET /v1/models, GET /health. Token log-probabilities (and, for completions,
 the prompt's own with `echo`, as evaluation harnesses score answers), OpenAI's penalties and logit
-bias, and vLLM's and llama.cpp's min_p, repetition penalty, min_tokens and ignore_eos are honoured;
-a setting that is not is refused by name rather than ignored. Errors have OpenAI's shape
+bias, vLLM's and llama.cpp's min_p, repetition penalty, min_tokens and ignore_eos, and JSON mode are
+honoured; a setting that is not is refused by name rather than ignored. Errors have OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`) so clients report them as they would
 OpenAI's. With an API key every route but /health needs `Authorization: Bearer KEY`, checked
 before the body is read. Prompts are never logged unless the server was started to log them.
@@ -327,7 +327,7 @@ def _room(engine: Engine, body: _Common, prompt_tokens: int, least: int = 1) -> 
 def _logprobs_asked(body: _Common) -> int | None:
     """How many alternatives beside each token's own log-probability the request asks for; None: no log-probabilities."""
     if isinstance(body, ChatRequest):
-        if body.top_logprobs is not None and not body.logprobs:
+        if body.top_logprobs and not body.logprobs:  # 0 alone, as some clients send it, asks for nothing
             raise RequestError(400, "top_logprobs: set logprobs to true as well", param="top_logprobs")
         return (body.top_logprobs or 0) if body.logprobs else None
     return getattr(body, "logprobs", None)
