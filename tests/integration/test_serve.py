@@ -160,6 +160,11 @@ def test_a_seeded_sampled_answer_is_the_same_alone_and_amid_other_requests(serve
         again = pool.submit(ask, 11)
         assert again.result() == alone and all(o.result() is not None for o in others)
     assert {ask(seed) for seed in (12, 13, 14)} != {alone}  # the seed is what chose the answer
+    with ThreadPoolExecutor(8) as pool:  # the greedy and the sampled batcher running together...
+        list(pool.map(lambda i: client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": QUESTIONS[i % 8]}], max_tokens=12,
+            temperature=0 if i % 2 else 1.0), range(8)))
+    assert ask(11) == alone  # ...left the model's configuration non-causal for a forward of its own
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=1.0, top_p=0.95, max_tokens=12,
         seed=11, stream=True))
@@ -190,7 +195,9 @@ def test_sampled_answers_keep_the_model_s_own_top_k_as_generate_does(tmp_path, t
         # the draw among the top k replaced transformers' sorts of the whole vocabulary (a transformers release laid
         # out otherwise would keep them: this says so)
         lane = served["engines"]["top1"]._lanes[True]
-        assert type(lane.manager.logit_processor.logits_processor[-1]).__name__ == "DrawAmongTopK"
+        assert [type(p).__name__ for p in lane.manager.logit_processor.logits_processor] == [
+            "ShapeRows", "ContinuousBatchingTemperatureLogitsWarper", "NoteTopK", "DrawAmongTopK", "NoteDrawn"]
+        assert lane.takes_slots  # requests with steps of their own are shaped in the batch
         assert lane.manager.generation_config.do_sample is False
 
 
@@ -353,6 +360,34 @@ def test_json_mode_answers_with_one_json_object(server, client):
         response_format={"type": "json_object"}, stream=True))
     assert streamed == ask(QUESTIONS[3], temperature=1.0, seed=3).choices[0].message.content
     assert not server["engines"]["tiny"].active
+
+
+def test_steps_of_their_own_shape_the_same_answers_in_the_batch_as_alone(server, client):
+    # in the batch, our processors find each request's steps by the slot it carries; where a batcher takes no slots
+    # (a transformers release laid out otherwise) the request is decoded alone: both give the same answers
+    settings = [{"extra_body": {"repetition_penalty": 1.5}}, {"frequency_penalty": 1.0, "presence_penalty": 0.5},
+                {"response_format": {"type": "json_object"}}, {"logprobs": True, "top_logprobs": 2}]
+
+    def ask(question: str, setting: dict):
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=12, **setting).choices[0]
+        logprobs = [(e.token, round(e.logprob, 4)) for e in reply.logprobs.content] if reply.logprobs else None
+        return reply.message.content, logprobs
+
+    asked = [(q, setting) for q in QUESTIONS[:3] for setting in settings]
+    with ThreadPoolExecutor(6) as pool:  # side by side in the batch, beside plain requests
+        plain = [pool.submit(ask, q, {}) for q in QUESTIONS[3:6]]
+        batched = list(pool.map(lambda a: ask(*a), asked))
+        for answer in plain:
+            answer.result()
+    lane = server["engines"]["tiny"]._lanes[True]
+    lane.takes_slots = False
+    try:
+        alone = [ask(*a) for a in asked]
+    finally:
+        lane.takes_slots = True
+    assert batched == alone
+    assert not server["engines"]["tiny"]._answer_steps and not server["engines"]["tiny"].active
 
 
 def _reference_logprobs(tiny_model, ids: list[int]):

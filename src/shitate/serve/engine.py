@@ -5,9 +5,10 @@ second user does not wait for the first one's answer. The batching itself is tra
 `ContinuousBatchingManager` (paged KV cache, a background decoding thread); what is ours is
 what an OpenAI-style server needs around it: the model's template and stop tokens, per-request
 sampling settings, stop strings, and text that is released only once it is final (a Japanese
-character split across byte tokens, or the start of a stop string, is held back). A request that
-asks for what the batcher cannot do per request (a seed, log-probabilities, penalties: serve/solo.py;
-JSON mode: serve/json_mode.py) is decoded on its own beside it.
+character split across byte tokens, or the start of a stop string, is held back); and what the
+batcher has no per-request place for — penalties, log-probabilities, JSON mode (serve/solo.py) —
+through processors of ours that find each request's state by a slot number it carries. A seeded
+request is decoded on its own beside the batch.
 
 Nothing here mutates the shared model or tokenizer per request.
 """
@@ -30,8 +31,7 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.attention import use_soft_capped_paged_attention
 from shitate.models.inference import LoadedModel, sampling_top_k, with_system
-from shitate.serve.json_mode import JsonPrefix
-from shitate.serve.solo import Shaping, TokenLogprob, TokenSpelling, shaped, token_logprob
+from shitate.serve.solo import AnswerSteps, Shaping, TokenLogprob, TokenSpelling, token_logprob
 
 PAGE_TOKENS = 256
 
@@ -55,13 +55,12 @@ class Sampling:
     json_object: bool = False  # JSON mode: the answer is one JSON object (serve/json_mode.py)
 
     @property
-    def solo(self) -> bool:
-        """Whether the answer is decoded on its own: the batcher draws every request from one generator and hands its
-        processors no token history."""
-        return (self.seed is not None and self.temperature > 0) or self.more_than_a_seed
+    def seeded(self) -> bool:
+        return self.seed is not None and self.temperature > 0
 
     @property
-    def more_than_a_seed(self) -> bool:
+    def steps_of_its_own(self) -> bool:
+        """Whether the request's steps need more than the batcher's own sampling (serve/solo.AnswerSteps)."""
         return self.logprobs is not None or self.shaping.active or self.json_object
 
 
@@ -91,7 +90,7 @@ class _Lane:
     not pay for."""
 
     def __init__(self, engine_name: str, model: Any, sampled: bool, stop_ids: list[int], pad: int, max_new_tokens: int,
-                 cache_tokens: int, max_requests: int, top_k: int) -> None:
+                 cache_tokens: int, max_requests: int, top_k: int, answer_steps: dict[int, AnswerSteps]) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         self.name = f"{engine_name} ({'sampled' if sampled else 'greedy'})"
@@ -110,8 +109,8 @@ class _Lane:
         accepted = inspect.signature(ContinuousBatchingConfig.__init__).parameters
         batching = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in accepted})
         self.manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
-        if sampled:
-            _draw_among_top_k_in(self.manager)
+        # Whether requests carrying a slot have their steps shaped here (else they are decoded on their own).
+        self.takes_slots = sampled and _draw_among_top_k_in(self.manager, answer_steps)
         self.manager.start()
         self._wait_until_ready()
 
@@ -135,12 +134,14 @@ class _Lane:
                                "shitate serve; if it names memory, lower --cache-tokens.")
 
 
-def _draw_among_top_k_in(manager: Any) -> None:
+def _draw_among_top_k_in(manager: Any, answer_steps: dict[int, AnswerSteps]) -> bool:
     """Make the batcher's top-k and top-p one draw among each request's top k words
-    (models/inference.draw_among_top_k), taken by its greedy step. transformers' own sorts the whole vocabulary for
-    each and then draws over all of it: 165 ms a step for 8 requests over Gemma 3's 262k words on a 2-core Xeon,
-    against 5 ms, where a greedy step of the model itself took about 95. Its per-request temperature stays. Reaches
-    into the batcher before it starts; a transformers release laid out otherwise keeps its own sampling."""
+    (models/inference.draw_among_top_k), taken by its greedy step, and let requests that carry a slot number have
+    their steps shaped and noted by their `AnswerSteps` in `answer_steps`. transformers' own draw sorts the whole
+    vocabulary for each request and then draws over all of it: 165 ms a step for 8 requests over Gemma 3's 262k words
+    on a 2-core Xeon, against 5 ms, where a greedy step of the model itself took about 95. Its per-request temperature
+    stays. Reaches into the batcher before it starts; a transformers release laid out otherwise keeps its own sampling
+    (False: no slots)."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -149,7 +150,7 @@ def _draw_among_top_k_in(manager: Any) -> None:
     try:
         from transformers.generation.continuous_batching import cb_logits_processors as cb
     except ImportError:  # a release before per-request processors
-        return
+        return False
 
     # The batcher hands each processor one number per request, so the per-request top-k keeps its own processor,
     # which notes the step's numbers for the draw instead of sorting the vocabulary.
@@ -174,6 +175,37 @@ def _draw_among_top_k_in(manager: Any) -> None:
             chosen = draw_among_top_k(scores, 1.0, self.top_k.rows, top_p)
             return scores.fill_(-math.inf).scatter_(-1, chosen.unsqueeze(-1), 0.0)
 
+    class ShapeRows(cb.ContinuousBatchingLogitsProcessor):
+        """Each row whose request carries a slot, as its AnswerSteps shapes it (before the temperature)."""
+
+        supported_kwargs: dict[str, type] = {"shitate_slot": int}
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def fill_defaults(self, int32_tensor: Any) -> None:
+            int32_tensor.fill_(-1)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> Any:
+            # the slot travels in the batch itself, so it is right for the step it was prepared for
+            return torch.tensor([r.state.logit_processor_kwargs.get("shitate_slot", -1) for r in requests_with_new_token],
+                                dtype=torch.int32)
+
+        def rows(self, scores: Any, tensor_arg: Any) -> list[tuple[int, AnswerSteps]]:
+            slots = tensor_arg[: scores.size(0)].tolist()
+            return [(row, answer_steps[slot]) for row, slot in enumerate(slots) if slot in answer_steps]
+
+        def __call__(self, scores: Any, tensor_arg: Any) -> Any:
+            for row, steps in self.rows(scores, tensor_arg):
+                scores[row] = steps.shape(scores[row].float().cpu()).to(scores.device)
+            return scores
+
+    class NoteDrawn(ShapeRows):
+        """The word drawn for each such row (the one the draw left), noted by its AnswerSteps."""
+
+        def __call__(self, scores: Any, tensor_arg: Any) -> Any:
+            for row, steps in self.rows(scores, tensor_arg):
+                steps.note(int(scores[row].argmax()))
+            return scores
+
     processors = manager.logit_processor
     listed = list(processors.logits_processor)
     top_k = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopKLogitsWarper)]
@@ -182,12 +214,14 @@ def _draw_among_top_k_in(manager: Any) -> None:
     if (len(top_k) != 1 or len(top_p) != 1
             or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
             or not hasattr(processors, "_retrieve_processors_kwargs")):
-        return
+        return False
     noted = NoteTopK(top_k[0])
-    processors.logits_processor = LogitsProcessorList([*others, noted, DrawAmongTopK(top_p[0], noted)])
-    processors.tensors_required = len(others) + 2
+    processors.logits_processor = LogitsProcessorList([ShapeRows(), *others, noted, DrawAmongTopK(top_p[0], noted),
+                                                       NoteDrawn()])
+    processors.tensors_required = len(others) + 4
     processors._retrieve_processors_kwargs()
     manager.generation_config.do_sample = False  # the batcher's step takes the one word left
+    return True
 
 
 class Engine:
@@ -203,12 +237,16 @@ class Engine:
         self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 8192)
         self._model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
         use_soft_capped_paged_attention(self._model)
+        self._causal_settings = _causal_settings(self._model)
         pad = tokenizer.pad_token_id
         self.top_k = sampling_top_k(loaded.model)  # sampled answers keep the model's top-k, as generate's do
         self.vocabulary = int(text_config.vocab_size)
         self.spelling = TokenSpelling(tokenizer)  # how log-probability entries name their tokens
+        # The steps of requests that shape them, by the slot number each carries into the batcher.
+        self._answer_steps: dict[int, AnswerSteps] = {}
+        self._slots = itertools.count()
         self._lane_settings = (self.stop_ids, pad, self.defaults.max_new_tokens, cache_tokens, max_requests,
-                               self.top_k_of(Sampling(max_tokens=1)))
+                               self.top_k_of(Sampling(max_tokens=1)), self._answer_steps)
         self._lanes: dict[bool, _Lane] = {False: _Lane(name, self._model, False, *self._lane_settings)}
         self._ids = itertools.count()
         self.active: set[str] = set()  # requests in a batcher now
@@ -248,20 +286,30 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------------
     async def answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
         """Pieces of one answer as the batcher writes it; leaving the iterator early cancels the request at once."""
+        steps = self._steps(prompt_ids, sampling) if sampling.steps_of_its_own else None
         # Without the batcher's pause a seeded request shares the batch (not reproducible, as before 5.x's pause).
-        if sampling.solo and (self._can_pause or sampling.more_than_a_seed):
-            async for piece in self._solo_answer(prompt_ids, sampling):
+        if (sampling.seeded and self._can_pause) or (steps is not None and not self._lane(True).takes_slots):
+            async for piece in self._solo_answer(prompt_ids, sampling, steps):
                 yield piece
             return
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"{self.name}-{next(self._ids)}"
-        lane = self._lane(sampling.temperature > 0)
+        lane = self._lane(sampling.temperature > 0 or steps is not None)
         lane.check_alive()
         lane.manager.register_result_handler(request_id, outputs.put_nowait)
-        extra = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
-                 "top_k": self.top_k_of(sampling)} if sampling.temperature > 0 else {}
+        extra: dict[str, Any] = {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
+                                 "top_k": self.top_k_of(sampling)} if sampling.temperature > 0 else {}
+        slot = None
+        if steps is not None:
+            slot = next(self._slots) % 2**31  # an int32 in the batcher's tensors
+            self._answer_steps[slot] = steps
+            # a greedy answer with steps of its own is the likeliest of the shaped words: drawn among the top one
+            extra = extra or {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+            extra["shitate_slot"] = slot
         if lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens,
                                     streaming=True, eos_token_id=self.stop_ids, **extra) is None:
+            if slot is not None:
+                self._answer_steps.pop(slot)
             raise EngineFailed(f"{lane.name}: the batcher is shutting down and took no new request.")
         decoded, finished = _Decoded(), False
         self.active.add(request_id)
@@ -275,7 +323,8 @@ class Engine:
                 if output.error:
                     raise RuntimeError(f"generation failed: {output.error}")
                 finished = output.is_finished()
-                piece = self._release(decoded, output.generated_tokens, sampling, finished)
+                piece = self._release(decoded, output.generated_tokens, sampling, finished,
+                                      steps.entries if steps is not None and sampling.logprobs is not None else None)
                 if piece.finish_reason is not None:
                     finished = True
                 if piece.text or piece.finish_reason:
@@ -284,6 +333,12 @@ class Engine:
             if not finished:  # the client left, or a stop string ended the answer early: free the slot now
                 lane.manager.cancel_request(request_id)
             self.active.discard(request_id)
+            if slot is not None:
+                self._answer_steps.pop(slot, None)
+
+    def _steps(self, prompt_ids: list[int], sampling: Sampling) -> AnswerSteps:
+        return AnswerSteps(prompt_ids, sampling.shaping, sampling.logprobs, sampling.json_object, sampling.temperature,
+                           self.top_k_of(sampling), self.vocabulary, self.stop_ids, self.spelling)
 
     def _release(self, decoded: _Decoded, tokens: list[int], sampling: Sampling, finished: bool,
                  logprobs: list[TokenLogprob] | None = None) -> Piece:
@@ -322,9 +377,10 @@ class Engine:
             count += 1
         return count
 
-    async def _solo_answer(self, prompt_ids: list[int], sampling: Sampling) -> AsyncGenerator[Piece, None]:
-        """An answer decoded on its own beside the batchers: a seeded sample, or one whose request asks for
-        log-probabilities or changes the logits (serve/solo.py).
+    async def _solo_answer(self, prompt_ids: list[int], sampling: Sampling,
+                           steps: AnswerSteps | None) -> AsyncGenerator[Piece, None]:
+        """An answer decoded on its own beside the batchers: a seeded sample (with steps of its own where the
+        request asks for them: serve/solo.py), or any such request where the batcher takes no slots.
 
         transformers' batcher draws every request's tokens from one generator, so what a request gets depends on
         who else is being answered; OpenAI's `seed` promises the same answer for the same request. Such a request
@@ -338,22 +394,22 @@ class Engine:
                                "whose batcher can pause (ContinuousBatchingManager.pause); upgrade transformers, or "
                                "leave them out.")
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[tuple[list[int], list[TokenLogprob], bool] | BaseException] = asyncio.Queue()
+        outputs: asyncio.Queue[tuple[list[int], bool] | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
 
-        def emit(item: tuple[list[int], list[TokenLogprob], bool] | BaseException) -> None:
+        def emit(item: tuple[list[int], bool] | BaseException) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        worker = loop.run_in_executor(None, self._decode_solo, prompt_ids, sampling, emit, cancelled)
+        worker = loop.run_in_executor(None, self._decode_solo, prompt_ids, sampling, steps, emit, cancelled)
         decoded, finished = _Decoded(), False
         try:
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"generation failed: {item}") from item
-                tokens, logprobs, finished = item
+                tokens, finished = item
                 piece = self._release(decoded, tokens, sampling, finished,
-                                      logprobs if sampling.logprobs is not None else None)
+                                      steps.entries if steps is not None and sampling.logprobs is not None else None)
                 finished = finished or piece.finish_reason is not None
                 if piece.text or piece.finish_reason:
                     yield piece
@@ -363,13 +419,22 @@ class Engine:
 
     @contextlib.contextmanager
     def _alone(self) -> Any:
-        """The model to this thread alone: every batcher paused, no batcher starting."""
+        """The model to this thread alone: every batcher paused, no batcher starting, and the model's configuration
+        as it was loaded.
+
+        transformers sets `config.is_causal` for the length of each forward and then puts the old value back; the
+        forwards of the greedy and the sampled batcher overlap, each puts back the value the other had set, and the
+        configuration was left with `is_causal = False` — after which a forward outside the batchers (they pass
+        is_causal themselves) attended to the whole prompt both ways and answered garbage (a seeded or scored
+        request after greedy and sampled ones had run together)."""
         with self._solo, contextlib.ExitStack() as paused:
             for lane in list(self._lanes.values()):
                 paused.enter_context(lane.manager.pause())
+            _restore_causal_settings(self._causal_settings)
             yield
 
-    def _decode_solo(self, prompt_ids: list[int], sampling: Sampling, emit: Any, cancelled: threading.Event) -> None:
+    def _decode_solo(self, prompt_ids: list[int], sampling: Sampling, steps: AnswerSteps | None, emit: Any,
+                     cancelled: threading.Event) -> None:
         import torch
         from transformers import DynamicCache
 
@@ -381,72 +446,31 @@ class Engine:
                 generator.manual_seed(sampling.seed)
             device = self._model.device
             cache = DynamicCache(config=self._model.config)
-            step_ids, tokens, logprobs = torch.tensor([prompt_ids], device=device), list[int](), list[TokenLogprob]()
-            shaping = sampling.shaping
-            context = torch.zeros(self.vocabulary)
-            context[torch.tensor(prompt_ids, dtype=torch.long)] = 1.0
-            answer_counts = torch.zeros(self.vocabulary)
-            json_so_far = JsonPrefix() if sampling.json_object else None
+            step_ids, tokens = torch.tensor([prompt_ids], device=device), list[int]()
             with torch.inference_mode():
                 while len(tokens) < sampling.max_tokens and not cancelled.is_set():
                     with self._alone():
                         logits = self._model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
                                              **{self._cache_argument: cache}).logits[0, -1]
                     logits = logits.float().cpu()[: self.vocabulary]
-                    drawn_from = (shaped(logits, shaping, context, answer_counts, len(tokens), self.stop_ids,
-                                         sampling.temperature) if shaping.active else logits)
-                    token = self._next_token(drawn_from, sampling, json_so_far, generator)
-                    if sampling.logprobs is not None:
-                        # the model's own log-probabilities, before the request's temperature and penalties (as vLLM
-                        # reports them by default)
-                        logprobs.append(token_logprob(logits.log_softmax(-1), token, sampling.logprobs))
+                    if steps is not None:
+                        logits = steps.shape(logits)
+                    if sampling.temperature > 0:
+                        token = draw_token(logits, sampling.temperature, sampling.top_p, generator,
+                                           self.top_k_of(sampling))
+                    else:
+                        token = int(logits.argmax())
+                    if steps is not None:
+                        steps.note(token)
                     tokens.append(token)
-                    context[token] = 1.0
-                    answer_counts[token] += 1.0
-                    done = ((token in self.stop_ids and not shaping.ignore_eos) or len(tokens) == sampling.max_tokens
-                            or (json_so_far is not None and json_so_far.complete))
-                    emit((list(tokens), list(logprobs), done))
+                    done = ((token in self.stop_ids and not sampling.shaping.ignore_eos)
+                            or len(tokens) == sampling.max_tokens or (steps is not None and steps.json_complete))
+                    emit((list(tokens), done))
                     if done:
                         return
                     step_ids = torch.tensor([[token]], device=device)
         except Exception as err:  # reported to the request that asked; the server goes on
             emit(err)
-
-    def _next_token(self, logits: Any, sampling: Sampling, json_so_far: JsonPrefix | None, generator: Any) -> int:
-        if json_so_far is not None:
-            token = self._json_token(logits, sampling, json_so_far, generator)
-            json_so_far.feed(self.spelling.bytes_of(token))
-            return token
-        if sampling.temperature > 0:
-            return draw_token(logits, sampling.temperature, sampling.top_p, generator, self.top_k_of(sampling))
-        return int(logits.argmax())
-
-    def _json_token(self, logits: Any, sampling: Sampling, so_far: JsonPrefix, generator: Any) -> int:
-        """The word drawn (or, greedy, the likeliest) among those that keep the answer the beginning of a JSON object:
-        the likeliest few are tried first, wider only where none of them fits (a 262k-word check costs about a
-        second)."""
-        import torch
-
-        def fits(token: int) -> bool:
-            if token in self.spelling.special or token in self.stop_ids:  # the answer ends when the object closes
-                return False
-            spelled = self.spelling.bytes_of(token)
-            return bool(spelled) and so_far.copy().feed(spelled)
-
-        first = self.top_k_of(sampling) if sampling.temperature > 0 else 64
-        for width in (min(first, 256), 4096, self.vocabulary):
-            candidates = logits.topk(min(width, logits.shape[-1])).indices.tolist()
-            if sampling.temperature <= 0:
-                likeliest = next((token for token in candidates if fits(token)), None)
-                if likeliest is not None:
-                    return likeliest
-                continue
-            allowed = [token for token in candidates if fits(token)]
-            if allowed:
-                kept = torch.full_like(logits, -math.inf)
-                kept[allowed] = logits[allowed]
-                return draw_token(kept, sampling.temperature, sampling.top_p, generator, len(allowed))
-        raise RuntimeError("no word of the vocabulary continues the JSON answer")
 
     async def prompt_logprobs(self, prompt_ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability after the tokens before it (None for the first, which follows
@@ -489,6 +513,24 @@ class Engine:
             logprobs += piece.logprobs
             last = piece
         return Piece("".join(parts), last.finish_reason or "length", last.completion_tokens, logprobs)
+
+
+_UNSET = object()
+
+
+def _causal_settings(model: Any) -> list[tuple[Any, Any]]:
+    """Each configuration in the model (a multimodal one has a text configuration of its own) with its `is_causal` as
+    loaded (`_UNSET` where it has none)."""
+    configs = {id(module.config): module.config for module in model.modules() if hasattr(module, "config")}
+    return [(config, vars(config).get("is_causal", _UNSET)) for config in configs.values()]
+
+
+def _restore_causal_settings(settings: list[tuple[Any, Any]]) -> None:
+    for config, value in settings:
+        if value is _UNSET:
+            vars(config).pop("is_causal", None)
+        else:
+            config.is_causal = value
 
 
 def draw_token(logits: Any, temperature: float, top_p: float, generator: Any, top_k: int | None = None) -> int:

@@ -1,10 +1,11 @@
-"""What a request decoded on its own gets that the batch cannot give it: OpenAI's presence and frequency penalties
-and logit bias, the repetition penalty, min-p, min_tokens and ignore_eos of vLLM and llama.cpp, and each token's
-log-probability with its likeliest alternatives.
+"""What a request may ask of each step beyond temperature, top-k and top-p: OpenAI's presence and frequency penalties
+and logit bias, the repetition penalty, min-p, min_tokens and ignore_eos of vLLM and llama.cpp, JSON mode
+(serve/json_mode.py), and each token's log-probability with its likeliest alternatives.
 
-transformers' continuous batcher hands a logits processor one number per request and no token history, so none of
-these fit there; a request that asks for one is decoded alone beside the batch (`Engine._decode_solo`), and each
-step's logits pass through `shaped` before the draw.
+transformers' continuous batcher hands a logits processor one number per request and no token history; the engine
+gives each such request a slot number as that one number, and its processors find the request's `AnswerSteps` by it,
+shape the row before the draw and note the word drawn after it. An answer decoded on its own (a seeded one) goes
+through the same `AnswerSteps`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from shitate.serve.json_mode import JsonPrefix
 
 
 @dataclass(frozen=True)
@@ -120,3 +123,79 @@ def _byte_level_alphabet() -> dict[str, int]:
     others = (byte for byte in range(256) if byte not in alphabet.values())
     alphabet.update({chr(256 + n): byte for n, byte in enumerate(others)})
     return alphabet
+
+
+class AnswerSteps:
+    """One answer's steps beyond the model's logits: `shape` a step's raw logits as the draw should see them (the
+    request's penalties, bias, filters and JSON mode), then `note` the word drawn. The same for an answer decoded on
+    its own and for one in the batcher, whose processors call it row by row."""
+
+    def __init__(self, prompt_ids: list[int], shaping: Shaping, logprobs: int | None, json_object: bool,
+                 temperature: float, candidates: int, vocabulary: int, stop_ids: list[int],
+                 spelling: TokenSpelling) -> None:
+        self.shaping, self.logprobs, self.temperature = shaping, logprobs, temperature
+        self.candidates, self.stop_ids, self.spelling = candidates, stop_ids, spelling
+        self.answered = 0
+        self.entries: list[TokenLogprob] = []  # each word's log-probability, where the request asked for them
+        self.json_so_far = JsonPrefix() if json_object else None
+        self.context = self.answer_counts = torch.zeros(0)
+        if shaping.active:
+            self.context, self.answer_counts = torch.zeros(vocabulary), torch.zeros(vocabulary)
+            self.context[torch.tensor(prompt_ids, dtype=torch.long)] = 1.0
+        self._step_logprobs: torch.Tensor | None = None
+
+    @property
+    def json_complete(self) -> bool:
+        return self.json_so_far is not None and self.json_so_far.complete
+
+    def shape(self, logits: torch.Tensor) -> torch.Tensor:
+        """This step's fp32 logits (vocabulary,) as the draw should see them."""
+        if self.logprobs is not None:  # the model's own, before temperature and penalties, as vLLM reports them
+            self._step_logprobs = logits.log_softmax(-1)
+        if self.shaping.active:
+            logits = shaped(logits, self.shaping, self.context, self.answer_counts, self.answered, self.stop_ids,
+                            self.temperature)
+        if self.json_so_far is None:
+            return logits
+        kept = torch.full_like(logits, -math.inf)
+        if self.json_so_far.complete:  # inside the batcher the answer ends with the end of the turn
+            kept[self.stop_ids[0]] = 0.0
+        else:
+            allowed = self._json_allowed(logits, self.json_so_far)
+            kept[allowed] = logits[allowed]
+        return kept
+
+    def note(self, token: int) -> None:
+        """The word drawn this step."""
+        if self._step_logprobs is not None:
+            self.entries.append(token_logprob(self._step_logprobs, token, self.logprobs or 0))
+            self._step_logprobs = None
+        if self.shaping.active:
+            self.context[token] = 1.0
+            self.answer_counts[token] += 1.0
+        if self.json_so_far is not None and not self.json_so_far.complete:
+            self.json_so_far.feed(self.spelling.bytes_of(token))
+        self.answered += 1
+
+    def _json_allowed(self, logits: torch.Tensor, so_far: JsonPrefix) -> list[int]:
+        """The words that keep the answer the beginning of a JSON object: the likeliest one for a greedy answer,
+        those among the top-k for a sampled one; wider only where none of those fits (a 262k-word check costs
+        about a second)."""
+        def fits(token: int) -> bool:
+            if token in self.spelling.special or token in self.stop_ids:  # the answer ends when the object closes
+                return False
+            spelled = self.spelling.bytes_of(token)
+            return bool(spelled) and so_far.copy().feed(spelled)
+
+        first = self.candidates if self.temperature > 0 else 64
+        for width in (min(first, 256), 4096, logits.shape[-1]):
+            candidates = logits.topk(min(width, logits.shape[-1])).indices.tolist()
+            if self.temperature <= 0:
+                likeliest = next((token for token in candidates if fits(token)), None)
+                if likeliest is not None:
+                    return [likeliest]
+                continue
+            allowed = [token for token in candidates if fits(token)]
+            if allowed:
+                return allowed
+        raise RuntimeError("no word of the vocabulary continues the JSON answer")
