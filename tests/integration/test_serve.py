@@ -539,23 +539,24 @@ def test_shitate_judge_speaks_to_the_server(server, monkeypatch):
         endpoint_judge(server["url"] + "#tiny")
 
 
-def test_a_run_served_with_its_recipe_s_settings_says_which_one_the_server_cannot_apply(tmp_path, tiny_model, capsys):
-    # The batcher has no per-request repetition penalty: a run whose recipe sets one would answer differently from
-    # `shitate compare`/`eval` without a word (a request may ask for it, and is then decoded beside the batch).
+def test_a_run_is_served_with_its_recipe_s_answer_settings_repetition_penalty_included(tmp_path, tiny_model, capsys):
+    # A run whose recipe sets generate.repetition_penalty answered without it (the batcher had no per-request
+    # penalty): differently from `shitate compare`/`eval`.
     from test_train import make_recipe, train
-
-    from shitate.serve.engine import open_engines
 
     run = tmp_path / "run"
     assert train(make_recipe(tmp_path, tiny_model), run, "--set", "train.epochs=1",
-                 "--set", "generate.repetition_penalty=1.3", "--set", "generate.top_p=0.8").exit_code == 0
+                 "--set", "generate.repetition_penalty=1.5", "--set", "generate.top_p=0.8").exit_code == 0
     capsys.readouterr()
-    engines = open_engines([f"kids={run}"])
-    try:
-        assert engines["kids"].defaults.top_p == 0.8  # the recipe's settings that the server does apply
+    with serving([f"kids={run}"]) as served:
         said = " ".join(capsys.readouterr().err.split())
-        assert ("kids: the recipe's generate.repetition_penalty 1.3 is not applied by the server unless a request "
-                'asks for it ("repetition_penalty": 1.3' in said)
-    finally:
-        for engine in engines.values():
-            engine.close()
+        assert "kids: answers with the recipe's repetition penalty 1.5 unless a request sets its own" in said
+        assert served["engines"]["kids"].defaults.top_p == 0.8
+        client = openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0)
+
+        def ask(**settings) -> str:
+            return client.chat.completions.create(model="kids", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                                  temperature=0, max_tokens=16, **settings).choices[0].message.content
+
+        default = ask()
+        assert default == ask(extra_body={"repetition_penalty": 1.5}) != ask(extra_body={"repetition_penalty": 1.0})

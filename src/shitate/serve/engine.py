@@ -564,12 +564,11 @@ def open_engines(references: list[str], dtype: Any = None, cache_tokens: int = 3
         defaults = GenerateSpec(temperature=1.0, max_new_tokens=256)
         if loaded.source.run is not None:
             saved = RunFolder(loaded.source.run).recipe_setting("generate", {}) or {}
-            defaults = GenerateSpec(**{k: v for k, v in saved.items() if k in ("temperature", "top_p", "max_new_tokens")})
-            if saved.get("repetition_penalty", 1.0) != 1.0:
-                # The batcher has no per-request penalty; applied to every request, each answer would be decoded alone.
-                say(f"{name}: the recipe's generate.repetition_penalty {saved['repetition_penalty']} is not applied "
-                    "by the server unless a request asks for it (\"repetition_penalty\": "
-                    f"{saved['repetition_penalty']}, decoded beside the batch); without it answers can differ from "
-                    "shitate compare and eval's.")
+            # the recipe's answer settings, the repetition penalty included: the server answers as compare and eval do
+            defaults = GenerateSpec(**{k: v for k, v in saved.items()
+                                       if k in ("temperature", "top_p", "max_new_tokens", "repetition_penalty")})
+            if defaults.repetition_penalty != 1.0:
+                say(f"{name}: answers with the recipe's repetition penalty {defaults.repetition_penalty} unless a "
+                    "request sets its own (\"repetition_penalty\": 1.0 for none).")
         engines[name] = Engine(loaded, name, defaults, cache_tokens, max_requests)
     return engines

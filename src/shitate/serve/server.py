@@ -346,7 +346,8 @@ def _shaping(engine: Engine, body: _Common) -> Shaping:
         bias.append((int(key), float(value)))
     repetition = body.repetition_penalty if body.repetition_penalty is not None else body.repeat_penalty
     return Shaping(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                   repetition_penalty=1.0 if repetition is None else repetition, min_p=body.min_p or 0.0,
+                   repetition_penalty=engine.defaults.repetition_penalty if repetition is None else repetition,
+                   min_p=body.min_p or 0.0,
                    logit_bias=tuple(bias), min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
 
 
