@@ -390,6 +390,31 @@ def test_steps_of_their_own_shape_the_same_answers_in_the_batch_as_alone(server,
     assert not server["engines"]["tiny"]._answer_steps and not server["engines"]["tiny"].active
 
 
+def test_a_request_whose_steps_fail_in_the_batcher_fails_alone(server, client, monkeypatch):
+    from shitate.serve.solo import AnswerSteps
+
+    shape = AnswerSteps.shape
+
+    def failing(self, logits):
+        if self.logprobs == 7:  # the one request that asks for seven alternatives
+            raise ValueError("a shaping bug")
+        return shape(self, logits)
+
+    monkeypatch.setattr(AnswerSteps, "shape", failing)
+
+    def ask(alternatives: int):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                              temperature=0, max_tokens=8, logprobs=True, top_logprobs=alternatives)
+
+    with ThreadPoolExecutor(3) as pool:
+        others = [pool.submit(ask, 2) for _ in range(2)]
+        with pytest.raises(openai.InternalServerError):
+            pool.submit(ask, 7).result()
+        assert all(len(o.result().choices[0].logprobs.content) >= 1 for o in others)  # answered beside it
+    assert ask(2).choices[0].finish_reason in ("stop", "length")  # the batcher goes on
+    assert not server["engines"]["tiny"]._answer_steps and not server["engines"]["tiny"].active
+
+
 def _reference_logprobs(tiny_model, ids: list[int]):
     """log-softmax of the model's logits at every place of `ids`, from one plain forward in fp32."""
     import torch

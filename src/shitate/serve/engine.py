@@ -175,6 +175,31 @@ def _draw_among_top_k_in(manager: Any, answer_steps: dict[int, AnswerSteps]) -> 
             chosen = draw_among_top_k(scores, 1.0, self.top_k.rows, top_p)
             return scores.fill_(-math.inf).scatter_(-1, chosen.unsqueeze(-1), 0.0)
 
+    processors = manager.logit_processor
+    listed = list(processors.logits_processor)
+    top_k = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopKLogitsWarper)]
+    top_p = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopPLogitsWarper)]
+    others = [p for p in listed if p not in top_k + top_p]
+    if (len(top_k) != 1 or len(top_p) != 1
+            or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
+            or not hasattr(processors, "_retrieve_processors_kwargs")):
+        return False
+    noted = NoteTopK(top_k[0])
+    shape_rows, note_drawn = _slot_processors(answer_steps)
+    processors.logits_processor = LogitsProcessorList([shape_rows, *others, noted, DrawAmongTopK(top_p[0], noted),
+                                                       note_drawn])
+    processors.tensors_required = len(others) + 4
+    processors._retrieve_processors_kwargs()
+    manager.generation_config.do_sample = False  # the batcher's step takes the one word left
+    return True
+
+
+def _slot_processors(answer_steps: dict[int, AnswerSteps]) -> tuple[Any, Any]:
+    """The batcher's first and last processor for requests that carry a slot: the row shaped by the request's
+    AnswerSteps before the temperature, and the word drawn noted by them after the draw."""
+    import torch
+    from transformers.generation.continuous_batching import cb_logits_processors as cb
+
     class ShapeRows(cb.ContinuousBatchingLogitsProcessor):
         """Each row whose request carries a slot, as its AnswerSteps shapes it (before the temperature)."""
 
@@ -195,7 +220,10 @@ def _draw_among_top_k_in(manager: Any, answer_steps: dict[int, AnswerSteps]) -> 
 
         def __call__(self, scores: Any, tensor_arg: Any) -> Any:
             for row, steps in self.rows(scores, tensor_arg):
-                scores[row] = steps.shape(scores[row].float().cpu()).to(scores.device)
+                try:
+                    scores[row] = steps.shape(scores[row].float().cpu()).to(scores.device)
+                except Exception as err:  # that request fails (Engine.answer raises it); the batcher goes on
+                    steps.error = err
             return scores
 
     class NoteDrawn(ShapeRows):
@@ -203,25 +231,13 @@ def _draw_among_top_k_in(manager: Any, answer_steps: dict[int, AnswerSteps]) -> 
 
         def __call__(self, scores: Any, tensor_arg: Any) -> Any:
             for row, steps in self.rows(scores, tensor_arg):
-                steps.note(int(scores[row].argmax()))
+                try:
+                    steps.note(int(scores[row].argmax()))
+                except Exception as err:
+                    steps.error = err
             return scores
 
-    processors = manager.logit_processor
-    listed = list(processors.logits_processor)
-    top_k = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopKLogitsWarper)]
-    top_p = [p for p in listed if isinstance(p, cb.ContinuousBatchingTopPLogitsWarper)]
-    others = [p for p in listed if p not in top_k + top_p]
-    if (len(top_k) != 1 or len(top_p) != 1
-            or not all(isinstance(p, cb.ContinuousBatchingTemperatureLogitsWarper) for p in others)
-            or not hasattr(processors, "_retrieve_processors_kwargs")):
-        return False
-    noted = NoteTopK(top_k[0])
-    processors.logits_processor = LogitsProcessorList([ShapeRows(), *others, noted, DrawAmongTopK(top_p[0], noted),
-                                                       NoteDrawn()])
-    processors.tensors_required = len(others) + 4
-    processors._retrieve_processors_kwargs()
-    manager.generation_config.do_sample = False  # the batcher's step takes the one word left
-    return True
+    return ShapeRows(), NoteDrawn()
 
 
 class Engine:
@@ -322,6 +338,8 @@ class Engine:
                     continue
                 if output.error:
                     raise RuntimeError(f"generation failed: {output.error}")
+                if steps is not None and steps.error is not None:
+                    raise RuntimeError(f"generation failed: {steps.error}") from steps.error
                 finished = output.is_finished()
                 piece = self._release(decoded, output.generated_tokens, sampling, finished,
                                       steps.entries if steps is not None and sampling.logprobs is not None else None)

@@ -143,6 +143,7 @@ class AnswerSteps:
             self.context, self.answer_counts = torch.zeros(vocabulary), torch.zeros(vocabulary)
             self.context[torch.tensor(prompt_ids, dtype=torch.long)] = 1.0
         self._step_logprobs: torch.Tensor | None = None
+        self.error: Exception | None = None  # raised in the batcher's thread, reported to the request
 
     @property
     def json_complete(self) -> bool:
