@@ -391,7 +391,7 @@ def test_steps_of_their_own_shape_the_same_answers_in_the_batch_as_alone(server,
 
 
 def test_a_request_whose_steps_fail_in_the_batcher_fails_alone(server, client, monkeypatch):
-    from shitate.serve.solo import AnswerSteps
+    from shitate.serve.steps import AnswerSteps
 
     shape = AnswerSteps.shape
 

@@ -6,7 +6,7 @@ second user does not wait for the first one's answer. The batching itself is tra
 what an OpenAI-style server needs around it: the model's template and stop tokens, per-request
 sampling settings, stop strings, and text that is released only once it is final (a Japanese
 character split across byte tokens, or the start of a stop string, is held back); and what the
-batcher has no per-request place for — penalties, log-probabilities, JSON mode (serve/solo.py) —
+batcher has no per-request place for — penalties, log-probabilities, JSON mode (serve/steps.py) —
 through processors of ours that find each request's state by a slot number it carries. A seeded
 request is decoded on its own beside the batch.
 
@@ -31,7 +31,7 @@ from shitate.data.templates import stop_token_ids
 from shitate.errors import ShitateError
 from shitate.models.attention import use_soft_capped_paged_attention
 from shitate.models.inference import LoadedModel, sampling_top_k, with_system
-from shitate.serve.solo import AnswerSteps, Shaping, TokenLogprob, TokenSpelling, token_logprob
+from shitate.serve.steps import AnswerSteps, Shaping, TokenLogprob, TokenSpelling, token_logprob
 
 PAGE_TOKENS = 256
 
@@ -60,7 +60,7 @@ class Sampling:
 
     @property
     def steps_of_its_own(self) -> bool:
-        """Whether the request's steps need more than the batcher's own sampling (serve/solo.AnswerSteps)."""
+        """Whether the request's steps need more than the batcher's own sampling (serve/steps.AnswerSteps)."""
         return self.logprobs is not None or self.shaping.active or self.json_object
 
 
@@ -398,7 +398,7 @@ class Engine:
     async def _solo_answer(self, prompt_ids: list[int], sampling: Sampling,
                            steps: AnswerSteps | None) -> AsyncGenerator[Piece, None]:
         """An answer decoded on its own beside the batchers: a seeded sample (with steps of its own where the
-        request asks for them: serve/solo.py), or any such request where the batcher takes no slots.
+        request asks for them: serve/steps.py), or any such request where the batcher takes no slots.
 
         transformers' batcher draws every request's tokens from one generator, so what a request gets depends on
         who else is being answered; OpenAI's `seed` promises the same answer for the same request. Such a request

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shitate.serve.engine import Engine, EngineFailed, Piece, Sampling
-from shitate.serve.solo import Shaping, TokenLogprob
+from shitate.serve.steps import Shaping, TokenLogprob
 
 log = logging.getLogger("shitate.serve")
 MAX_CHOICES = 8

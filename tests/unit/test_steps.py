@@ -1,4 +1,4 @@
-"""A served request's own logit changes and log-probability entries (serve/solo.py), against transformers'
+"""A served request's own logit changes and log-probability entries (serve/steps.py), against transformers'
 processors where it has them and hand-computed values where it does not."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
-from shitate.serve.solo import Shaping, TokenSpelling, shaped, token_logprob
+from shitate.serve.steps import Shaping, TokenSpelling, shaped, token_logprob
 
 STOP = [5]
 
