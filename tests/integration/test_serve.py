@@ -283,7 +283,7 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
 @pytest.mark.parametrize("setting", [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
                                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
                                      # other servers' extensions, sent through the SDK's extra_body
-                                     {"extra_body": {"typical_p": 0.9}}, {"extra_body": {"stop_token_ids": [3]}},
+                                     {"extra_body": {"typical_p": 0.9}}, {"extra_body": {"use_beam_search": True}},
                                      {"extra_body": {"guided_choice": ["a"]}}])
 def test_a_setting_the_server_does_not_honour_is_refused_not_ignored(client, setting):
     name = next(iter(setting.get("extra_body", setting)))
@@ -413,6 +413,25 @@ def test_a_request_whose_steps_fail_in_the_batcher_fails_alone(server, client, m
         assert all(len(o.result().choices[0].logprobs.content) >= 1 for o in others)  # answered beside it
     assert ask(2).choices[0].finish_reason in ("stop", "length")  # the batcher goes on
     assert not server["engines"]["tiny"]._answer_steps and not server["engines"]["tiny"].active
+
+
+def test_stop_token_ids_end_the_answer_at_those_words(server, client):
+    engine = server["engines"]["tiny"]
+    tokenizer = engine.loaded.tokenizer
+    by_bytes = {engine.spelling.bytes_of(i): i for i in range(len(tokenizer))}  # a byte-level BPE: one id a spelling
+
+    def ask(**settings):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                              max_tokens=12, **settings).choices[0]
+
+    for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):  # in the batch, and decoded alone
+        answer = ask(**settings, logprobs=True)
+        tokens = [by_bytes[bytes(entry.bytes)] for entry in answer.logprobs.content]
+        cut = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])  # a word not seen before it
+        ended = ask(**settings, extra_body={"stop_token_ids": [tokens[cut]]})
+        assert (ended.message.content, ended.finish_reason) == (tokenizer.decode(tokens[:cut]), "stop")
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids: -1 is not a token id"):
+        ask(extra_body={"stop_token_ids": [-1]})
 
 
 def _reference_logprobs(tiny_model, ids: list[int]):

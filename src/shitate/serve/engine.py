@@ -50,6 +50,7 @@ class Sampling:
     top_k: int | None = None  # sampled answers draw among this many likeliest words: None the model's, 0 all of them
     stop: tuple[str, ...] = ()
     seed: int | None = None  # a sampled answer with a seed is drawn from its own generator: reproducible
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: words that end the answer besides the model's own end of turn
     logprobs: int | None = None  # each answer token's log-probability and this many likeliest alternatives
     shaping: Shaping = Shaping()
     json_object: bool = False  # JSON mode: the answer is one JSON object (serve/json_mode.py)
@@ -323,7 +324,7 @@ class Engine:
             extra = extra or {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
             extra["shitate_slot"] = slot
         if lane.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=sampling.max_tokens,
-                                    streaming=True, eos_token_id=self.stop_ids, **extra) is None:
+                                    streaming=True, eos_token_id=self.ends(sampling), **extra) is None:
             if slot is not None:
                 self._answer_steps.pop(slot)
             raise EngineFailed(f"{lane.name}: the batcher is shutting down and took no new request.")
@@ -356,13 +357,17 @@ class Engine:
 
     def _steps(self, prompt_ids: list[int], sampling: Sampling) -> AnswerSteps:
         return AnswerSteps(prompt_ids, sampling.shaping, sampling.logprobs, sampling.json_object, sampling.temperature,
-                           self.top_k_of(sampling), self.vocabulary, self.stop_ids, self.spelling)
+                           self.top_k_of(sampling), self.vocabulary, self.ends(sampling), self.spelling)
+
+    def ends(self, sampling: Sampling) -> list[int]:
+        """The words that end this request's answer."""
+        return self.stop_ids + [t for t in sampling.stop_token_ids if t not in self.stop_ids]
 
     def _release(self, decoded: _Decoded, tokens: list[int], sampling: Sampling, finished: bool,
                  logprobs: list[TokenLogprob] | None = None) -> Piece:
         """The new final text of an answer whose tokens so far are `tokens` (with their log-probabilities, where the
         request asked for them: those of the tokens the new text covers go with it)."""
-        ended_by_token = bool(tokens) and tokens[-1] in self.stop_ids
+        ended_by_token = bool(tokens) and tokens[-1] in self.ends(sampling)
         body = tokens[:-1] if ended_by_token else tokens
         text = self.loaded.tokenizer.decode(body, skip_special_tokens=True)
         reason = None
@@ -481,7 +486,7 @@ class Engine:
                     if steps is not None:
                         steps.note(token)
                     tokens.append(token)
-                    done = ((token in self.stop_ids and not sampling.shaping.ignore_eos)
+                    done = ((token in self.ends(sampling) and not sampling.shaping.ignore_eos)
                             or len(tokens) == sampling.max_tokens or (steps is not None and steps.json_complete))
                     emit((list(tokens), done))
                     if done:

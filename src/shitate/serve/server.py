@@ -64,6 +64,7 @@ class _Common(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
 
 
 class ChatRequest(_Common):
@@ -262,7 +263,7 @@ _NOT_DONE = {
 # Sampling settings other OpenAI-compatible servers (vLLM, llama.cpp, SGLang) take beyond OpenAI's, each with the value
 # that leaves the answer as it is: a client sending one (through the OpenAI SDK's extra_body) expects it applied.
 _NOT_DONE_EXTENSIONS: dict[str, tuple[Any, ...]] = {
-    "typical_p": (None, 1, 1.0), "use_beam_search": (None, False), "stop_token_ids": (None, []), "guided_json": (None,),
+    "typical_p": (None, 1, 1.0), "use_beam_search": (None, False), "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "grammar": (None, ""),
     "json_schema": (None,),
 }
@@ -310,6 +311,7 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
                     top_p=defaults.top_p if body.top_p is None else body.top_p,
                     top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed,
                     logprobs=_logprobs_asked(body), shaping=_shaping(engine, body),
+                    stop_token_ids=tuple(_token_ids(engine, body, "stop_token_ids", body.stop_token_ids or [])),
                     json_object=(getattr(body, "response_format", None) or {}).get("type") == "json_object")
 
 
@@ -333,13 +335,21 @@ def _logprobs_asked(body: _Common) -> int | None:
     return getattr(body, "logprobs", None)
 
 
+def _token_ids(engine: Engine, body: _Common, param: str, given: list[Any]) -> list[int]:
+    """Token ids a request names (as ints, or as the strings logit_bias keys are), each checked against the model."""
+    ids = []
+    for token in given:
+        if not str(token).strip().isdigit() or int(token) >= engine.vocabulary:
+            raise RequestError(400, f"{param}: {token!r} is not a token id of {body.model} (0 to "
+                                    f"{engine.vocabulary - 1})", param=param)
+        ids.append(int(token))
+    return ids
+
+
 def _shaping(engine: Engine, body: _Common) -> Shaping:
-    vocabulary = engine.vocabulary
     bias = []
     for key, value in (body.logit_bias or {}).items():
-        if not key.strip().isdigit() or int(key) >= vocabulary:
-            raise RequestError(400, f"logit_bias: {key!r} is not a token id of {body.model} (0 to {vocabulary - 1})",
-                               param="logit_bias")
+        _token_ids(engine, body, "logit_bias", [key])
         if not -100 <= value <= 100:
             raise RequestError(400, f"logit_bias: the bias of token {key} is {value}; give -100 to 100",
                                param="logit_bias")
