@@ -280,7 +280,7 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "text"}]}])
 
 
-@pytest.mark.parametrize("setting", [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+@pytest.mark.parametrize("setting", [{"response_format": {"type": "grammar", "grammar": "root ::= \"a\""}},
                                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
                                      # other servers' extensions, sent through the SDK's extra_body
                                      {"extra_body": {"typical_p": 0.9}}, {"extra_body": {"use_beam_search": True}},
@@ -432,6 +432,37 @@ def test_stop_token_ids_end_the_answer_at_those_words(server, client):
         assert (ended.message.content, ended.finish_reason) == (tokenizer.decode(tokens[:cut]), "stop")
     with pytest.raises(openai.BadRequestError, match="stop_token_ids: -1 is not a token id"):
         ask(extra_body={"stop_token_ids": [-1]})
+
+
+def test_structured_outputs_answer_with_an_object_that_fits_the_schema(server, client):
+    from shitate.serve.json_mode import JsonPrefix
+
+    schema = {"type": "object", "properties": {"kind": {"enum": ["why", "how"]}, "n": {"type": "integer"}},
+              "required": ["kind", "n"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+    def ask(question: str, **settings):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                              max_tokens=60, response_format=response_format, **settings).choices[0]
+
+    endings = []
+    for question in QUESTIONS[:4]:
+        for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):  # in the batch, and alone
+            choice = ask(question, **settings)
+            endings.append(choice.finish_reason)
+            if choice.finish_reason == "stop":
+                answer = json.loads(choice.message.content)
+                assert set(answer) == {"kind", "n"} and answer["kind"] in ("why", "how") and type(answer["n"]) is int
+            else:
+                assert JsonPrefix(schema).feed(choice.message.content.encode())
+    assert endings.count("stop") >= 2
+    for bad, message in (({"type": "array", "items": {}}, "give a schema of type object"),
+                         (None, "give it as response_format.json_schema.schema")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=4,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": bad}})
+    assert not server["engines"]["tiny"].active
 
 
 def _reference_logprobs(tiny_model, ids: list[int]):

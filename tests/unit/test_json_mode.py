@@ -72,5 +72,79 @@ def test_whitespace_is_held_to_one_line_break_and_some_indentation():
     # a model held to JSON may find whitespace its likeliest fit step after step; the answer must move on
     assert _fed(" {") is None and _fed("\n{") is None  # the answer starts with its object
     assert _fed('{\n  "a": 1,\n  "b": [\n    2\n  ]\n}').complete
-    assert _fed("{\n\n") is None and _fed('{"a":' + " " * 25) is None
-    assert _fed('{"a":' + " " * 24 + '"x y  z\\n\\n"') is not None  # a string's own spaces are its content
+    assert _fed("{\n\n") is None and _fed('{"a":  ') is None and _fed("{\t") is None and _fed("{\r\n") is None
+    assert _fed('{"a":\n' + " " * 20 + '"x y  z\\n\\n"') is not None  # a string's own spaces are its content
+    assert _fed('{"a":\n' + " " * 21) is None
+
+
+# What pydantic writes for: class Item(BaseModel): name: str; count: int
+# class Order(BaseModel): customer: str; status: Literal["open", "closed"]; items: list[Item]; note: str | None;
+#                         urgent: bool; total: float
+ORDER = {
+    "$defs": {"Item": {"properties": {"name": {"title": "Name", "type": "string"},
+                                      "count": {"title": "Count", "type": "integer"}},
+                       "required": ["name", "count"], "title": "Item", "type": "object"}},
+    "properties": {"customer": {"type": "string"}, "status": {"enum": ["open", "closed"], "type": "string"},
+                   "items": {"items": {"$ref": "#/$defs/Item"}, "type": "array"},
+                   "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "urgent": {"type": "boolean"},
+                   "total": {"type": "number"}},
+    "required": ["customer", "status", "items", "note", "urgent", "total"], "title": "Order", "type": "object",
+}
+
+
+def _fits(text: str, schema=ORDER) -> bool:
+    state = JsonPrefix(schema)
+    return all(state.feed(bytes([byte])) for byte in text.encode()) and state.complete
+
+
+@pytest.mark.parametrize("order", [
+    {"customer": "山田", "status": "open", "items": [{"name": "りんご", "count": 3}], "note": None, "urgent": False,
+     "total": 12.5},
+    {"status": "closed", "customer": "", "items": [], "note": "至急", "urgent": True, "total": -3},
+    {"customer": "a\"b", "status": "open", "items": [{"count": 10, "name": "x"}, {"name": "y", "count": -1}],
+     "note": "n", "urgent": False, "total": 1e3}])
+def test_an_answer_that_fits_the_schema_passes_in_any_key_order_and_layout(order):
+    for layout in ({}, {"indent": 2}, {"separators": (",", ":")}):
+        assert _fits(json.dumps(order, ensure_ascii=False, **layout)), layout
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"customer": "a", "status": "open", "items": [], "note": null, "urgent": false}', "total is required"),
+    ('{"customer": "a", "customer": "b"', "a key twice"),
+    ('{"client": "a"', "not a property"),
+    ('{"customer": 1', "a number for a string"),
+    ('{"status": "pending"', "not one of the enum"),
+    ('{"items": [{"name": "x", "count": 1.5', "a fraction for an integer"),
+    ('{"items": [{"name": "x", "count": 1e2', "an exponent for an integer"),
+    ('{"items": ["x"', "a string for an object"),
+    ('{"note": 3', "neither a string nor null"),
+    ('{"urgent": "yes"', "a string for a boolean"),
+    ('["a"]', "not an object"),
+])
+def test_what_leaves_the_schema_is_refused_at_the_byte_it_does(text, why):
+    state = JsonPrefix(ORDER)
+    assert not state.feed(text.encode()), why
+
+
+def test_the_object_closes_only_once_every_required_key_is_in_and_takes_no_key_past_them():
+    full = '{"customer": "a", "status": "open", "items": [], "note": null, "urgent": false, "total": 0'
+    state = JsonPrefix(ORDER)
+    assert state.feed(full.encode()) and not state.copy().feed(b",")  # every declared key is in: no comma
+    assert state.feed(b"}") and state.complete
+    enum_state = JsonPrefix({"type": "object", "properties": {"n": {"enum": [1, 10]}}})
+    assert enum_state.feed(b'{"n": 1') and enum_state.copy().feed(b"0}") and enum_state.copy().feed(b"}")
+    assert not enum_state.copy().feed(b"2")
+
+
+def test_a_schema_that_cannot_be_followed_is_named():
+    from shitate.serve.json_mode import schema_problem
+
+    assert schema_problem(ORDER) is None
+    assert "type object" in schema_problem({"type": "array", "items": {}})
+    assert "does not point into" in schema_problem({"type": "object", "properties": {"a": {"$ref": "http://x/y"}}})
+    assert "does not point into" in schema_problem({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}})
+
+
+def test_a_number_s_digits_are_held_to_what_a_number_needs():
+    assert _fed('{"a": ' + "9" * 16) is not None and _fed('{"a": ' + "9" * 17) is None
+    assert _fed('{"a": -1.' + "5" * 16 + "e+" + "1" * 3) is not None and _fed('{"a": 1e1234') is None

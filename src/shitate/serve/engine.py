@@ -53,7 +53,8 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: words that end the answer besides the model's own end of turn
     logprobs: int | None = None  # each answer token's log-probability and this many likeliest alternatives
     shaping: Shaping = Shaping()
-    json_object: bool = False  # JSON mode: the answer is one JSON object (serve/json_mode.py)
+    json_object: bool = False  # JSON mode: the answer is one JSON object (serve/json_mode.py)...
+    json_schema: dict[str, Any] | None = None  # ...that fits this schema (structured outputs)
 
     @property
     def seeded(self) -> bool:
@@ -356,7 +357,8 @@ class Engine:
                 self._answer_steps.pop(slot, None)
 
     def _steps(self, prompt_ids: list[int], sampling: Sampling) -> AnswerSteps:
-        return AnswerSteps(prompt_ids, sampling.shaping, sampling.logprobs, sampling.json_object, sampling.temperature,
+        return AnswerSteps(prompt_ids, sampling.shaping, sampling.logprobs, sampling.json_object, sampling.json_schema,
+                           sampling.temperature,
                            self.top_k_of(sampling), self.vocabulary, self.ends(sampling), self.spelling)
 
     def ends(self, sampling: Sampling) -> list[int]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shitate.serve.engine import Engine, EngineFailed, Piece, Sampling
+from shitate.serve.json_mode import schema_problem
 from shitate.serve.steps import Shaping, TokenLogprob
 
 log = logging.getLogger("shitate.serve")
@@ -252,8 +253,7 @@ def _chat_messages(messages: list[Message]) -> list[dict[str, str]]:
 
 
 _NOT_DONE = {
-    "response_format": "JSON mode ({\"type\": \"json_object\"}) is, but not decoding to a schema; ask for "
-                       "json_object and check the object's fields",
+    "response_format": "the answer can be text, json_object or json_schema",
     "tools": "the models served here are not given tools; send no tools, or tool_choice \"none\"",
     "best_of": "each choice is one answer; ask for n of them",
     "suffix": "there is no fill-in-the-middle here",
@@ -274,8 +274,8 @@ def _refuse_what_is_not_done(body: _Common) -> None:
     would look like success and quietly be less than what the client asked for."""
     for name, value in (body.model_extra or {}).items():
         if name in _NOT_DONE_EXTENSIONS and value not in _NOT_DONE_EXTENSIONS[name]:
-            why = ("the one constraint here is JSON mode (response_format {\"type\": \"json_object\"}), not a "
-                   "grammar, regex, choice list or schema" if name.startswith(("guided_", "grammar", "json_schema"))
+            why = ("the constraints here are response_format's json_object and json_schema, not a grammar, regex or "
+                   "choice list" if name.startswith(("guided_", "grammar", "json_schema"))
                    else "sampling here takes temperature, top_p, top_k, min_p, the penalties, seed and stop")
             raise RequestError(400, f"{name} is not supported by shitate serve: {why}. Leave it out.", param=name,
                                code="unsupported_parameter")
@@ -284,7 +284,8 @@ def _refuse_what_is_not_done(body: _Common) -> None:
         return getattr(body, name, None)
 
     asked = {
-        "response_format": (given("response_format") or {"type": "text"}).get("type") not in ("text", "json_object"),
+        "response_format": (given("response_format") or {"type": "text"}).get("type") not in ("text", "json_object",
+                                                                                             "json_schema"),
         "tools": bool(given("tools")) and given("tool_choice") != "none",
         "best_of": given("best_of") not in (None, 1, body.n),
         "suffix": bool(given("suffix")),
@@ -312,7 +313,22 @@ def _sampling(engine: Engine, body: _Common, max_tokens: int | None, prompt_toke
                     top_k=None if body.top_k is None else max(body.top_k, 0), stop=tuple(stops), seed=body.seed,
                     logprobs=_logprobs_asked(body), shaping=_shaping(engine, body),
                     stop_token_ids=tuple(_token_ids(engine, body, "stop_token_ids", body.stop_token_ids or [])),
-                    json_object=(getattr(body, "response_format", None) or {}).get("type") == "json_object")
+                    **_json_answer(getattr(body, "response_format", None) or {}))
+
+
+def _json_answer(response_format: dict[str, Any]) -> dict[str, Any]:
+    """Sampling's JSON settings for a response_format: JSON mode, or a schema the object must fit."""
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        return {}
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    problem = schema_problem(schema) if schema is not None else "give it as response_format.json_schema.schema"
+    if problem:
+        raise RequestError(400, f"response_format: the JSON schema cannot be followed here: {problem}.",
+                           param="response_format")
+    return {"json_object": True, "json_schema": schema}
 
 
 def _room(engine: Engine, body: _Common, prompt_tokens: int, least: int = 1) -> int:

@@ -131,13 +131,13 @@ class AnswerSteps:
     its own and for one in the batcher, whose processors call it row by row."""
 
     def __init__(self, prompt_ids: list[int], shaping: Shaping, logprobs: int | None, json_object: bool,
-                 temperature: float, candidates: int, vocabulary: int, stop_ids: list[int],
+                 json_schema: dict[str, Any] | None, temperature: float, candidates: int, vocabulary: int, stop_ids: list[int],
                  spelling: TokenSpelling) -> None:
         self.shaping, self.logprobs, self.temperature = shaping, logprobs, temperature
         self.candidates, self.stop_ids, self.spelling = candidates, stop_ids, spelling
         self.answered = 0
         self.entries: list[TokenLogprob] = []  # each word's log-probability, where the request asked for them
-        self.json_so_far = JsonPrefix() if json_object else None
+        self.json_so_far = JsonPrefix(json_schema) if json_object else None
         self.context = self.answer_counts = torch.zeros(0)
         if shaping.active:
             self.context, self.answer_counts = torch.zeros(vocabulary), torch.zeros(vocabulary)
