@@ -53,7 +53,7 @@ class JsonPrefix:
     """Whether bytes fed so far begin a JSON object (fitting `schema` where one is given); `complete` once the object
     has closed."""
 
-    __slots__ = ("containers", "expecting", "in_key", "pending", "number", "blank", "line_breaks", "root", "frames",
+    __slots__ = ("containers", "expecting", "in_key", "pending", "number", "blank", "indenting", "root", "frames",
                  "value_schema", "typed", "options", "integer", "digits")
 
     def __init__(self, schema: Schema | None = None) -> None:
@@ -62,7 +62,8 @@ class JsonPrefix:
         self.in_key = False  # the string being read is an object's key
         self.pending = b""  # a literal's or a \\u escape's bytes still to come
         self.number = ""  # where in a number: sign, zero, int, dot, fraction, e, e-sign, exponent
-        self.blank = self.line_breaks = 0  # the whitespace run between tokens so far
+        self.blank = 0  # bytes of the whitespace run between tokens so far
+        self.indenting = False  # the run began with a line break
         self.root = schema  # what $ref points into
         self.frames: list[_Frame] = []  # beside containers: each one's schema and keys so far
         self.value_schema: Schema | None = schema  # the schema of the value that comes next
@@ -112,7 +113,7 @@ class JsonPrefix:
             return self._byte(byte)  # the byte that ended the number is read as what follows it
         if byte in WHITESPACE:
             return self._blank(byte)
-        self.blank = self.line_breaks = 0
+        self.blank = 0
         return self._structure_byte(byte)
 
     def _blank(self, byte: int) -> bool:
@@ -120,9 +121,9 @@ class JsonPrefix:
             return False
         if self.blank == 0:  # a run starts with a space (and is that space) or a line break
             fits = byte in b" \n"
-            self.line_breaks = byte == ord("\n")
+            self.indenting = byte == ord("\n")
         else:
-            fits = bool(self.line_breaks) and byte in b" \t" and self.blank <= MOST_INDENT_BYTES
+            fits = self.indenting and byte in b" \t" and self.blank <= MOST_INDENT_BYTES
         self.blank += 1
         return fits
 
