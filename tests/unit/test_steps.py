@@ -89,3 +89,18 @@ def test_tokens_are_spelled_as_their_bytes_byte_level_or_byte_fallback(tokenizer
     ids = fallback("空 hello 青", add_special_tokens=False)["input_ids"]
     assert [spelling.bytes_of(i) for i in ids] == [b"\xe7\xa9\xba", b" hello", b" ", b"\xe9", b"\x9d", b"\x92"]
     assert spelling.text_of(fallback.bos_token_id) == "<bos>"
+
+
+def test_json_mode_draws_only_among_words_the_filters_left(tokenizer):
+    from shitate.serve.steps import AnswerSteps
+
+    spelling = TokenSpelling(tokenizer)
+    brace = tokenizer.convert_tokens_to_ids("{")
+    logits = torch.zeros(len(tokenizer))
+    logits[brace] = -5.0  # "{" is the only word that can begin the object, and an unlikely one
+    steps = AnswerSteps([1, 2], Shaping(), None, True, None, 1.0, 50, len(tokenizer), [0], spelling)
+    assert int(torch.isfinite(steps.shape(logits)).sum()) == 1 and steps.shape(logits)[brace] == -5.0
+    ruled_out = AnswerSteps([1, 2], Shaping(logit_bias=((brace, -math.inf),)), None, True, None, 1.0, 50,
+                            len(tokenizer), [0], spelling)
+    with pytest.raises(RuntimeError, match="no word of the vocabulary continues the JSON answer"):
+        ruled_out.shape(logits)  # the bias ruled "{" out: nothing is left, rather than a word ruled out drawn

@@ -190,7 +190,8 @@ class AnswerSteps:
 
         first = self.candidates if self.temperature > 0 else 64
         for width in (min(first, 256), 4096, logits.shape[-1]):
-            candidates = logits.topk(min(width, logits.shape[-1])).indices.tolist()
+            values, words = logits.topk(min(width, logits.shape[-1]))
+            candidates = words[values > -math.inf].tolist()  # not a word a penalty or min_p has ruled out
             if self.temperature <= 0:
                 likeliest = next((token for token in candidates if fits(token)), None)
                 if likeliest is not None:
