@@ -61,7 +61,7 @@ def test_what_cannot_begin_an_object_is_refused(text):
 
 def test_a_copy_is_independent_and_numbers_end_at_what_follows_them():
     state = _fed('{"n": [1')
-    assert state is not None
+    assert state is not None and (state.containers, state.expecting, state.number) == (["{", "["], "number", "int")
     ahead = state.copy()
     assert ahead.feed(b"2.5e-3]}") and ahead.complete and not state.complete
     assert state.feed(b"]}") and state.complete

@@ -104,3 +104,14 @@ def test_json_mode_draws_only_among_words_the_filters_left(tokenizer):
                             len(tokenizer), [0], spelling)
     with pytest.raises(RuntimeError, match="no word of the vocabulary continues the JSON answer"):
         ruled_out.shape(logits)  # the bias ruled "{" out: nothing is left, rather than a word ruled out drawn
+
+
+def test_character_offsets_are_those_of_decoding_each_prefix(tokenizer):
+    # the text_offset of an echoed prompt was a decode of every prefix (0.5 s for 1,800 tokens); counted from the
+    # tokens' bytes as they come, it must give the same numbers, a character split over byte tokens included
+    text = "なんで空は青いの? hello 𠮷 夕焼けは赤い"
+    ids = [tokenizer.bos_token_id or 0, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    count = TokenSpelling(tokenizer).characters()
+    expected = [len(tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")) for i in range(len(ids))]
+    assert [count.offset_then_add(token) for token in ids] == expected
+    assert count.characters == len(text)

@@ -103,8 +103,9 @@ def _softcap_slope(capped: torch.Tensor, softcap: float | None) -> torch.Tensor 
     return 1.0 if not softcap else 1.0 - (capped / softcap) ** 2
 
 
-def _block_logits(h: torch.Tensor, w_block: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """A block's (soft-capped) logits in fp32, rounded first to the matmul's dtype as the plain loss rounds them."""
+def block_logits(h: torch.Tensor, w_block: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """A block's (soft-capped) logits in fp32, rounded first to the matmul's dtype as the plain loss rounds them; the
+    server's prompt scoring projects its rows with it too."""
     return _softcapped((h @ w_block.T).float(), softcap)
 
 
@@ -134,7 +135,7 @@ def _online_softmax_pass(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
         block = min(block, _WIDENED_BLOCK_WORDS)
     for start in range(0, w.shape[0], block):
         w_block = w[start:start + block].to(h.dtype)
-        logits = _block_logits(h, w_block, softcap)
+        logits = block_logits(h, w_block, softcap)
         target_logits += _target_logits_in(logits, targets, start)
         new_max = torch.maximum(row_max, logits.amax(dim=1))
         rescale = (row_max - new_max).exp_()  # 0 at the first block: nothing summed yet
@@ -164,7 +165,7 @@ def _weight_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         h, y, r = hidden[rows].to(compute_dtype), targets[rows], row_weights[rows].float()
         block = _vocab_block(h.shape[0], h.device)
         for word in range(0, weight.shape[0], block):
-            logits = _block_logits(h, weight[word:word + block].to(compute_dtype), softcap)
+            logits = block_logits(h, weight[word:word + block].to(compute_dtype), softcap)
             probs = (logits - row_max[rows, None]).exp_().div_(sums[rows, None])
             probs.mul_(_softcap_slope(logits, softcap)).mul_(r[:, None])
             grad_weight[word:word + block] += (probs.to(compute_dtype).T @ h).float()

@@ -507,7 +507,7 @@ class Engine:
     def _score_prompt(self, prompt_ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
         import torch
 
-        from shitate.models.logprobs import decoder_states, output_softcap
+        from shitate.models.logprobs import block_logits, decoder_states, output_softcap
 
         entries: list[TokenLogprob | None] = [None]
         with torch.inference_mode():
@@ -517,9 +517,7 @@ class Engine:
             # a few rows at a time: a row's logits are the whole vocabulary (1 MB in fp32 for Gemma 3)
             for start in range(0, len(prompt_ids) - 1, 64):
                 rows = states[0, start:start + 64]
-                logits = (rows @ weight.T).float()[:, : self.vocabulary]
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = block_logits(rows, weight, softcap)[:, : self.vocabulary]
                 for row, place in zip(logits.log_softmax(-1).cpu(), range(start + 1, len(prompt_ids))):
                     entries.append(token_logprob(row, prompt_ids[place], alternatives))
         return entries

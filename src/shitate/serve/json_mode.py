@@ -46,7 +46,15 @@ class _Frame(NamedTuple):
     """An open object or array under a schema (None: anything goes in it)."""
 
     schema: Schema | None
-    seen: frozenset[str] = frozenset()  # an object's keys so far
+    # an object's keys still to come, as the bytes between their quotes (encoded once, not at every byte); None: any
+    keys: dict[bytes, str] | None = None
+
+    @staticmethod
+    def opened(schema: Schema | None) -> _Frame:
+        properties = schema.get("properties") if schema is not None else None
+        if not isinstance(properties, dict):
+            return _Frame(schema)
+        return _Frame(schema, {json.dumps(name, ensure_ascii=False)[1:-1].encode(): name for name in properties})
 
 
 class JsonPrefix:
@@ -65,7 +73,7 @@ class JsonPrefix:
         self.blank = 0  # bytes of the whitespace run between tokens so far
         self.indenting = False  # the run began with a line break
         self.root = schema  # what $ref points into
-        self.frames: list[_Frame] = []  # beside containers: each one's schema and keys so far
+        self.frames: list[_Frame] = []  # beside containers: each one's schema and keys to come
         self.value_schema: Schema | None = schema  # the schema of the value that comes next
         self.typed = b""  # the bytes so far of a key or an enum's value, held to what they may become
         self.options: tuple[bytes, ...] = ()  # an enum's values, as JSON
@@ -92,7 +100,7 @@ class JsonPrefix:
         if state == "done":
             return False
         if state in ("string", "escape", "unicode"):
-            if self.in_key and self._key_names() is not None:
+            if self.in_key and self._keys() is not None:
                 return self._key_byte(byte)
             return self._string_byte(byte)
         if state == "enum":
@@ -156,7 +164,7 @@ class JsonPrefix:
         if state in ("first key or }", "key"):
             if state == "first key or }" and byte == ord("}"):
                 return self._close("{")
-            if byte != ord('"') or self._key_names() == ():  # every declared key is in already
+            if byte != ord('"') or self._keys() == {}:  # every declared key is in already
                 return False
             self.expecting, self.in_key, self.typed = "string", True, b""
             return True
@@ -171,7 +179,7 @@ class JsonPrefix:
                 self.expecting, self.value_schema = "value", self._items()
                 return True
             self.expecting = "key"
-            return self._key_names() != ()
+            return self._keys() != {}
         if byte in (ord("}"), ord("]")):
             return self._close("{" if byte == ord("}") else "[")
         return False
@@ -185,11 +193,11 @@ class JsonPrefix:
             return self._enum_byte(byte)
         if byte == ord("{"):
             self.containers.append("{")
-            self.frames.append(_Frame(schema))
+            self.frames.append(_Frame.opened(schema))
             self.expecting = "first key or }"
         elif byte == ord("["):
             self.containers.append("[")
-            self.frames.append(_Frame(schema))
+            self.frames.append(_Frame.opened(schema))
             self.expecting, self.value_schema = "first value or ]", self._items()
         elif byte == ord('"'):
             self.expecting, self.in_key = "string", False
@@ -239,33 +247,24 @@ class JsonPrefix:
         kind = _KIND_OF_FIRST_BYTE.get(byte)
         return kind in kinds or (kind == "number" and "integer" in kinds), schema
 
-    def _object_schema(self) -> Schema | None:
-        frame = self.frames[-1] if self.frames else None
-        return frame.schema if frame is not None and frame.schema is not None and "properties" in frame.schema else None
-
-    def _key_names(self) -> tuple[bytes, ...] | None:
-        """The keys the open object may still take, as the bytes between their quotes; None: any key."""
-        schema = self._object_schema()
-        if schema is None:
-            return None
-        seen = self.frames[-1].seen
-        return tuple(json.dumps(name, ensure_ascii=False)[1:-1].encode() for name in schema["properties"]
-                     if name not in seen)
+    def _keys(self) -> dict[bytes, str] | None:
+        """The keys the open object may still take (None: any key)."""
+        return self.frames[-1].keys if self.frames else None
 
     def _key_byte(self, byte: int) -> bool:
         """A byte of a key held to the object's properties: the key so far begins one, and ends as one."""
-        names = self._key_names() or ()
+        frame = self.frames[-1]
+        keys = frame.keys or {}
         if self.expecting == "string" and byte == ord('"'):
-            if self.typed not in names:
+            if self.typed not in keys:
                 return False
-            schema, frame = self._object_schema() or {}, self.frames[-1]
-            name = json.loads(b'"' + self.typed + b'"')
-            self.frames[-1] = frame._replace(seen=frame.seen | {name})
-            self.value_schema = schema["properties"][name]
+            name = keys[self.typed]
+            self.frames[-1] = frame._replace(keys={k: v for k, v in keys.items() if k != self.typed})
+            self.value_schema = (frame.schema or {})["properties"][name]
             self.expecting = ":"
             return True
         self.typed += bytes([byte])
-        return any(option.startswith(self.typed) for option in names) and self._string_byte(byte)
+        return any(key.startswith(self.typed) for key in keys) and self._string_byte(byte)
 
     def _items(self) -> Schema | None:
         schema = self.frames[-1].schema if self.frames else None
@@ -313,9 +312,11 @@ class JsonPrefix:
     def _close(self, bracket: str) -> bool:
         if not self.containers or self.containers[-1] != bracket:
             return False
-        schema = self._object_schema() if bracket == "{" else None
-        if schema is not None and not set(schema.get("required") or ()) <= self.frames[-1].seen:
-            return False  # a required key is still missing
+        frame = self.frames[-1]  # frames run beside containers
+        if bracket == "{" and frame.keys is not None:
+            required = set((frame.schema or {}).get("required") or ())
+            if any(name in required for name in frame.keys.values()):
+                return False  # a required key is still missing
         self.containers.pop()
         self.frames.pop()
         self.expecting = self._after_value()

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shitate.serve.engine import Engine, EngineFailed, Piece, Sampling
 from shitate.serve.json_mode import schema_problem
-from shitate.serve.steps import Shaping, TokenLogprob
+from shitate.serve.steps import CharacterCount, Shaping, TokenLogprob
 
 log = logging.getLogger("shitate.serve")
 MAX_CHOICES = 8
@@ -444,25 +444,22 @@ class _CompletionLogprobs:
 
     def __init__(self, engine: Engine, echo: _Echo) -> None:
         self.engine, self.echo = engine, echo
-        self.answer_ids: list[int] = []
+        self.answer_characters = engine.spelling.characters()  # the answer's, counted after the echoed text
 
     def echoed(self) -> dict[str, list[Any]]:
-        return self._part(self.echo.ids, self.echo.entries, [], 0)
+        return self._part(self.echo.ids, self.echo.entries, self.engine.spelling.characters(), 0)
 
     def next(self, entries: list[TokenLogprob]) -> dict[str, list[Any]]:
         """The part of answer tokens that follow the ones given before."""
-        ids = [e.token_id for e in entries]
-        part = self._part(ids, list(entries), self.answer_ids, len(self.echo.text))
-        self.answer_ids += ids
-        return part
+        return self._part([e.token_id for e in entries], list(entries), self.answer_characters, len(self.echo.text))
 
     def with_answer(self, entries: list[TokenLogprob]) -> dict[str, list[Any]]:
         echoed, answered = self.echoed(), self.next(entries)
         return {key: echoed[key] + answered[key] for key in echoed}
 
-    def _part(self, ids: list[int], entries: list[TokenLogprob | None], before: list[int],
+    def _part(self, ids: list[int], entries: list[TokenLogprob | None], characters: CharacterCount,
               start: int) -> dict[str, list[Any]]:
-        decode, spelling = self.engine.loaded.tokenizer.decode, self.engine.spelling
+        spelling = self.engine.spelling
 
         def top(entry: TokenLogprob) -> dict[str, float]:
             # vLLM's form: the likeliest words, and the token itself among them (an evaluation harness checks
@@ -474,8 +471,7 @@ class _CompletionLogprobs:
         return {"tokens": [spelling.text_of(t) for t in ids],
                 "token_logprobs": [None if e is None else e.logprob for e in entries],
                 "top_logprobs": [None if e is None else top(e) for e in entries],
-                "text_offset": [start + len(decode(before + ids[:i], skip_special_tokens=True).rstrip("\ufffd"))
-                                for i in range(len(ids))]}
+                "text_offset": [start + characters.offset_then_add(t) for t in ids]}
 
 
 def _choices(sampling: Sampling, n: int) -> list[Sampling]:

@@ -110,9 +110,35 @@ class TokenSpelling:
             return bytes(self.byte_level[character] for character in piece)
         return str(self.tokenizer.convert_tokens_to_string([piece])).encode("utf-8")
 
+    def characters(self) -> CharacterCount:
+        """A running count of the characters these tokens spell, for offsets into their text."""
+        return CharacterCount(self)
+
     def text_of(self, token: int) -> str:
         """A token as text: its bytes read as UTF-8, an incomplete character as U+FFFD."""
         return self.bytes_of(token).decode("utf-8", errors="replace")
+
+
+class CharacterCount:
+    """Where each token's text starts, in characters of the text tokens decode to, counted from their bytes as they
+    come: a decode of every prefix cost 0.5 s for a 1,800-token prompt (and grows with its square). A character is
+    counted once its last byte is in; a special token spells nothing (decoding skips it)."""
+
+    def __init__(self, spelling: TokenSpelling) -> None:
+        self.spelling, self.characters, self.awaited = spelling, 0, 0
+
+    def offset_then_add(self, token: int) -> int:
+        """The characters complete before `token`; then `token` is counted."""
+        offset = self.characters
+        if token not in self.spelling.special:
+            for byte in self.spelling.bytes_of(token):
+                if byte & 0xC0 == 0x80:  # a continuation byte
+                    self.awaited = max(self.awaited - 1, 0)
+                    self.characters += self.awaited == 0
+                else:  # 0xxxxxxx starts a one-byte character, 110…, 1110…, 11110… longer ones
+                    self.awaited = 0 if byte < 0xC0 else 1 if byte < 0xE0 else 2 if byte < 0xF0 else 3
+                    self.characters += self.awaited == 0
+        return offset
 
 
 def _byte_level_alphabet() -> dict[str, int]:
