@@ -107,3 +107,18 @@ def tiny_gguf(request, tmp_path_factory, tokenizer) -> tuple[Path, Path]:
 
     folder = build_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tokenizer)
     return folder, write_gguf(folder, tmp_path_factory.mktemp(f"{request.param}-gguf") / f"tiny-{request.param}-f32.gguf")
+
+
+def quantised_layer_types(monkeypatch) -> set[str]:
+    """Filled, when a training run starts, with the names of the 4-bit layer types in the model it trains."""
+    from shitate.train.session import Session
+
+    seen: set[str] = set()
+    original = Session.start
+
+    def spy(self, model, *args, **kwargs):
+        seen.update(type(m).__name__ for m in model.modules() if "4bit" in type(m).__name__)
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "start", spy)
+    return seen

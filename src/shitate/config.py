@@ -55,7 +55,7 @@ ADAPTER_METHODS = ("lora", "dora", "loraplus", "qlora", "full")
 class AdapterSpec(Spec):
     method: Literal["lora", "dora", "loraplus", "qlora", "full"] = Field(
         "lora", description="lora; dora (weight-decomposed LoRA); loraplus (B matrices learn loraplus_ratio times "
-                            "faster); qlora (LoRA on a 4-bit NF4 base, needs a CUDA GPU and bitsandbytes); full")
+                            "faster); qlora (LoRA on a 4-bit NF4 base through bitsandbytes, on a GPU or a CPU); full")
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)

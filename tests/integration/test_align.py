@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_same_adapter, crashed_copy, write_jsonl
+from conftest import assert_same_adapter, crashed_copy, quantised_layer_types, write_jsonl
 from shitate.cli import app
 from shitate.errors import TrainingDiverged
 
@@ -71,12 +71,25 @@ def test_each_preference_stage_moves_the_model_towards_the_chosen_answers(tmp_pa
         assert (run / "adapter" / "reward_head.safetensors").is_file()
 
 
+def test_dpo_under_qlora_moves_towards_the_chosen_answers_on_a_4_bit_base(tmp_path, tiny_model, monkeypatch):
+    # The reference is the 4-bit base with the adapter switched off, as under lora.
+    pytest.importorskip("bitsandbytes")
+    quantised = quantised_layer_types(monkeypatch)
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model, "dpo"), run, "--set", "adapter.method=qlora")
+    assert result.exit_code == 0, result.output
+    assert quantised == {"Linear4bit"}
+    before, after = validations(run)[0], validations(run)[-1]
+    assert before["val_reward_margin"] == 0.0 and after["val_reward_margin"] > 0.5
+    assert after["val_preference_accuracy"] == 1.0
+
+
 def test_a_bf16_base_trains_in_fp32_arithmetic_with_its_fp32_copys_numbers(tmp_path, tiny_model, monkeypatch):
     # precision fp32 (what `auto` picks on a CPU whose fp32 matmul is the faster) keeps a bf16 base in bf16 and widens
     # each layer as it runs: the same numbers as an fp32 copy of the model, at half its weight memory.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shitate.train import preference
+    from shitate.train import session
 
     narrow, wide = tmp_path / "bf16", tmp_path / "fp32"
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(narrow)
@@ -84,8 +97,8 @@ def test_a_bf16_base_trains_in_fp32_arithmetic_with_its_fp32_copys_numbers(tmp_p
     for folder in (narrow, wide):
         AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
     loaded = []
-    original = preference.load_model
-    monkeypatch.setattr(preference, "load_model", lambda source, dtype, **kw: loaded.append(dtype) or original(source, dtype, **kw))
+    original = session.load_model
+    monkeypatch.setattr(session, "load_model", lambda source, dtype, **kw: loaded.append(dtype) or original(source, dtype, **kw))
     runs = {}
     for name, model in (("bf16", narrow), ("fp32", wide)):
         runs[name] = tmp_path / f"run-{name}"

@@ -81,9 +81,8 @@ def test_the_default_model_exports_to_gguf_that_answers_like_the_run(tmp_path):
     assert (run / "export" / "model-q8_0.gguf").is_file() and (run / "export" / "Modelfile").is_file()
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available()
-                    or __import__("importlib.util").util.find_spec("bitsandbytes") is None,
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs bitsandbytes (the dev extra installs it)")
 def test_a_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import assert_same_adapter, crashed_copy, write_jsonl
+from conftest import assert_same_adapter, crashed_copy, quantised_layer_types, write_jsonl
 from shitate.cli import app
 from shitate.errors import ConfigError
 
@@ -64,6 +64,18 @@ def test_grpo_raises_a_rubric_reward_and_resumes_exactly(tmp_path, tiny_model):
     crashed = crashed_copy(run, tmp_path / "crashed", last_checkpoint=8)
     assert train(recipe, crashed, "--resume").exit_code == 0
     assert_same_adapter(run, crashed)
+
+
+def test_grpo_under_qlora_samples_and_trains_on_a_4_bit_base(tmp_path, tiny_model, monkeypatch):
+    # The sampling stages loaded their base without the recipe's 4 bits: qlora trained plain LoRA, saying nothing.
+    pytest.importorskip("bitsandbytes")
+    quantised = quantised_layer_types(monkeypatch)
+    run = tmp_path / "run"
+    result = train(make_recipe(tmp_path, tiny_model, "grpo"), run, "--set", "adapter.method=qlora",
+                   "--set", "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    assert quantised == {"Linear4bit"}
+    assert len([r for r in records(run) if "reward" in r]) == 2
 
 
 def test_ppo_from_a_tuned_run_raises_the_reward_with_a_value_head(tmp_path, tiny_model):

@@ -6,27 +6,37 @@ session builds; QLoRA differs in how the base is loaded (4-bit NF4, `load.load_m
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from shitate.config import AdapterSpec
 from shitate.errors import ConfigError
 from shitate.progress import say
 
+# bitsandbytes trains a 4-bit base on a CPU from 0.49 (its CPU backend); 0.50.2 is what the tests and the README's
+# figures ran on. On CUDA any version the `qlora` extra allows works.
+_CPU_BITSANDBYTES = (0, 49)
+
 
 def check_supported(spec: AdapterSpec, device_type: str) -> None:
     """Refuse a method this machine cannot train, before anything loads, naming what is missing."""
     if spec.method != "qlora":
         return
-    missing = []
-    if device_type != "cuda":
-        missing.append("a CUDA GPU (this machine trains on the CPU)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install 'shitate[qlora]')")
-    if missing:
-        raise ConfigError("adapter.method qlora loads the base in 4-bit NF4 through bitsandbytes, which needs "
-                          + " and ".join(missing) + ". On this machine use adapter.method: lora — the frozen base is "
-                          "kept in bf16 where the hardware has it, which is what QLoRA's memory saving is measured against.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        installed = None
+    if installed is None:
+        problem = "the bitsandbytes package, which is not installed: pip install 'shitate[qlora]'"
+    elif device_type == "cpu" and tuple(int(p) for p in installed.split(".")[:2] if p.isdigit()) < _CPU_BITSANDBYTES:
+        problem = (f"bitsandbytes {'.'.join(map(str, _CPU_BITSANDBYTES))} or later to train on a CPU (this machine has "
+                   f"{installed}): pip install -U 'shitate[qlora]'")
+    else:
+        return
+    raise ConfigError(f"adapter.method qlora loads the base in 4-bit NF4 through bitsandbytes, which needs {problem}. "
+                      "Or use adapter.method: lora — the frozen base is then kept in 16 bits where the model's file or "
+                      "the hardware allows.")
 
 
 def attach(model: Any, spec: AdapterSpec) -> Any:
@@ -36,13 +46,10 @@ def attach(model: Any, spec: AdapterSpec) -> Any:
         for name, parameter in model.named_parameters():  # a multimodal checkpoint's vision tower stays frozen
             parameter.requires_grad_(prefix is None or name.startswith((prefix, "lm_head")))
         return model
+    # Not PEFT's prepare_model_for_kbit_training for qlora: it stores every 16-bit weight left unquantised in fp32 —
+    # Gemma's 262k-word embedding, which made QLoRA's peak 0.5 GB above LoRA's — where `widen_arithmetic` computes
+    # in fp32 from 16-bit storage; its input gradients serve only reentrant checkpointing, which shitate does not use.
     from peft import LoraConfig, get_peft_model
-
-    if spec.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        # Casts norms to fp32 and enables input gradients, as QLoRA training needs; checkpointing is the recipe's choice.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     from transformers.pytorch_utils import Conv1D
 
     # GPT-2's layers are Conv1D (weights stored transposed); PEFT adapts them only with fan_in_fan_out, and otherwise
@@ -93,10 +100,9 @@ def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, 
     lean = make_lean(model)
     if lean.skipped_adapters:
         say(f"[yellow]note:[/] {lean.skipped_adapters} adapted layers ({spec.method}) run PEFT's own forward, not "
-            "shitate's lean one (it supports plain LoRA on full-precision nn.Linear layers): expect more memory "
+            "shitate's lean one (it supports plain LoRA on nn.Linear and 4-bit layers): expect more memory "
             "per token" + (" than with adapter.method lora." if spec.method != "lora" else "."))
-    if spec.method != "qlora":  # bitsandbytes computes a 4-bit base in its own compute dtype
-        widen_arithmetic(model, compute_dtype)
+    widen_arithmetic(model, compute_dtype)  # 4-bit layers compute in bitsandbytes' compute dtype; it skips them
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -177,13 +177,22 @@ class LeanReport:
 
 
 def make_lean(model: nn.Module) -> LeanReport:
-    """Swap in the lean forwards where they apply (plain LoRA linear layers, Gemma RMSNorms and MLPs)."""
+    """Swap in the lean forwards where they apply (plain LoRA linear layers, on a full-precision or 4-bit base; Gemma
+    RMSNorms and MLPs)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import LoraLayer
 
+    def plain_lora(module: nn.Module) -> bool:
+        if module.lora_variant:  # DoRA and the like change the forward itself
+            return False
+        if isinstance(module, LoraLinear):
+            return type(module.base_layer) is nn.Linear
+        # QLoRA: PEFT's 4-bit layer differs from LoraLinear only in its base, called as a black box here.
+        return type(module).__module__ == "peft.tuners.lora.bnb" and type(module.base_layer).__name__ == "Linear4bit"
+
     swapped = skipped = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and not module.lora_variant and type(module.base_layer) is nn.Linear:
+        if isinstance(module, LoraLayer) and plain_lora(module):
             module.forward = types.MethodType(_lean_lora_forward, module)  # type: ignore[method-assign]
             swapped += 1
         elif isinstance(module, LoraLayer):

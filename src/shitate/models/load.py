@@ -196,23 +196,58 @@ def _contiguous_input(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].contiguous(), *args[1:])
 
 
-def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False, four_bit: bool = False) -> Any:
+def _import_bitsandbytes_offline() -> None:
+    """Import bitsandbytes, where it is installed, so that it cannot reach the model hub, and quiet it. PEFT imports it
+    whenever it is installed (every LoRA run), and on a CPU with AVX512-BF16 its import fetches a kernel from the hub
+    if the `kernels` package is installed too: a kernel for the inference layout `_keep_4bit_weights_trainable` turns
+    off. Without `kernels` it logs, at every import, a warning that advises installing it."""
+    import logging
+    import sys
+    from importlib.util import find_spec
+
+    if "bitsandbytes" in sys.modules or find_spec("bitsandbytes") is None:
+        return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "kernels" in sys.modules or find_spec("kernels") is None:
+        return  # nothing it could fetch with (or already imported by another library: its choice)
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # makes `import kernels` fail: the documented way
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        del sys.modules["kernels"]
+
+
+def _keep_4bit_weights_trainable(model: Any) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its fast CPU kernel at the first forward without
+    gradients in eval mode (a validation pass), and from then on multiplies with that kernel in training too, where
+    it has no backward: the gradient through every frozen layer to the ones before it was silently dropped (LoRA
+    gradients 114% off after one validation pass, tested). Training keeps the plain layout; generation loads no
+    4-bit base (a QLoRA run's adapter is applied to the base in 16 or 32 bits)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = False, four_bit: bool = False,
+               compute_dtype: Any = None) -> Any:
     """A causal LM from a source; a run folder's adapter is attached (and merged if asked).
 
-    `four_bit` loads the linear layers as NF4 through bitsandbytes (QLoRA), computing in `dtype`.
+    `four_bit` loads the linear layers as NF4 through bitsandbytes (QLoRA), computing in `compute_dtype` (default
+    `dtype`); the rest (embedding, norms) is loaded in `dtype`.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
+    _import_bitsandbytes_offline()
     extra: dict[str, Any] = {}
     if four_bit:
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype or torch.bfloat16)
-        extra["device_map"] = {"": torch.cuda.current_device()}
+            bnb_4bit_compute_dtype=compute_dtype or dtype or torch.bfloat16)
+        extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     if four_bit and source.merged:
         raise ModelError(f"{source.reference}: a run's adapter cannot be merged into 4-bit weights; continue from it "
                          "with adapter.method lora (or export the run merged and start QLoRA from that folder).")
@@ -226,6 +261,8 @@ def load_model(source: ModelSource, dtype: Any = None, merge_adapter: bool = Fal
                                                      use_safetensors=None if pickle_allowed() else True, **extra)
     except OSError as err:
         raise _load_error(source, err) from None
+    if four_bit:
+        _keep_4bit_weights_trainable(model)
     output_layer = model.get_output_embeddings()
     if output_layer is not None:
         output_layer.register_forward_pre_hook(_contiguous_input)

@@ -36,7 +36,7 @@ from shitate.data.templates import ChatTemplate, get_template
 from shitate.errors import ConfigError
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
-from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
+from shitate.models.load import ModelSource, load_config, load_tokenizer, resolve
 from shitate.models.logprobs import AnswerLogProbs, logprob_inputs
 from shitate.models.reward import RewardModel
 from shitate.progress import say, status
@@ -57,7 +57,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         data = read_data(recipe, source, config.model_type)
         release_memory()  # the tokenizer went with read_data's frame
         training = source.for_training()
-        model = load_model(training, dtype=session.base_dtype(training), four_bit=recipe.adapter.method == "qlora")
+        model = session.load_base(training)
     model = session.place(prepare_for_training(model, recipe.adapter, packed_attention=True,
                                                activation_checkpointing=recipe.train.activation_checkpointing,
                                                compute_dtype=session.compute_dtype))

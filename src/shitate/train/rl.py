@@ -186,14 +186,14 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
                          recipe.train.seed)
         validation = _encode_prompts(recipe.data.validation, recipe, tokenizer, template) if recipe.data.validation else []
         training = source.for_training()
-        model = load_model(training, dtype=session.base_dtype(training))
+        model = session.load_base(training)
         reward_model = _load_reward_model(spec, session) if spec.reward_model and spec.reward_model_weight > 0 else None
     model = prepare_for_training(model, recipe.adapter, packed_attention=True,
                                  activation_checkpointing=recipe.train.activation_checkpointing,
                                  compute_dtype=session.compute_dtype)
     reference_model = None
     if recipe.adapter.method == "full":  # no adapter to switch off: the start needs a frozen copy
-        reference_model = prepare_for_training(load_model(training, dtype=session.base_dtype(training)),
+        reference_model = prepare_for_training(session.load_base(training),
                                                recipe.adapter, packed_attention=True, activation_checkpointing=False,
                                                compute_dtype=session.compute_dtype)
         session.place(reference_model).requires_grad_(False).eval()

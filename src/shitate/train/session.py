@@ -38,7 +38,7 @@ from shitate.memory import (
 )
 from shitate.models.adapters import check_supported, count_parameters, trainable_state
 from shitate.models.attention import use_plain_attention
-from shitate.models.load import ModelSource, learned_position_limit, load_config, load_tokenizer
+from shitate.models.load import ModelSource, learned_position_limit, load_config, load_model, load_tokenizer
 from shitate.models.logprobs import loss_workspace_bytes
 from shitate.models.precision import bf16_supported, frozen_base_dtype, pick_precision
 from shitate.progress import say
@@ -115,11 +115,16 @@ class Session:
         return self.accelerator.is_main_process
 
     # --- before the loop ------------------------------------------------------------------------
+    def load_base(self, source: ModelSource) -> torch.nn.Module:
+        """The model to train from, in `base_dtype`; under qlora its linear layers in 4-bit NF4, computing in the
+        session's arithmetic."""
+        return load_model(source, dtype=self.base_dtype(source), four_bit=self.recipe.adapter.method == "qlora",
+                          compute_dtype=self.compute_dtype)
+
     def base_dtype(self, source: ModelSource) -> torch.dtype:
         """The dtype to load `source` in: a frozen base in 16 bits where the arithmetic or its file allows
-        (models/precision.py), a fully trained one in fp32 masters."""
-        if self.recipe.adapter.method == "qlora":  # bitsandbytes computes the 4-bit base in this dtype
-            return self.compute_dtype
+        (models/precision.py), a fully trained one in fp32 masters. Under qlora, the layers left unquantised (the
+        embedding, the norms): a 262k-word embedding in fp32 would take back much of what 4 bits save."""
         config = load_config(source)
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if source.merged:  # an earlier run's adapter is folded into the weights: 16 bits would round part of it away

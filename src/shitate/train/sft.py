@@ -30,7 +30,7 @@ from shitate.errors import DataError, Problem
 from shitate.memory import release_memory
 from shitate.models.adapters import prepare_for_training
 from shitate.models.inference import LoadedModel
-from shitate.models.load import ModelSource, load_config, load_model, load_tokenizer, resolve
+from shitate.models.load import ModelSource, load_config, load_tokenizer, resolve
 from shitate.progress import say, status
 from shitate.train.loop import fit
 from shitate.train.losses import AnswerLoss
@@ -52,7 +52,7 @@ def run(recipe: Recipe, out: Path | None = None, resume: bool = False, force: bo
         data = read_data(recipe, source, config.model_type)
         release_memory()  # the tokenizer went with read_data's frame: 0.13 GB for a 262k-word vocabulary
         training = source.for_training()
-        model = load_model(training, dtype=session.base_dtype(training), four_bit=recipe.adapter.method == "qlora")
+        model = session.load_base(training)
     model = prepare_for_training(model, recipe.adapter, packed_attention=recipe.sft.packing is not False,
                                  activation_checkpointing=recipe.train.activation_checkpointing,
                                  compute_dtype=session.compute_dtype)
