@@ -193,7 +193,7 @@ def make_lean(model: nn.Module) -> LeanReport:
     swapped = skipped = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and plain_lora(module):
-            module.forward = types.MethodType(_lean_lora_forward, module)  # type: ignore[method-assign]
+            module.forward = types.MethodType(_lean_lora_forward, module)
             swapped += 1
         elif isinstance(module, LoraLayer):
             skipped += 1
