@@ -489,7 +489,7 @@ def test_a_4_bit_base_passes_the_same_gradients_as_its_dequantised_weights_after
     import bitsandbytes
 
     from shitate.config import AdapterSpec
-    from shitate.models.adapters import attach
+    from shitate.models.adapters import attach, count_parameters
     from shitate.models.load import load_model, resolve
 
     torch.manual_seed(0)
@@ -516,6 +516,7 @@ def test_a_4_bit_base_passes_the_same_gradients_as_its_dequantised_weights_after
         module(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
 
+    assert count_parameters(model) == count_parameters(dequantised)  # a 4-bit weight's elements, not its bytes
     quantised_gradients, plain_gradients = gradients(model), gradients(dequantised)
     assert len(plain_gradients) == 28 and plain_gradients.keys() == quantised_gradients.keys()
     for name, expected in plain_gradients.items():

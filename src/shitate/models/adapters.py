@@ -6,6 +6,7 @@ session builds; QLoRA differs in how the base is loaded (4-bit NF4, `load.load_m
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from shitate.config import AdapterSpec
@@ -115,5 +116,9 @@ def trainable_state(model: Any) -> dict[str, Any]:
 
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
+    def elements(parameter: Any) -> int:  # a 4-bit weight packs two in a byte; its quant state keeps the real shape
+        shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else parameter.numel()
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(elements(p) for p in model.parameters())
