@@ -552,6 +552,13 @@ def test_qlora_trains_an_adapter_on_a_4_bit_base_and_generates_with_it(tmp_path,
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     answer = runner.invoke(app, ["generate", str(run), "なんで空は青いの?", "--max-new-tokens", "8"])
     assert answer.exit_code == 0, answer.output
+    # The 4-bit base is quantised afresh on resume: the same numbers, so the same adapter as without the crash.
+    crashed = crashed_copy(run, tmp_path / "crashed", last_checkpoint=9)
+    result = train(make_recipe(tmp_path, tiny_model), crashed, "--resume", "--set", "adapter.method=qlora",
+                   "--set", "train.precision=bf16")
+    assert result.exit_code == 0, result.output
+    assert "from step-9." in " ".join(result.output.split())
+    assert_same_adapter(run, crashed)
 
 
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_same_run(tmp_path, tiny_model, monkeypatch):
