@@ -127,3 +127,34 @@ def test_the_commands_try_no_connection_even_with_the_hub_left_online(tmp_path, 
     probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0 and attempts.read_text().strip() == "'192.0.2.1'"  # its name lookup, first
+
+
+def test_bitsandbytes_is_imported_without_its_hub_kernel_even_where_the_kernels_package_is_installed(tmp_path):
+    # bitsandbytes' import fetches a CPU kernel from the hub through the `kernels` package when that is installed
+    # (and the CPU has AVX512-BF16); PEFT imports bitsandbytes for every LoRA run. A stand-in `kernels` records a fetch.
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed (the dev extra installs it)")
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        f"def get_kernel(*args, **kwargs):\n    open({str(tmp_path / 'fetched')!r}, 'a').write(repr(args))\n"
+        "    raise RuntimeError('stand-in')\n")
+
+    def import_bitsandbytes(through_shitate: bool) -> bool:
+        code = ("from shitate.models.load import _import_bitsandbytes_offline; _import_bitsandbytes_offline()\n"
+                if through_shitate else "") + "import bitsandbytes, peft"
+        (tmp_path / "fetched").unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+                       capture_output=True)
+        return (tmp_path / "fetched").exists()
+
+    assert not import_bitsandbytes(through_shitate=True)
+    cpu_flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    if " avx512_bf16" in cpu_flags:  # where bitsandbytes tries it at all: show that the stand-in would have been used
+        assert import_bitsandbytes(through_shitate=False)
