@@ -104,3 +104,31 @@ def test_generation_decodes_in_the_weights_dtype_and_everything_else_stays_widen
         torch.testing.assert_close(layer(decode), narrow(decode), rtol=0, atol=0)
         torch.testing.assert_close(layer(prompt), wide(prompt), rtol=0, atol=0)
     torch.testing.assert_close(layer(decode), wide(decode), rtol=0, atol=0)
+
+
+def test_widened_layers_of_one_shape_sharing_a_buffer_give_each_layer_s_own_numbers():
+    # Every bf16 weight is widened into the one buffer its thread keeps for that shape: a layer must not see another's.
+    import threading
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 16, bias=False).bfloat16().requires_grad_(False) for _ in range(3)]
+    wide = [torch.nn.Linear(16, 16, bias=False).requires_grad_(False) for _ in range(3)]
+    for narrow, copy in zip(layers, wide):
+        copy.weight.copy_(narrow.weight.float())
+        narrow.forward = precision._wide_linear_forward.__get__(narrow)
+    x = torch.randn(4, 16, requires_grad=True)
+    expected_x = x.detach().clone().requires_grad_(True)
+
+    def chain(modules, inputs):
+        for module in modules:
+            inputs = torch.tanh(module(inputs))
+        return inputs
+
+    chain(layers, x).square().sum().backward()
+    chain(wide, expected_x).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-6)
+    answers = {}
+    worker = threading.Thread(target=lambda: answers.update(other=chain(layers, x.detach())))
+    worker.start()
+    worker.join()
+    torch.testing.assert_close(answers["other"], chain(wide, x.detach()), rtol=1e-5, atol=1e-6)

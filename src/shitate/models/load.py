@@ -235,9 +235,8 @@ def _quantise_on_the_cpu(model: Any, compute_dtype: Any) -> None:
 
     By hand rather than through transformers' quantiser: on a CPU that peaked at 5.0 GB loading a 1B model (2.0 GB
     file) and left 1.5 GB of the file's pages resident — the unquantised tensors (embedding, norms) are views into the
-    file's memory map, which keeps every page quantising read alive. Here the load peaks at about 2 GB (measured
-    with the layers' pages dropped as below). The same layers and settings (NF4, nested statistics) as transformers'
-    quantiser, which the GPU path uses."""
+    file's memory map, which keeps every page quantising read alive. Here that load peaks at 0.96 GB. The same
+    layers and settings (NF4, nested statistics) as transformers' quantiser, which the GPU path uses."""
     import bitsandbytes
     from torch import nn
 
