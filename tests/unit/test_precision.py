@@ -132,3 +132,32 @@ def test_widened_layers_of_one_shape_sharing_a_buffer_give_each_layer_s_own_numb
     worker.start()
     worker.join()
     torch.testing.assert_close(answers["other"], chain(wide, x.detach()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_4_bit_layer_widened_in_place_multiplies_by_bitsandbytes_own_dequantised_weight(dtype):
+    # Its C kernel is called into a kept buffer (bitsandbytes registers no CPU op that writes into one).
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(2):  # two layers of one shape: one buffer, each its own numbers
+        layer = bitsandbytes.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", device="meta")
+        layer.weight = bitsandbytes.nn.Params4bit(torch.randn(64, 64, dtype=torch.bfloat16), requires_grad=False,
+                                                  quant_type="nf4", compress_statistics=True, module=layer)._quantize("cpu")
+        layers.append(layer)
+    def dequantised(weight):  # bitsandbytes' own CPU op, asked for `dtype` directly, as its training forward asks
+        state = weight.quant_state
+        absmax = bitsandbytes.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, state.blocksize, "nf4",
+                                                              state.shape, dtype)
+
+    expected = [dequantised(layer.weight) for layer in layers]
+    for layer, weight in zip(layers, expected):
+        assert torch.equal(precision._widened(layer.weight, dtype), weight)
+    holder = torch.nn.Sequential(*layers)
+    precision.widen_arithmetic(holder, dtype)
+    x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+    plain_x = x.detach().clone().requires_grad_(True)
+    holder[1](torch.tanh(holder[0](x))).sum().backward()
+    torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(plain_x, expected[0])), expected[1]).sum().backward()
+    torch.testing.assert_close(x.grad, plain_x.grad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import functools
 import json
 import os
@@ -120,12 +121,43 @@ def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     kept for backward, and the C heap fragmented around them: LoRA on a 1B-shaped Gemma 3 peaked at 6.0 GB, 4.2 with
     these buffers, at the same speed (at 270M no change was measurable). Products in one thread run one after
     another and none keeps its input, so one buffer a shape is enough; 75 MB a thread at 1B, 12 MB at 270M."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # a bitsandbytes 4-bit weight (QLoRA): dequantised, into a buffer the same way
+        return _dequantised(weight, state, dtype)
+    return _buffer(tuple(weight.shape), dtype, weight.device).copy_(weight)
+
+
+def _dequantised(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit NF4 weight in `dtype`, in this thread's buffer for its shape. bitsandbytes (0.50) has no CPU kernel
+    that writes into a given tensor (its `dequantize_4bit.out` is not registered there), so its C function is called
+    here as its own CPU op calls it; where that is not available, its allocating op."""
+    import bitsandbytes
+
+    shape = tuple(state.shape)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bitsandbytes.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    kernel = getattr(bitsandbytes.cextension.lib, f"cdequantize_blockwise_cpu_nf4_{_C_DTYPES.get(dtype)}", None)
+    if (weight.device.type != "cpu" or state.quant_type != "nf4" or kernel is None or len(shape) != 2
+            or shape[1] % 2 or state.blocksize >= 2048):  # the cases bitsandbytes' CPU op hands to its generic code
+        return bitsandbytes.functional.dequantize_4bit(weight.data, state).to(dtype)
+    out = _buffer(shape, dtype, weight.device)
+    packed = weight.data.view(torch.uint8).reshape(shape[0], shape[1] // 2)
+    get_ptr = bitsandbytes.functional.get_ptr
+    kernel(get_ptr(packed), get_ptr(absmax.float().contiguous()), get_ptr(out), ctypes.c_longlong(state.blocksize),
+           ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]))
+    return out
+
+
+_C_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (tuple(weight.shape), dtype, weight.device)
-    buffer = buffers.get(key)
+    buffer = buffers.get((shape, dtype, device))
     if buffer is None:
-        buffer = buffers[key] = torch.empty(key[0], dtype=dtype, device=weight.device)
-    return buffer.copy_(weight)
+        buffer = buffers[shape, dtype, device] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
 
 
 class _WideLinear(torch.autograd.Function):
@@ -168,7 +200,7 @@ def _in_weights_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _generating.get() and x.numel() <= _DECODE_ROWS * x.shape[-1]:
+    if _generating.get() and x.numel() <= _DECODE_ROWS * x.shape[-1] and weight.is_floating_point():
         return _in_weights_dtype(x, weight, bias)
     return _WideLinear.apply(x, weight, bias)
 
@@ -199,6 +231,11 @@ def _wide_embedding_forward(self: nn.Embedding, input_ids: torch.Tensor, dtype: 
     return rows * (scale.to(rows.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
+def _is_bitsandbytes_4bit(module: nn.Module) -> bool:
+    """bitsandbytes' own 4-bit layer (PEFT's LoRA layer around one has the same class name)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
 def widen_arithmetic(model: nn.Module, dtype: torch.dtype) -> None:
     """Make a model whose frozen weights are narrower than `dtype` compute in `dtype`."""
     from transformers.pytorch_utils import Conv1D
@@ -210,6 +247,11 @@ def widen_arithmetic(model: nn.Module, dtype: torch.dtype) -> None:
     covered: set[int] = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
+        if _is_bitsandbytes_4bit(module) and weight is not None and weight.device.type == "cpu":
+            # bitsandbytes' own forward dequantises into a fresh block every product, fragmenting the heap as widening
+            # did (a 1B-shaped QLoRA run peaked at 3.8-4.6 GB); on a GPU its own kernels stay.
+            module.forward = types.MethodType(_wide_linear_forward, module)
+            continue
         if not isinstance(weight, nn.Parameter) or weight.requires_grad or not narrow(weight):
             continue
         forward: Any
