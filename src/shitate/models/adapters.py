@@ -103,7 +103,7 @@ def prepare_for_training(model: Any, spec: AdapterSpec, packed_attention: bool, 
         say(f"[yellow]note:[/] {lean.skipped_adapters} adapted layers ({spec.method}) run PEFT's own forward, not "
             "shitate's lean one (it supports plain LoRA on nn.Linear and 4-bit layers): expect more memory "
             "per token" + (" than with adapter.method lora." if spec.method != "lora" else "."))
-    widen_arithmetic(model, compute_dtype)  # 4-bit layers compute in bitsandbytes' compute dtype; it skips them
+    widen_arithmetic(model, compute_dtype)  # on a GPU 4-bit layers keep bitsandbytes' forward and compute dtype
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

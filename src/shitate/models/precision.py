@@ -143,8 +143,9 @@ def _dequantised(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.
         return bitsandbytes.functional.dequantize_4bit(weight.data, state).to(dtype)
     out = _buffer(shape, dtype, weight.device)
     packed = weight.data.view(torch.uint8).reshape(shape[0], shape[1] // 2)
+    scales = absmax.float().contiguous()  # held by a name while the C function reads it through a bare pointer
     get_ptr = bitsandbytes.functional.get_ptr
-    kernel(get_ptr(packed), get_ptr(absmax.float().contiguous()), get_ptr(out), ctypes.c_longlong(state.blocksize),
+    kernel(get_ptr(packed), get_ptr(scales), get_ptr(out), ctypes.c_longlong(state.blocksize),
            ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]))
     return out
 
@@ -161,8 +162,8 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 
 
 class _WideLinear(torch.autograd.Function):
-    """x·Wᵀ + b with a frozen W (and b) stored narrower than x, widened for the matmul. Backward widens W again rather
-    than keep the wide copy alive until then: that copy, for every layer, is the fp32 model this avoids."""
+    """x·Wᵀ + b with a frozen W (and b) stored narrower than x (16 or 4 bits), widened for the matmul. Backward widens
+    W again rather than keep the wide copy alive until then: that copy, for every layer, is the fp32 model this avoids."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
